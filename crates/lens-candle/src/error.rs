@@ -1,0 +1,24 @@
+/// Why a model could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path} is not a GGUF file or an HF model folder (config.json + *.safetensors + tokenizer.json)")]
+    NotAModel { path: String },
+    #[error("{path} is truncated: {detail}")]
+    Truncated { path: String, detail: String },
+    #[error("unsupported architecture `{0}` (this backend knows: llama, mistral, qwen2)")]
+    UnsupportedArchitecture(String),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("malformed model file: {0}")]
+    Format(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl From<Error> for lens_core::Error {
+    fn from(e: Error) -> Self {
+        lens_core::Error::Backend(e.to_string())
+    }
+}

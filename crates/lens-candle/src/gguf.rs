@@ -1,0 +1,222 @@
+//! Loading a Llama-family model from a GGUF file (candle's reader).
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek};
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Tensor};
+
+use crate::model::{Block, Config, Linear, Model, RopeLayout};
+use crate::tokenizer::ModelTokenizer;
+use crate::{Error, Precision};
+
+pub(crate) fn is_gguf(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
+}
+
+pub(crate) struct Loaded {
+    pub model: Model,
+    pub tokenizer: ModelTokenizer,
+    pub name: String,
+    pub precision: String,
+}
+
+pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result<Loaded, Error> {
+    let display = path.display().to_string();
+    let io = |source| Error::Io { path: display.clone(), source };
+    let file = File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut reader = BufReader::new(file);
+    let content = Content::read(&mut reader).map_err(|e| match e {
+        candle_core::Error::Io(ref io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Error::Truncated { path: display.clone(), detail: "the header ends early".into() }
+        }
+        e => Error::Format(format!("{display}: {e}")),
+    })?;
+    check_extent(&content, file_len, &display)?;
+
+    let md = &content.metadata;
+    let arch = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| Error::Format("the GGUF file has no general.architecture".into()))?;
+    let rope = match arch.as_str() {
+        "llama" | "mistral" => RopeLayout::Interleaved,
+        "qwen2" => RopeLayout::Halves,
+        other => return Err(Error::UnsupportedArchitecture(other.to_string())),
+    };
+    let get = |key: &str| -> Result<&Value, Error> {
+        md.get(&format!("{arch}.{key}")).ok_or_else(|| Error::Format(format!("missing metadata `{arch}.{key}`")))
+    };
+    let get_usize = |key: &str| -> Result<usize, Error> {
+        let v = get(key)?;
+        v.to_u64()
+            .or_else(|_| v.to_u32().map(u64::from))
+            .map(|x| x as usize)
+            .map_err(|_| Error::Format(format!("`{arch}.{key}` is not an integer")))
+    };
+    let get_f32 = |key: &str, default: f32| -> f32 { get(key).ok().and_then(|v| v.to_f32().ok()).unwrap_or(default) };
+
+    let hidden = get_usize("embedding_length")?;
+    let n_heads = get_usize("attention.head_count")?;
+    let n_kv_heads = get_usize("attention.head_count_kv").unwrap_or(n_heads);
+    let embed_info = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| Error::Format("missing tensor token_embd.weight".into()))?;
+    let vocab = embed_info.shape.dims().first().copied().unwrap_or(0);
+    let cfg = Config {
+        architecture: arch.clone(),
+        n_layers: get_usize("block_count")?,
+        hidden,
+        n_heads,
+        n_kv_heads,
+        head_dim: get_usize("rope.dimension_count").unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 }),
+        vocab,
+        rms_eps: f64::from(get_f32("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta: get_f32("rope.freq_base", 10_000.0),
+        context: get_usize("context_length").unwrap_or(2048),
+        rope,
+    };
+    cfg.validate()?;
+    if let Ok(v) = get("rope.scaling.type") {
+        if v.to_string().map(|s| s != "none").unwrap_or(true) {
+            return Err(Error::Unsupported("RoPE scaling is not implemented".into()));
+        }
+    }
+
+    let tokenizer = ModelTokenizer::from_gguf(&content)?;
+    if tokenizer.vocab_size() > vocab {
+        return Err(Error::Format(format!(
+            "the tokenizer has {} tokens but the embedding only {vocab}",
+            tokenizer.vocab_size()
+        )));
+    }
+
+    let mut r = TensorReader { content: &content, reader: &mut reader, device };
+    let dense = precision == Precision::F32;
+    let embed_q = r.qtensor("token_embd.weight")?;
+    let embed = embed_q.dequantize(device)?;
+    let unembed = match content.tensor_infos.contains_key("output.weight") {
+        true => r.matmul("output.weight", dense)?,
+        false => matmul_from(Arc::new(embed_q), dense)?,
+    };
+    let mut blocks = Vec::with_capacity(cfg.n_layers);
+    for i in 0..cfg.n_layers {
+        let p = format!("blk.{i}");
+        let lin = |r: &mut TensorReader<'_, _>, n: &str| -> Result<Linear, Error> {
+            let bias = r.optional(&format!("{p}.{n}.bias"))?;
+            Ok(Linear::new(r.matmul(&format!("{p}.{n}.weight"), dense)?, bias))
+        };
+        blocks.push(Block {
+            attn_norm: r.dense(&format!("{p}.attn_norm.weight"))?,
+            q: lin(&mut r, "attn_q")?,
+            k: lin(&mut r, "attn_k")?,
+            v: lin(&mut r, "attn_v")?,
+            o: lin(&mut r, "attn_output")?,
+            ffn_norm: r.dense(&format!("{p}.ffn_norm.weight"))?,
+            gate: lin(&mut r, "ffn_gate")?,
+            up: lin(&mut r, "ffn_up")?,
+            down: lin(&mut r, "ffn_down")?,
+        });
+    }
+    let final_norm = r.dense("output_norm.weight")?;
+
+    let name = md
+        .get("general.name")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let types = weight_types(&content);
+    let precision = match precision {
+        Precision::F32 => format!("f32 (dequantized from {types})"),
+        Precision::Fast => format!("quantized matmuls ({types})"),
+    };
+    Ok(Loaded {
+        model: Model { cfg, embed, blocks, final_norm, unembed, device: device.clone() },
+        tokenizer,
+        name,
+        precision,
+    })
+}
+
+/// Every tensor must lie inside the file: a clear "truncated" beats a read error halfway.
+fn check_extent(content: &Content, file_len: u64, path: &str) -> Result<(), Error> {
+    for (name, info) in &content.tensor_infos {
+        let dtype = info.ggml_dtype;
+        let elems = info.shape.elem_count();
+        let bytes = (elems / dtype.block_size()) as u64 * dtype.type_size() as u64;
+        let end = content.tensor_data_offset + info.offset + bytes;
+        if end > file_len {
+            return Err(Error::Truncated {
+                path: path.to_string(),
+                detail: format!("tensor `{name}` ends at byte {end} but the file has {file_len}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn weight_types(content: &Content) -> String {
+    let mut types: Vec<String> = content
+        .tensor_infos
+        .values()
+        .filter(|i| i.shape.rank() == 2)
+        .map(|i| format!("{:?}", i.ggml_dtype).to_lowercase())
+        .collect();
+    types.sort();
+    types.dedup();
+    types.join("/")
+}
+
+fn matmul_from(q: Arc<QTensor>, dense: bool) -> Result<QMatMul, Error> {
+    if dense {
+        return Ok(QMatMul::Tensor(q.dequantize(&q.device())?));
+    }
+    match q.dtype() {
+        // candle has SIMD kernels for Q4_0, Q8_0 and the K-quants only. Other types are
+        // requantized to Q8_0 (error far below their own quantization step), which keeps the
+        // fast path fast; the f32 path is the reference.
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1 => {
+            let dense = q.dequantize(&q.device())?;
+            Ok(QMatMul::from_qtensor(QTensor::quantize(&dense, GgmlDType::Q8_0)?)?)
+        }
+        _ => Ok(QMatMul::from_arc(q)?),
+    }
+}
+
+struct TensorReader<'a, R> {
+    content: &'a Content,
+    reader: &'a mut R,
+    device: &'a Device,
+}
+
+impl<R: Read + Seek> TensorReader<'_, R> {
+    fn qtensor(&mut self, name: &str) -> Result<QTensor, Error> {
+        if !self.content.tensor_infos.contains_key(name) {
+            return Err(Error::Format(format!("missing tensor `{name}`")));
+        }
+        Ok(self.content.tensor(self.reader, name, self.device)?)
+    }
+
+    fn dense(&mut self, name: &str) -> Result<Tensor, Error> {
+        Ok(self.qtensor(name)?.dequantize(self.device)?)
+    }
+
+    fn optional(&mut self, name: &str) -> Result<Option<Tensor>, Error> {
+        match self.content.tensor_infos.contains_key(name) {
+            true => self.dense(name).map(Some),
+            false => Ok(None),
+        }
+    }
+
+    fn matmul(&mut self, name: &str, dense: bool) -> Result<QMatMul, Error> {
+        matmul_from(Arc::new(self.qtensor(name)?), dense)
+    }
+}

@@ -1,0 +1,207 @@
+//! A logit-lens backend on [candle](https://github.com/huggingface/candle).
+//!
+//! Loads Llama-family models (Llama, Mistral, SmolLM, Qwen2) from a GGUF file or an HF-style
+//! folder and implements [`lens_core::Backend`]: a forward pass that captures the residual
+//! stream at every block boundary, and the lens readout (final RMSNorm, then unembedding).
+
+mod error;
+mod gguf;
+mod hf;
+mod model;
+mod tokenizer;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use candle_core::Device;
+use lens_core::{Backend, CaptureOptions, HiddenStates, LensKind, ModelInfo, Token};
+
+pub use error::Error;
+use model::{KvCache, Model};
+use tokenizer::ModelTokenizer;
+
+/// How the weights are used in matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Every weight dequantized to f32 and multiplied in f32: the reference path, whose
+    /// numbers match HF transformers on the same dequantized weights.
+    #[default]
+    F32,
+    /// Quantized weights multiplied by candle's quantized kernels (activations quantized to
+    /// 8 bits inside the products, as llama.cpp does): less memory, faster single tokens.
+    Fast,
+}
+
+impl FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "fast" => Ok(Precision::Fast),
+            other => Err(format!("unknown precision `{other}` (expected f32 or fast)")),
+        }
+    }
+}
+
+/// A loaded model.
+pub struct CandleBackend {
+    info: ModelInfo,
+    model: Model,
+    tokenizer: ModelTokenizer,
+}
+
+impl CandleBackend {
+    /// Load a GGUF file or an HF-style folder. Never panics on a malformed file.
+    pub fn load(path: &Path, precision: Precision) -> Result<Self, Error> {
+        let device = Device::Cpu;
+        let display = path.display().to_string();
+        if !path.exists() {
+            return Err(Error::Io {
+                path: display,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+            });
+        }
+        // candle's readers trust the sizes a file declares; keep a hostile file from taking the
+        // process down with it.
+        let loaded = catch_unwind(AssertUnwindSafe(|| {
+            if gguf::is_gguf(path) {
+                gguf::load(path, precision, &device)
+            } else if hf::is_hf_folder(path) {
+                hf::load(path, &device)
+            } else if path.is_file() {
+                std::fs::File::open(path).map_err(|source| Error::Io { path: display.clone(), source })?;
+                Err(Error::NotAModel { path: display.clone() })
+            } else {
+                Err(Error::NotAModel { path: display.clone() })
+            }
+        }))
+        .map_err(|_| Error::Format(format!("{display}: the file's declared sizes are inconsistent")))??;
+        let cfg = &loaded.model.cfg;
+        let info = ModelInfo {
+            name: loaded.name,
+            architecture: cfg.architecture.clone(),
+            n_layers: cfg.n_layers,
+            hidden_size: cfg.hidden,
+            vocab_size: cfg.vocab,
+            context_length: cfg.context,
+            precision: loaded.precision,
+        };
+        tracing::info!(?info, "model loaded");
+        Ok(CandleBackend { info, model: loaded.model, tokenizer: loaded.tokenizer })
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<(), lens_core::Error> {
+        if tokens.is_empty() {
+            return Err(lens_core::Error::EmptyPrompt);
+        }
+        if tokens.len() > self.info.context_length {
+            return Err(lens_core::Error::PromptTooLong {
+                tokens: tokens.len(),
+                context: self.info.context_length,
+            });
+        }
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= self.info.vocab_size) {
+            return Err(lens_core::Error::TokenOutOfRange { id, vocab: self.info.vocab_size });
+        }
+        Ok(())
+    }
+
+    fn run(
+        &self,
+        tokens: &[u32],
+        prefix: Option<(&HiddenStates, &KvCache)>,
+        options: CaptureOptions,
+    ) -> Result<HiddenStates, lens_core::Error> {
+        self.check_tokens(tokens)?;
+        let capture = self.model.forward(tokens, prefix.map(|(_, kv)| kv), options.mid_block)?;
+        let (resid, mid) = match prefix {
+            None => (capture.resid, capture.mid),
+            Some((states, kv)) => {
+                let keep = kv.tokens.len();
+                let resid = splice(states, keep, &capture.resid, tokens.len(), false);
+                let mid = capture.mid.map(|m| splice(states, keep, &m, tokens.len(), true));
+                (resid, mid)
+            }
+        };
+        let cache: Arc<KvCache> = capture.cache;
+        Ok(HiddenStates::new(&self.info, tokens.to_vec(), resid, mid)?.with_backend_state(cache))
+    }
+}
+
+/// Interleave the first `keep` positions of `prefix` with the freshly computed rows of the
+/// remaining positions, layer by layer.
+fn splice(prefix: &HiddenStates, keep: usize, fresh: &[f32], total: usize, mid: bool) -> Vec<f32> {
+    let hidden = prefix.hidden_size();
+    let new = total - keep;
+    let layers = if mid { prefix.n_layers() } else { prefix.n_layers() + 1 };
+    let mut out = Vec::with_capacity(layers * total * hidden);
+    for l in 0..layers {
+        let site = if mid { lens_core::Site::MidBlock(l + 1) } else { lens_core::Site::Layer(l) };
+        for p in 0..keep {
+            out.extend_from_slice(prefix.row(site, p).unwrap_or(&[]));
+        }
+        out.extend_from_slice(&fresh[l * new * hidden..(l + 1) * new * hidden]);
+    }
+    out
+}
+
+impl Backend for CandleBackend {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn tokenize(&self, text: &str) -> Result<Vec<Token>, lens_core::Error> {
+        self.tokenizer.tokenize(text)
+    }
+
+    fn decode(&self, id: u32) -> String {
+        self.tokenizer.decode(id)
+    }
+
+    fn forward(&self, tokens: &[u32], options: CaptureOptions) -> Result<HiddenStates, lens_core::Error> {
+        self.run(tokens, None, options)
+    }
+
+    fn forward_reusing(
+        &self,
+        prefix: &HiddenStates,
+        tokens: &[u32],
+        options: CaptureOptions,
+    ) -> Result<HiddenStates, lens_core::Error> {
+        let kv = prefix.backend_state().and_then(|s| s.downcast_ref::<KvCache>());
+        let Some(kv) = kv else { return self.run(tokens, None, options) };
+        if options.mid_block && !prefix.has_mid_block() {
+            return self.run(tokens, None, options);
+        }
+        // Reuse the longest shared prefix, but always recompute at least the last token.
+        let common = kv.tokens.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+        let keep = common.min(tokens.len().saturating_sub(1));
+        if keep == 0 {
+            return self.run(tokens, None, options);
+        }
+        let trimmed = KvCache {
+            tokens: tokens[..keep].to_vec(),
+            k: kv.k.iter().map(|t| t.narrow(2, 0, keep)).collect::<Result<_, _>>().map_err(Error::from)?,
+            v: kv.v.iter().map(|t| t.narrow(2, 0, keep)).collect::<Result<_, _>>().map_err(Error::from)?,
+        };
+        self.run(tokens, Some((prefix, &trimmed)), options)
+    }
+
+    fn readout(&self, rows: &[f32], lens: LensKind) -> Result<Vec<f32>, lens_core::Error> {
+        if rows.len() % self.info.hidden_size != 0 {
+            return Err(lens_core::Error::Shape(format!(
+                "{} values is not a whole number of rows of {}",
+                rows.len(),
+                self.info.hidden_size
+            )));
+        }
+        Ok(self.model.readout(rows, lens == LensKind::Norm)?)
+    }
+}
+
+/// Bytes a backend state (the KV cache attached to [`HiddenStates`]) holds.
+pub fn backend_state_bytes(states: &HiddenStates) -> usize {
+    states.backend_state().and_then(|s| s.downcast_ref::<KvCache>()).map_or(0, KvCache::bytes)
+}

@@ -1,0 +1,122 @@
+use std::fmt;
+
+use crate::HiddenStates;
+
+/// What a backend knows about the model it has loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// A human-readable name (file stem or `general.name`).
+    pub name: String,
+    /// Architecture family as the model file names it (`llama`, `qwen2`, ...).
+    pub architecture: String,
+    /// Number of transformer blocks `N`; the lens has `N + 1` layers (0 = embeddings).
+    pub n_layers: usize,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    /// Maximum number of tokens the model accepts.
+    pub context_length: usize,
+    /// Free-form description of the weights' precision as loaded (`f32`, `q4_1/q8_0`, ...).
+    pub precision: String,
+}
+
+/// One token of a tokenized prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    pub id: u32,
+    /// The token decoded on its own (may contain U+FFFD for a partial UTF-8 sequence).
+    pub text: String,
+    /// Byte range in the prompt this token covers.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Which readout the lens applies to a hidden state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum LensKind {
+    /// `unembed(final_norm(h))`: the standard logit lens; at the last layer it is the model output.
+    #[default]
+    Norm,
+    /// `h · W_Uᵀ` with no final norm.
+    Raw,
+}
+
+impl LensKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LensKind::Norm => "norm",
+            LensKind::Raw => "raw",
+        }
+    }
+}
+
+impl fmt::Display for LensKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a forward pass captures besides the residual stream at block boundaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CaptureOptions {
+    /// Also capture the residual stream after each block's attention (before its MLP).
+    pub mid_block: bool,
+}
+
+/// Errors a backend reports. The lens math itself cannot fail.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt has {tokens} tokens, more than the model's context of {context}")]
+    PromptTooLong { tokens: usize, context: usize },
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("position {position} is outside the prompt of {len} tokens")]
+    PositionOutOfRange { position: usize, len: usize },
+    #[error("layer {layer} is outside the model's layers 0..={max}")]
+    LayerOutOfRange { layer: usize, max: usize },
+    #[error("the hidden states do not match the model: {0}")]
+    Shape(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// A model runtime that the lens can look into.
+///
+/// The trait is object-safe and synchronous: callers that must stay responsive (the daemon)
+/// run it on a blocking thread. Implementations live in their own crates (`lens-candle`, ...);
+/// adding one never touches this crate.
+pub trait Backend: Send + Sync {
+    fn info(&self) -> &ModelInfo;
+
+    /// Tokenize `text` exactly as the model's own tokenizer does (no special tokens added
+    /// unless the model's configuration says so), with byte offsets into `text`.
+    fn tokenize(&self, text: &str) -> Result<Vec<Token>, Error>;
+
+    /// The text of a single token id, decoded on its own.
+    fn decode(&self, id: u32) -> String;
+
+    /// Run `tokens` through the model and capture the residual stream at every layer
+    /// boundary: layer 0 = embeddings, layer i = after block i.
+    fn forward(&self, tokens: &[u32], options: CaptureOptions) -> Result<HiddenStates, Error>;
+
+    /// Like [`Backend::forward`], but may reuse the work done for `prefix` (another prompt's
+    /// states, typically cached) on the tokens both prompts share, running only the rest.
+    /// The result must equal a fresh forward up to floating-point reassociation. The default
+    /// ignores `prefix`.
+    fn forward_reusing(
+        &self,
+        prefix: &HiddenStates,
+        tokens: &[u32],
+        options: CaptureOptions,
+    ) -> Result<HiddenStates, Error> {
+        let _ = prefix;
+        self.forward(tokens, options)
+    }
+
+    /// Apply the lens readout to `rows` (row-major, `rows.len() / hidden_size` rows of
+    /// `hidden_size`) and return the logits, row-major, `vocab_size` per row.
+    fn readout(&self, rows: &[f32], lens: LensKind) -> Result<Vec<f32>, Error>;
+}

@@ -1,0 +1,233 @@
+use rayon::prelude::*;
+
+use crate::math::{self, Reference, RowStats};
+use crate::{Backend, Error, HiddenStates, LensKind, Site};
+
+/// Rows read out in one call to the backend when scanning a whole prompt: large enough for
+/// an efficient matrix product, small enough that logits never take more than ~100 MB.
+const ROWS_PER_READOUT: usize = 512;
+
+/// One of the most likely next tokens at a cell.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub id: u32,
+    pub logit: f32,
+    pub prob: f32,
+}
+
+/// How a cell's distribution treats the token that actually comes next in the prompt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NextToken {
+    pub id: u32,
+    /// 0-based: the number of vocabulary entries with a strictly larger logit.
+    pub rank: usize,
+    pub prob: f32,
+}
+
+/// The lens read at one (site, position).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cell {
+    pub site: Site,
+    pub top: Vec<Prediction>,
+    /// Entropy of the cell's distribution, nats.
+    pub entropy: f64,
+    /// `KL(model output ‖ this cell)`, nats; 0 at the last layer of the norm lens.
+    pub kl_to_final: f64,
+    /// The next token of the prompt under this cell's distribution (`None` at the last position).
+    pub next: Option<NextToken>,
+    /// Rank, in this cell, of the model's final top-1 token at the same position.
+    pub final_top1_rank: usize,
+}
+
+/// Every requested site at one position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PositionView {
+    pub position: usize,
+    pub token: u32,
+    /// The model's output (norm lens at the last layer) at this position, top-1.
+    pub final_top1: Prediction,
+    /// The first layer from which on the final top-1 stays top-1 through the last layer
+    /// (only layer sites count; `None` if no requested layer qualifies).
+    pub decided_at: Option<usize>,
+    pub cells: Vec<Cell>,
+}
+
+/// The logit lens over one prompt's captured hidden states.
+///
+/// Logits are computed on demand, in bounded batches, and reduced to [`Cell`]s at once: a
+/// layers × positions × vocabulary array never exists.
+pub struct Lens<'a> {
+    backend: &'a dyn Backend,
+    states: &'a HiddenStates,
+    kind: LensKind,
+    top_k: usize,
+}
+
+impl<'a> Lens<'a> {
+    pub fn new(backend: &'a dyn Backend, states: &'a HiddenStates, kind: LensKind, top_k: usize) -> Self {
+        Lens { backend, states, kind, top_k }
+    }
+
+    pub fn states(&self) -> &HiddenStates {
+        self.states
+    }
+
+    /// All layer sites `0..=N`.
+    pub fn all_layers(&self) -> Vec<Site> {
+        (0..=self.states.n_layers()).map(Site::Layer).collect()
+    }
+
+    /// The lens at `sites` for one position.
+    pub fn position(&self, position: usize, sites: &[Site]) -> Result<PositionView, Error> {
+        let mut views = self.positions(&[position], sites)?;
+        views.pop().ok_or(Error::PositionOutOfRange { position, len: self.states.n_positions() })
+    }
+
+    /// The lens at `sites` for every position of the prompt.
+    pub fn grid(&self, sites: &[Site]) -> Result<Vec<PositionView>, Error> {
+        let positions: Vec<usize> = (0..self.states.n_positions()).collect();
+        self.positions(&positions, sites)
+    }
+
+    /// The lens at `sites` for each of `positions`, in that order.
+    pub fn positions(&self, positions: &[usize], sites: &[Site]) -> Result<Vec<PositionView>, Error> {
+        let st = self.states;
+        if let Some(&position) = positions.iter().find(|&&p| p >= st.n_positions()) {
+            return Err(Error::PositionOutOfRange { position, len: st.n_positions() });
+        }
+        if let Some(site) = sites.iter().find(|s| !st.contains(**s)) {
+            let layer = match *site {
+                Site::Layer(l) | Site::MidBlock(l) => l,
+            };
+            return Err(Error::LayerOutOfRange { layer, max: st.n_layers() });
+        }
+        let last = Site::Layer(st.n_layers());
+        // With the norm lens, the last layer's row *is* the model output; reuse it.
+        let final_in_sites = self.kind == LensKind::Norm && sites.contains(&last);
+        let per_position = sites.len() + usize::from(!final_in_sites);
+        let chunk = (ROWS_PER_READOUT / per_position.max(1)).max(1);
+
+        let mut views = Vec::with_capacity(positions.len());
+        for group in positions.chunks(chunk) {
+            let (site_logits, final_logits) = self.read_group(group, sites, final_in_sites)?;
+            let vocab = self.backend.info().vocab_size;
+            let group_views: Vec<PositionView> = group
+                .par_iter()
+                .enumerate()
+                .map(|(g, &position)| {
+                    let final_row = match &final_logits {
+                        Some(f) => &f[g * vocab..(g + 1) * vocab],
+                        None => {
+                            let i = sites.iter().position(|s| *s == last).unwrap_or(0);
+                            let row = g * sites.len() + i;
+                            &site_logits[row * vocab..(row + 1) * vocab]
+                        }
+                    };
+                    let rows = &site_logits[g * sites.len() * vocab..(g + 1) * sites.len() * vocab];
+                    self.view(position, sites, rows, final_row)
+                })
+                .collect();
+            views.extend(group_views);
+        }
+        Ok(views)
+    }
+
+    /// Logits of every site at each position of `group` (position-major), and, unless the
+    /// sites already contain it, the model output at each position.
+    fn read_group(
+        &self,
+        group: &[usize],
+        sites: &[Site],
+        final_in_sites: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>), Error> {
+        let st = self.states;
+        let hidden = st.hidden_size();
+        let mut rows = Vec::with_capacity(group.len() * sites.len() * hidden);
+        for &p in group {
+            for &s in sites {
+                rows.extend_from_slice(st.row(s, p).unwrap_or(&[]));
+            }
+        }
+        let logits = self.backend.readout(&rows, self.kind)?;
+        let final_logits = if final_in_sites {
+            None
+        } else {
+            let mut rows = Vec::with_capacity(group.len() * hidden);
+            for &p in group {
+                rows.extend_from_slice(st.row(Site::Layer(st.n_layers()), p).unwrap_or(&[]));
+            }
+            Some(self.backend.readout(&rows, LensKind::Norm)?)
+        };
+        let vocab = self.backend.info().vocab_size;
+        let want = group.len() * sites.len() * vocab;
+        if logits.len() != want || final_logits.as_ref().is_some_and(|f| f.len() != group.len() * vocab) {
+            return Err(Error::Shape(format!("readout returned {} logits, expected {want}", logits.len())));
+        }
+        Ok((logits, final_logits))
+    }
+
+    fn view(&self, position: usize, sites: &[Site], rows: &[f32], final_row: &[f32]) -> PositionView {
+        let vocab = final_row.len();
+        let reference = Reference::new(final_row);
+        let final_top = math::top_k(final_row, 1);
+        let final_top1 = final_top.first().map_or(math::TopEntry { id: 0, logit: f32::NAN }, |e| *e);
+        let final_stats_lse = math::log_sum_exp(final_row);
+        let tokens = self.states.tokens();
+        let next_id = tokens.get(position + 1).copied();
+
+        let cells: Vec<Cell> = sites
+            .iter()
+            .enumerate()
+            .map(|(i, &site)| {
+                let row = &rows[i * vocab..(i + 1) * vocab];
+                let stats = math::row_stats(row, self.top_k, Some(&reference));
+                self.cell(site, row, &stats, next_id, final_top1.id)
+            })
+            .collect();
+
+        // Walk down from the last layer while the final top-1 stays top-1.
+        let mut decided_at = None;
+        let mut layer_cells: Vec<&Cell> =
+            cells.iter().filter(|c| matches!(c.site, Site::Layer(_))).collect();
+        layer_cells.sort_by_key(|c| c.site);
+        for c in layer_cells.iter().rev() {
+            if c.final_top1_rank != 0 {
+                break;
+            }
+            if let Site::Layer(l) = c.site {
+                decided_at = Some(l);
+            }
+        }
+        PositionView {
+            position,
+            token: tokens.get(position).copied().unwrap_or(0),
+            final_top1: Prediction {
+                id: final_top1.id,
+                logit: final_top1.logit,
+                prob: math::exp(final_top1.logit - final_stats_lse),
+            },
+            decided_at,
+            cells,
+        }
+    }
+
+    fn cell(&self, site: Site, row: &[f32], stats: &RowStats, next_id: Option<u32>, final_top1: u32) -> Cell {
+        let logit_of = |id: u32| row.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY);
+        let next = next_id.map(|id| {
+            let logit = logit_of(id);
+            NextToken { id, rank: math::rank_of(row, logit), prob: stats.prob(logit) }
+        });
+        Cell {
+            site,
+            top: stats
+                .top
+                .iter()
+                .map(|e| Prediction { id: e.id, logit: e.logit, prob: stats.prob(e.logit) })
+                .collect(),
+            entropy: stats.entropy,
+            kl_to_final: stats.kl.unwrap_or(0.0),
+            next,
+            final_top1_rank: math::rank_of(row, logit_of(final_top1)),
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The lens in the terminal: the layer × position grid, and one position's per-layer table.
+//!
+//! Colour is truecolor through `anstream`, which drops it when `NO_COLOR` is set or stdout is
+//! not a terminal.
+
+use std::io::Write;
+
+use anstyle::{Color, RgbColor, Style};
+use lens_core::{Backend, LensKind, PositionView, Token};
+use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
+
+const LABEL: usize = 6;
+const CELL: usize = 10;
+
+/// Viridis, sampled at 9 points (perceptually uniform, readable in grey and by colour-blind
+/// readers).
+const VIRIDIS: [(u8, u8, u8); 9] = [
+    (68, 1, 84),
+    (71, 44, 122),
+    (59, 81, 139),
+    (44, 113, 142),
+    (33, 144, 141),
+    (39, 173, 129),
+    (92, 200, 99),
+    (170, 220, 50),
+    (253, 231, 37),
+];
+
+pub fn viridis(t: f32) -> (u8, u8, u8) {
+    let t = if t.is_nan() { 0.0 } else { t.clamp(0.0, 1.0) };
+    let x = t * (VIRIDIS.len() - 1) as f32;
+    let i = (x.floor() as usize).min(VIRIDIS.len() - 2);
+    let f = x - i as f32;
+    let lerp = |a: u8, b: u8| (f32::from(a) + (f32::from(b) - f32::from(a)) * f).round() as u8;
+    let (a, b) = (VIRIDIS[i], VIRIDIS[i + 1]);
+    (lerp(a.0, b.0), lerp(a.1, b.1), lerp(a.2, b.2))
+}
+
+fn cell_style(prob: f32) -> Style {
+    let (r, g, b) = viridis(prob);
+    let luminance = 0.2126 * f32::from(r) + 0.7152 * f32::from(g) + 0.0722 * f32::from(b);
+    let fg = if luminance > 140.0 { RgbColor(0, 0, 0) } else { RgbColor(255, 255, 255) };
+    Style::new().bg_color(Some(Color::Rgb(RgbColor(r, g, b)))).fg_color(Some(Color::Rgb(fg)))
+}
+
+/// A token's text with whitespace made visible.
+pub fn visible(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            ' ' => '·',
+            '\n' => '↵',
+            '\t' => '⇥',
+            '\r' => '␍',
+            c if c.is_control() => '�',
+            c => c,
+        })
+        .collect()
+}
+
+/// `s` cut to at most `width` columns, padded with spaces to exactly `width`.
+pub fn fit(s: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut w = 0;
+    let total = s.width();
+    for c in s.chars() {
+        let cw = c.width().unwrap_or(0);
+        let room = if total > width { width.saturating_sub(1) } else { width };
+        if w + cw > room {
+            out.push('…');
+            w += 1;
+            break;
+        }
+        out.push(c);
+        w += cw;
+    }
+    out.extend(std::iter::repeat_n(' ', width.saturating_sub(w)));
+    out
+}
+
+fn terminal_width() -> usize {
+    if let Some(cols) = std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()) {
+        return cols;
+    }
+    terminal_size::terminal_size_of(std::io::stdout()).map_or(120, |(w, _)| usize::from(w.0))
+}
+
+/// The seed's picture: one row per layer (last layer on top), one column per input token, each
+/// cell the top-1 prediction coloured by its probability; `*` marks a cell whose top-1 is the
+/// prompt's actual next token.
+pub fn grid(
+    out: &mut dyn Write,
+    backend: &dyn Backend,
+    tokens: &[Token],
+    views: &[PositionView],
+    layers: &[usize],
+    lens: LensKind,
+) -> std::io::Result<()> {
+    let info = backend.info();
+    writeln!(
+        out,
+        "{} · {} lens · {} tokens · layers {}..={} (0 = embeddings)",
+        info.name,
+        lens,
+        tokens.len(),
+        layers.first().copied().unwrap_or(0),
+        layers.last().copied().unwrap_or(0)
+    )?;
+    let per_panel = ((terminal_width().saturating_sub(LABEL)) / CELL).max(1);
+    let dim = Style::new().dimmed();
+    let bold = Style::new().bold();
+    for panel in views.chunks(per_panel) {
+        writeln!(out)?;
+        write!(out, "{}", fit("", LABEL))?;
+        for v in panel {
+            write!(out, "{bold}{}{bold:#}", fit(&visible(&tokens[v.position].text), CELL))?;
+        }
+        writeln!(out)?;
+        for (row, &layer) in layers.iter().enumerate().rev() {
+            write!(out, "{dim}{}{dim:#}", fit(&format!("L{layer}"), LABEL))?;
+            for v in panel {
+                let cell = &v.cells[row];
+                let Some(top) = cell.top.first() else { continue };
+                let hit = cell.next.is_some_and(|n| n.id == top.id);
+                let text = fit(&visible(&backend.decode(top.id)), CELL - 2);
+                let style = cell_style(top.prob);
+                write!(out, "{style}{text}{}{style:#} ", if hit { '*' } else { ' ' })?;
+            }
+            writeln!(out)?;
+        }
+        write!(out, "{dim}{}{dim:#}", fit("next", LABEL))?;
+        for v in panel {
+            let next = tokens.get(v.position + 1).map_or(String::from("—"), |t| visible(&t.text));
+            write!(out, "{dim}{}{dim:#}", fit(&next, CELL))?;
+        }
+        writeln!(out)?;
+        write!(out, "{dim}{}{dim:#}", fit("since", LABEL))?;
+        for v in panel {
+            let since = v.decided_at.map_or(String::from("—"), |l| format!("L{l}"));
+            write!(out, "{dim}{}{dim:#}", fit(&since, CELL))?;
+        }
+        writeln!(out)?;
+    }
+    if let Some(last) = views.last() {
+        writeln!(out)?;
+        let since = match last.decided_at {
+            Some(l) => format!("top-1 from layer {l} of {} on", info.n_layers),
+            None => "not top-1 at any shown layer before the last".into(),
+        };
+        writeln!(
+            out,
+            "Prediction after {:?}: {:?} (p = {:.3}), {since}",
+            tokens[last.position].text,
+            backend.decode(last.final_top1.id),
+            last.final_top1.prob
+        )?;
+    }
+    Ok(())
+}
+
+/// One position in detail: per layer the top-k, the rank and probability of the actual next
+/// token, entropy and KL to the final layer.
+pub fn position_table(
+    out: &mut dyn Write,
+    backend: &dyn Backend,
+    tokens: &[Token],
+    view: &PositionView,
+) -> std::io::Result<()> {
+    let p = view.position;
+    let next = tokens.get(p + 1);
+    writeln!(
+        out,
+        "Position {p}: {:?}{}",
+        tokens[p].text,
+        next.map_or(String::new(), |t| format!(", next token {:?}", t.text))
+    )?;
+    let k = view.cells.first().map_or(0, |c| c.top.len());
+    let bold = Style::new().bold();
+    writeln!(
+        out,
+        "{bold}{:>5}  {:<w$}  {:>7} {:>9}  {:>7}  {:>8}{bold:#}",
+        "layer",
+        "top predictions",
+        "next rk",
+        "next p",
+        "entropy",
+        "KL",
+        w = k * 17
+    )?;
+    for cell in view.cells.iter().rev() {
+        let layer = match cell.site {
+            lens_core::Site::Layer(l) => format!("{l}"),
+            lens_core::Site::MidBlock(l) => format!("{l}.5"),
+        };
+        let mark = if view.decided_at.is_some_and(|d| cell.site == lens_core::Site::Layer(d)) { "▸" } else { " " };
+        write!(out, "{mark}{layer:>4}  ")?;
+        for t in &cell.top {
+            let style = cell_style(t.prob);
+            write!(out, "{style}{}{style:#} {:.3} ", fit(&visible(&backend.decode(t.id)), 10), t.prob)?;
+        }
+        match cell.next {
+            Some(n) => write!(out, " {:>7} {:>9.3e}", n.rank, n.prob)?,
+            None => write!(out, " {:>7} {:>9}", "—", "—")?,
+        }
+        writeln!(out, "  {:>7.3}  {:>8.3}", cell.entropy, cell.kl_to_final)?;
+    }
+    writeln!(
+        out,
+        "▸ first layer from which the final prediction {:?} stays top-1",
+        backend.decode(view.final_top1.id)
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fit_pads_and_cuts_by_display_width() {
+        assert_eq!(fit("ab", 4), "ab  ");
+        assert_eq!(fit("abcdef", 4), "abc…");
+        assert_eq!(fit("日本語", 4), "日… ");
+        assert_eq!(fit("abcd", 4), "abcd");
+    }
+
+    #[test]
+    fn whitespace_is_visible() {
+        assert_eq!(visible(" a\n\tb"), "·a↵⇥b");
+    }
+
+    #[test]
+    fn viridis_ends() {
+        assert_eq!(viridis(0.0), (68, 1, 84));
+        assert_eq!(viridis(1.0), (253, 231, 37));
+        assert_eq!(viridis(f32::NAN), (68, 1, 84));
+    }
+}
