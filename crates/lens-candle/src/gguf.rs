@@ -104,6 +104,8 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
     let embed = embed_q.dequantize(device)?;
     let unembed = match content.tensor_infos.contains_key("output.weight") {
         true => r.matmul("output.weight", dense)?,
+        // Tied embeddings: the dense path shares the dequantized matrix instead of a second copy.
+        false if dense => QMatMul::Tensor(embed.clone()),
         false => matmul_from(Arc::new(embed_q), dense)?,
     };
     let mut blocks = Vec::with_capacity(cfg.n_layers);
@@ -139,7 +141,7 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         Precision::Fast => format!("quantized matmuls ({types})"),
     };
     Ok(Loaded {
-        model: Model { cfg, embed, blocks, final_norm, unembed, device: device.clone() },
+        model: Model::new(cfg, embed, blocks, final_norm, unembed, device.clone())?,
         tokenizer,
         name,
         precision,

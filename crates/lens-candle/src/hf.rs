@@ -129,7 +129,7 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
         .or_else(|| dir.file_name().map(|s| s.to_string_lossy().into_owned()))
         .unwrap_or_default();
     Ok(Loaded {
-        model: Model { cfg, embed, blocks, final_norm, unembed: QMatMul::Tensor(unembed), device: device.clone() },
+        model: Model::new(cfg, embed, blocks, final_norm, QMatMul::Tensor(unembed), device.clone())?,
         tokenizer,
         name,
         precision: "f32 (safetensors)".into(),

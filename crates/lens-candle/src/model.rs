@@ -87,6 +87,8 @@ pub(crate) struct Model {
     pub final_norm: Tensor,
     /// The unembedding `W_U`, `[vocab, hidden]`.
     pub unembed: QMatMul,
+    /// `W_Uᵀ`, `[hidden, vocab]` contiguous, when the unembedding is dense.
+    pub unembed_t: Option<Tensor>,
     pub device: Device,
 }
 
@@ -112,6 +114,14 @@ pub(crate) struct Capture {
 }
 
 impl Model {
+    pub(crate) fn new(cfg: Config, embed: Tensor, blocks: Vec<Block>, final_norm: Tensor, unembed: QMatMul, device: Device) -> Result<Self, Error> {
+        let unembed_t = match &unembed {
+            QMatMul::Tensor(w) => Some(w.t()?.contiguous()?),
+            _ => None,
+        };
+        Ok(Model { cfg, embed, blocks, final_norm, unembed, unembed_t, device })
+    }
+
     /// Run `tokens[start..]` after a cached prefix of `start` tokens, capturing the residual
     /// stream of the new positions.
     pub(crate) fn forward(
@@ -226,7 +236,16 @@ impl Model {
         }
         let x = Tensor::from_slice(rows, (n, hidden), &self.device)?;
         let x = if norm { candle_nn::ops::rms_norm(&x, &self.final_norm, self.cfg.rms_eps as f32)? } else { x };
-        let logits = self.unembed.forward(&x)?;
+        let logits = match &self.unembed {
+            // Dense: multiply by the pre-transposed copy `[hidden, vocab]`, which the gemm
+            // kernels stream through faster for large batches (measured: 4.4 s instead of
+            // 4.9 s for the full lens of 256 tokens); small batches are faster on the view.
+            QMatMul::Tensor(_) if n >= 128 => match &self.unembed_t {
+                Some(wt) => x.matmul(wt)?,
+                None => self.unembed.forward(&x)?,
+            },
+            _ => self.unembed.forward(&x)?,
+        };
         Ok(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
     }
 }

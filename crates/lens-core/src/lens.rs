@@ -176,7 +176,7 @@ impl<'a> Lens<'a> {
         let next_id = tokens.get(position + 1).copied();
 
         let cells: Vec<Cell> = sites
-            .iter()
+            .par_iter()
             .enumerate()
             .map(|(i, &site)| {
                 let row = &rows[i * vocab..(i + 1) * vocab];

@@ -12,26 +12,31 @@ pub struct TopEntry {
     pub logit: f32,
 }
 
-/// The `k` largest logits, largest first, ties broken by the lower id.
+/// The `k` largest logits, largest first, ties broken by the lower id. NaNs are skipped.
 pub fn top_k(logits: &[f32], k: usize) -> Vec<TopEntry> {
+    const CHUNK: usize = 64;
     let mut top: Vec<TopEntry> = Vec::with_capacity(k + 1);
     if k == 0 {
         return top;
     }
     let mut threshold = f32::NEG_INFINITY;
-    for (id, &logit) in logits.iter().enumerate() {
-        // Ids arrive in increasing order, so an equal logit never displaces an earlier id.
-        if top.len() == k && !(logit > threshold) {
+    for (c, chunk) in logits.chunks(CHUNK).enumerate() {
+        // Most chunks hold nothing above the current k-th value: skip them with one
+        // vectorised max.
+        if top.len() == k && !(chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max) > threshold) {
             continue;
         }
-        if logit.is_nan() {
-            continue;
-        }
-        let at = top.partition_point(|e| e.logit >= logit);
-        top.insert(at, TopEntry { id: id as u32, logit });
-        top.truncate(k);
-        if top.len() == k {
-            threshold = top[k - 1].logit;
+        for (i, &logit) in chunk.iter().enumerate() {
+            // Ids arrive in increasing order, so an equal logit never displaces an earlier id.
+            if (top.len() == k && !(logit > threshold)) || logit.is_nan() {
+                continue;
+            }
+            let at = top.partition_point(|e| e.logit >= logit);
+            top.insert(at, TopEntry { id: (c * CHUNK + i) as u32, logit });
+            top.truncate(k);
+            if top.len() == k {
+                threshold = top[k - 1].logit;
+            }
         }
     }
     top
@@ -57,25 +62,33 @@ pub fn max(logits: &[f32]) -> f32 {
 
 /// `Σ exp(x - max)` and `Σ exp(x - max)·(x - max)`, in f64.
 fn exp_sums(logits: &[f32], max: f32) -> (f64, f64) {
+    const BLOCK: usize = 256;
     const W: usize = 8;
-    let mut s = [0f64; W];
-    let mut t = [0f64; W];
-    let chunks = logits.chunks_exact(W);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for j in 0..W {
-            let d = c[j] - max;
-            let e = exp(d);
-            s[j] += f64::from(e);
-            t[j] += f64::from(e * d);
+    let mut e = [0f32; BLOCK];
+    let mut d = [0f32; BLOCK];
+    let (mut s, mut t) = (0f64, 0f64);
+    for block in logits.chunks(BLOCK) {
+        let n = block.len();
+        // A plain map: the loop vectoriser turns it into SIMD exp.
+        for ((di, ei), &x) in d[..n].iter_mut().zip(e[..n].iter_mut()).zip(block) {
+            *di = x - max;
+            *ei = exp(*di);
         }
-    }
-    let (mut s, mut t) = (s.iter().sum::<f64>(), t.iter().sum::<f64>());
-    for &x in rest {
-        let d = x - max;
-        let e = exp(d);
-        s += f64::from(e);
-        t += f64::from(e * d);
+        // Lane-wise partial sums in f32 over one block (≤ 256 terms), then f64 across blocks.
+        let (mut ls, mut lt) = ([0f32; W], [0f32; W]);
+        let full = n / W * W;
+        for (ec, dc) in e[..full].chunks_exact(W).zip(d[..full].chunks_exact(W)) {
+            for j in 0..W {
+                ls[j] += ec[j];
+                lt[j] += ec[j] * dc[j];
+            }
+        }
+        for i in full..n {
+            ls[0] += e[i];
+            lt[0] += e[i] * d[i];
+        }
+        s += ls.iter().map(|&v| f64::from(v)).sum::<f64>();
+        t += lt.iter().map(|&v| f64::from(v)).sum::<f64>();
     }
     (s, t)
 }
@@ -111,15 +124,20 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // Round x·log2(e) to the nearest integer with the 1.5·2²³ trick: afterwards the integer sits
+    // in the low mantissa bits of `shifted`. Only bit casts and integer adds follow, so loops
+    // over this function vectorise (a float-to-int `as` cast would not).
+    const SHIFTER: f32 = 12_582_912.0;
     let x_c = x.clamp(-87.3, 88.7);
-    let n = (x_c * LOG2E).round();
+    let shifted = x_c * LOG2E + SHIFTER;
+    let n = shifted - SHIFTER;
     let r = x_c - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits(shifted.to_bits().wrapping_sub(SHIFTER.to_bits()).wrapping_add(127) << 23);
     let y = p * scale;
     if x < -87.3 {
         0.0

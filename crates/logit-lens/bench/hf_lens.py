@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 req = json.load(sys.stdin)
 path = req["model"]
-model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
 model.eval()
 norm, head = model.model.norm, model.lm_head
 captured = {}
