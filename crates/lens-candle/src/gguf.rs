@@ -76,7 +76,7 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         hidden,
         n_heads,
         n_kv_heads,
-        head_dim: get_usize("rope.dimension_count").unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 }),
+        head_dim: get_usize("rope.dimension_count").unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
         vocab,
         rms_eps: f64::from(get_f32("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta: get_f32("rope.freq_base", 10_000.0),

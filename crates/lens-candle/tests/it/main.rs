@@ -1,6 +1,9 @@
 //! Integration tests of the candle backend against the independent references in
 //! `tests/data/oracle/` (HF transformers, llama.cpp; see PROVENANCE.md there).
 
+// Tests report the deviations they measure on stderr.
+#![allow(clippy::print_stderr)]
+
 mod bad_input;
 mod oracle;
 mod reuse;
