@@ -28,8 +28,19 @@ struct HfConfig {
     #[serde(default)]
     tie_word_embeddings: bool,
     rope_scaling: Option<serde_json::Value>,
+    /// transformers ≥ 5: `{ "rope_theta": …, "rope_type": "default" | "llama3" | … }`.
+    rope_parameters: Option<RopeParameters>,
+    hidden_act: Option<String>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
     #[serde(default)]
     name_or_path: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RopeParameters {
+    rope_theta: Option<f32>,
+    rope_type: Option<String>,
 }
 
 pub(crate) fn is_hf_folder(path: &Path) -> bool {
@@ -47,9 +58,22 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
     if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
         return Err(Error::UnsupportedArchitecture(arch));
     }
-    if hf.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(Error::Unsupported("RoPE scaling is not implemented".into()));
+    let rope_type = hf.rope_parameters.as_ref().and_then(|r| r.rope_type.as_deref()).unwrap_or("default");
+    if hf.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) || rope_type != "default" {
+        return Err(Error::Unsupported(format!("RoPE scaling (`{rope_type}`) is not implemented")));
     }
+    if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != "silu") {
+        return Err(Error::Unsupported(format!("activation `{act}` (only SwiGLU with silu)")));
+    }
+    let rope_theta = hf.rope_theta.or(hf.rope_parameters.as_ref().and_then(|r| r.rope_theta)).unwrap_or(10_000.0);
+    // Sliding-window attention equals full attention up to the window: cap the context there
+    // rather than compute longer prompts wrongly.
+    let max_pos = hf.max_position_embeddings.unwrap_or(2048);
+    let window = match (arch.as_str(), hf.use_sliding_window, hf.sliding_window) {
+        (_, Some(false), _) | (_, _, None) => None,
+        (_, _, Some(w)) => Some(w),
+    };
+    let context = window.map_or(max_pos, |w| w.min(max_pos));
     let cfg = Config {
         architecture: arch,
         n_layers: hf.num_hidden_layers,
@@ -59,8 +83,8 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
         head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
         vocab: hf.vocab_size,
         rms_eps: hf.rms_norm_eps.unwrap_or(1e-6),
-        rope_theta: hf.rope_theta.unwrap_or(10_000.0),
-        context: hf.max_position_embeddings.unwrap_or(2048),
+        rope_theta,
+        context,
         rope: RopeLayout::Halves,
     };
     cfg.validate()?;

@@ -6,7 +6,12 @@ use lens_core::{Backend, CaptureOptions, Lens, LensKind};
 use serde_json::Value;
 
 pub fn load(name: &str) -> Value {
-    let path = crate::data_dir().join("oracle").join(name);
+    load_data(&format!("oracle/{name}"))
+}
+
+/// A JSON file under `tests/data/`.
+pub fn load_data(name: &str) -> Value {
+    let path = crate::data_dir().join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("golden JSON")
 }
