@@ -171,7 +171,6 @@ impl<'a> Lens<'a> {
         let reference = Reference::new(final_row);
         let final_top = math::top_k(final_row, 1);
         let final_top1 = final_top.first().map_or(math::TopEntry { id: 0, logit: f32::NAN }, |e| *e);
-        let final_stats_lse = math::log_sum_exp(final_row);
         let tokens = self.states.tokens();
         let next_id = tokens.get(position + 1).copied();
 
@@ -204,7 +203,7 @@ impl<'a> Lens<'a> {
             final_top1: Prediction {
                 id: final_top1.id,
                 logit: final_top1.logit,
-                prob: math::exp(final_top1.logit - final_stats_lse),
+                prob: math::exp(final_top1.logit - reference.log_z()),
             },
             decided_at,
             cells,

@@ -101,23 +101,8 @@ fn exp_sums(logits: &[f32], max: f32) -> (f64, f64) {
 
 /// `Σ a·b` in f64 with independent lanes (vectorises).
 fn dot(a: &[f32], b: &[f32]) -> f64 {
-    const W: usize = 8;
-    let mut acc = [0f64; W];
     let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let ca = a.chunks_exact(W);
-    let cb = b.chunks_exact(W);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for j in 0..W {
-            acc[j] += f64::from(x[j]) * f64::from(y[j]);
-        }
-    }
-    let mut sum: f64 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        sum += f64::from(*x) * f64::from(*y);
-    }
-    sum
+    lanes_f64(n, |i| f64::from(a[i]) * f64::from(b[i]))
 }
 
 /// `exp(x)` for f32, accurate to about 1 ulp, written so that loops over it vectorise.
@@ -161,21 +146,35 @@ pub struct Reference {
     neg_entropy: f64,
     /// `Σ p_N` (1 up to rounding; kept so the KL identity stays exact).
     mass: f64,
+    log_z: f32,
+}
+
+/// `Σ f(i)` over `0..n` with eight independent f64 accumulators.
+fn lanes_f64(n: usize, f: impl Fn(usize) -> f64) -> f64 {
+    const W: usize = 8;
+    let mut acc = [0f64; W];
+    let full = n / W * W;
+    for base in (0..full).step_by(W) {
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a += f(base + j);
+        }
+    }
+    acc.iter().sum::<f64>() + (full..n).map(f).sum::<f64>()
 }
 
 impl Reference {
     pub fn new(logits: &[f32]) -> Reference {
-        let lse = log_sum_exp(logits);
-        let mut probs = Vec::with_capacity(logits.len());
-        let (mut neg_entropy, mut mass) = (0f64, 0f64);
-        for &x in logits {
-            let lp = x - lse;
-            let p = exp(lp);
-            probs.push(p);
-            neg_entropy += f64::from(p) * f64::from(lp);
-            mass += f64::from(p);
-        }
-        Reference { probs, neg_entropy, mass }
+        let log_z = log_sum_exp(logits);
+        // A plain map (vectorises), then lane-wise f64 sums.
+        let probs: Vec<f32> = logits.iter().map(|&x| exp(x - log_z)).collect();
+        let neg_entropy = lanes_f64(logits.len(), |i| f64::from(probs[i]) * f64::from(logits[i] - log_z));
+        let mass = lanes_f64(logits.len(), |i| f64::from(probs[i]));
+        Reference { probs, neg_entropy, mass, log_z }
+    }
+
+    /// `ln Σ exp(logits)` of the reference row.
+    pub fn log_z(&self) -> f32 {
+        self.log_z
     }
 
     pub fn probs(&self) -> &[f32] {
