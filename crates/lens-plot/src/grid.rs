@@ -174,7 +174,7 @@ impl Grid {
                             kl: c.kl_to_final,
                             next: c.next.map(|n| (n.rank, n.prob)),
                             final_top1_rank: c.final_top1_rank,
-                            hit: c.next.is_some_and(|n| n.rank == 0),
+                            hit: c.next.is_some_and(|n| c.top.first().is_some_and(|t| t.id == n.id)),
                         })
                     })
                     .collect();

@@ -1,12 +1,13 @@
 // Opens a lens-plot HTML page in Debian's headless Chromium (driven by playwright-core, see
 // scripts/deps/chromium.sh), exercises it like a user and prints what it saw as one JSON object.
-// Usage: node drive.mjs PAGE.html SCREENSHOT.png   (LOGIT_LENS_BROWSER_DEPS: node_modules' folder)
+// Usage: node drive.mjs PAGE.html SCREENSHOT.png [COLUMN]
+// (COLUMN: the column to pin, default 2; LOGIT_LENS_BROWSER_DEPS: node_modules' folder)
 import { createRequire } from 'node:module';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
-const [page_, shot] = process.argv.slice(2);
+const [page_, shot, column] = process.argv.slice(2);
 if (!page_ || !shot) {
   console.error('usage: node drive.mjs PAGE.html SCREENSHOT.png');
   process.exit(2);
@@ -64,7 +65,7 @@ try {
 
   // Click a column's input token: its trajectory chart appears.
   await page.mouse.move(5, 5);
-  const col = Math.min(2, out.columns - 1);
+  const col = Math.min(column === undefined ? 2 : Number(column), out.columns - 1);
   await page.locator('#heatmap td.input').nth(col).click();
   await page.waitForSelector('#trajectory:not([hidden]) svg');
   out.trajectory = {

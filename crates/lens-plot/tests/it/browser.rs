@@ -73,7 +73,7 @@ fn html_page_in_headless_chromium() {
         .views
         .iter()
         .flat_map(|v| &v.cells)
-        .filter(|c| c.next.is_some_and(|n| n.rank == 0))
+        .filter(|c| c.next.is_some_and(|n| c.top[0].id == n.id))
         .count();
     assert_eq!(r["hits"], hits);
 

@@ -1,6 +1,7 @@
 //! lens-plot on real lens results: the tiny random Llama fixture through lens-candle.
 
 mod browser;
+mod html;
 mod png;
 mod snapshot;
 mod tracks;
