@@ -25,7 +25,7 @@ pub const FONT: &[u8] = include_bytes!("../fonts/DejaVuSansCondensed.ttf");
 /// Largest PNG side we render, in pixels (a guard against absurd `scale`s).
 pub const MAX_PNG_SIDE: u32 = 16_384;
 
-/// Errors of this crate; only rasterising and the lens readout for [`tracks`] can fail.
+/// Errors of rasterising; [`tracks`] reports the backend's `lens_core::Error`.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("the PNG scale must be a finite number in (0, 16], not {0}")]
@@ -36,8 +36,6 @@ pub enum Error {
     Svg(String),
     #[error("cannot encode the PNG: {0}")]
     Png(String),
-    #[error(transparent)]
-    Lens(#[from] lens_core::Error),
 }
 
 /// What to plot: the lens results and what is needed to label them.

@@ -88,4 +88,9 @@ fn bad_scales_are_errors() {
         let err = lens_plot::png(&run.plot(), &crate::options(), scale).expect_err("bad scale");
         assert!(err.to_string().contains("scale"), "{err}");
     }
+    let wide = r#"<svg xmlns="http://www.w3.org/2000/svg" width="2000" height="10"></svg>"#;
+    let err = lens_plot::rasterize(wide, 10.0).expect_err("too large");
+    assert!(err.to_string().contains("20000×100 pixels"), "{err}");
+    let err = lens_plot::rasterize("<svg", 1.0).expect_err("not SVG");
+    assert!(err.to_string().contains("cannot read the generated SVG"), "{err}");
 }
