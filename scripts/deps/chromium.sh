@@ -9,11 +9,12 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 src="$root/crates/lens-plot/tests/browser"
 dest="${LOGIT_LENS_BROWSER_DEPS:-$HOME/.cache/logit-lens/test-deps/browser}"
 
-if [ ! -x /usr/bin/chromium ]; then
-  echo "chromium.sh: installing Debian's chromium" >&2
+# Chromium, and the font the page asks for first (so screenshots have text on a bare machine).
+if [ ! -x /usr/bin/chromium ] || [ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  echo "chromium.sh: installing Debian's chromium and fonts-dejavu-core" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
 fi
 
 # Reinstall only when the lock file changed.
