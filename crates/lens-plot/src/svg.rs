@@ -44,6 +44,9 @@ pub fn render(grid: &Grid, options: &Options) -> String {
     let per = options.max_columns.max(1);
     let n_layers = grid.layers.len();
     let (width, height) = size(grid.columns.len(), n_layers, per);
+    // Narrow plots: room for the title lines.
+    let text_w = crate::text::width(&grid.subtitle(metric), FONT).max(crate::text::width(&grid.title(), 16.0));
+    let width = width.max(LEFT + text_w.ceil() as u32 + 12);
     let mut s = String::new();
     let _ = write!(
         s,

@@ -32,3 +32,21 @@ fn markup_in_tokens_stays_data() {
     assert!(c[1].is_null() && c[4].is_null(), "{c}");
     assert!(html.contains(r#"<option value="kl" selected>"#));
 }
+
+#[test]
+fn without_tracks_the_chart_uses_the_views() {
+    let run = crate::run("The capital of France is", 5);
+    let plot = lens_plot::Plot { tracks: &[], ..run.plot() };
+    let d = data(&lens_plot::html(&plot, &Options::default()));
+    let col = &d["columns"][1];
+    let tracks = col["tracks"].as_array().expect("tracks");
+    assert_eq!(tracks.len(), 2);
+    assert!(tracks[0]["label"].as_str().expect("label").contains("where in top-k"));
+    // The next token's line is the cells' next-token probability at every layer.
+    for (li, p) in tracks[1]["probs"].as_array().expect("probs").iter().enumerate() {
+        let want = run.views[1].cells[li].next.expect("next").prob;
+        assert!((p.as_f64().expect("prob") - f64::from(want)).abs() < 1e-6 * f64::from(want).max(1e-3));
+    }
+    // The final top-1's line is known at the last layer at least (it is top-1 there).
+    assert!(tracks[0]["probs"][4].is_f64());
+}
