@@ -33,6 +33,8 @@ pub enum Command {
     Fetch,
     /// Measure forward and lens speed (and compare with HF transformers when available).
     Bench(bench::BenchArgs),
+    /// Draw the lens as a heatmap: SVG, PNG or an interactive HTML page.
+    Plot(crate::plot::PlotArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -139,6 +141,7 @@ pub fn run(args: Args) -> Result<()> {
             Ok(())
         }
         Command::Bench(b) => bench::run(b),
+        Command::Plot(p) => crate::plot::run(p),
     }
 }
 
@@ -160,7 +163,7 @@ pub fn load_path(path: &Path, precision: Precision) -> Result<CandleBackend> {
     CandleBackend::load(path, precision).with_context(|| format!("cannot load the model {}", path.display()))
 }
 
-fn read_prompt(p: &PromptArgs) -> Result<String> {
+pub(crate) fn read_prompt(p: &PromptArgs) -> Result<String> {
     let bytes = match (&p.file, p.prompt.as_deref()) {
         (Some(f), _) => std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?,
         (None, Some(s)) if s != "-" => return Ok(s.to_string()),

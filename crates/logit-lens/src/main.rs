@@ -3,6 +3,7 @@
 mod bench;
 mod cli;
 mod layers;
+mod plot;
 mod render;
 mod report;
 

@@ -1,6 +1,7 @@
 //! End-to-end tests of the `logit-lens` binary: real process, real default model.
 
 mod bad_input;
+mod plot;
 mod run;
 
 use std::io::Write;
