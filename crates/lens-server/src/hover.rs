@@ -19,8 +19,7 @@ pub fn escape(text: &str) -> String {
             '\n' => out.push('↵'),
             '\r' => out.push('␍'),
             '\t' => out.push('⇥'),
-            '\\' | '`' | '*' | '_' | '{' | '}' | '[' | ']' | '<' | '>' | '(' | ')' | '#' | '+' | '-' | '.' | '!'
-            | '|' | '~' | '&' => {
+            '\\' | '`' | '*' | '_' | '[' | ']' | '<' | '>' | '|' | '~' | '&' => {
                 out.push('\\');
                 out.push(c);
             }
@@ -94,6 +93,7 @@ mod tests {
     fn escapes_tokens() {
         check(" world", "␣world");
         check("a|b", "a\\|b");
+        check(".-#(", ".-#(");
         check("**x**", "\\*\\*x\\*\\*");
         check("\n\t", "↵⇥");
         check("", "∅");
