@@ -129,12 +129,15 @@ impl PreviousRows {
     }
 }
 
+/// (tokens up to the previous position, number of layers shown).
+type PreviousKey = (Arc<[u32]>, usize);
+
 pub struct Engine {
     backend: Arc<dyn Backend>,
     cache: ActivationCache,
     hovers: DashMap<HoverKey, (u64, Arc<String>)>,
     hover_clock: AtomicU64,
-    previous: DashMap<(Arc<[u32]>, usize), (u64, Arc<PreviousRows>)>,
+    previous: DashMap<PreviousKey, (u64, Arc<PreviousRows>)>,
 }
 
 fn top_k(k: Option<i64>) -> Result<usize, RpcError> {
@@ -304,7 +307,7 @@ impl Engine {
     /// The readout at the last position of `prefix` (whose states are the first positions of
     /// `states`), cached per prefix and layer stride.
     fn previous_rows(&self, states: &HiddenStates, prefix: &[u32], layers: &[usize], stamp: u64) -> Result<Arc<PreviousRows>, RpcError> {
-        let key: (Arc<[u32]>, usize) = (prefix.into(), layers.len());
+        let key: PreviousKey = (prefix.into(), layers.len());
         if let Some(mut hit) = self.previous.get_mut(&key) {
             hit.0 = stamp;
             return Ok(hit.1.clone());
