@@ -129,8 +129,8 @@ impl PreviousRows {
     }
 }
 
-/// (tokens up to the previous position, number of layers shown).
-type PreviousKey = (Arc<[u32]>, usize);
+/// (tokens up to the previous position, the layers shown).
+type PreviousKey = (Arc<[u32]>, Vec<usize>);
 
 pub struct Engine {
     backend: Arc<dyn Backend>,
@@ -305,9 +305,9 @@ impl Engine {
     }
 
     /// The readout at the last position of `prefix` (whose states are the first positions of
-    /// `states`), cached per prefix and layer stride.
+    /// `states`), cached per prefix and layers.
     fn previous_rows(&self, states: &HiddenStates, prefix: &[u32], layers: &[usize], stamp: u64) -> Result<Arc<PreviousRows>, RpcError> {
-        let key: PreviousKey = (prefix.into(), layers.len());
+        let key: PreviousKey = (prefix.into(), layers.to_vec());
         if let Some(mut hit) = self.previous.get_mut(&key) {
             hit.0 = stamp;
             return Ok(hit.1.clone());
