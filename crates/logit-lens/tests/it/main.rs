@@ -2,7 +2,9 @@
 
 mod bad_input;
 mod plot;
+mod nvim;
 mod run;
+mod serve;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,7 +16,7 @@ pub fn data_dir() -> PathBuf {
 }
 
 /// Fetch the default model once, before any test process needs it.
-fn ensure_model() {
+pub fn ensure_model() {
     static DONE: OnceLock<PathBuf> = OnceLock::new();
     DONE.get_or_init(|| lens_models::ensure_default_model(false).expect("fetch the default model"));
 }

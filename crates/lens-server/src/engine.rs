@@ -1,0 +1,382 @@
+//! The model side of the server: one backend, one activation cache, one hover cache, and the
+//! synchronous operations both doors call (on blocking threads).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use lens_core::{Backend, HiddenStates, Lens, LensKind, Site, Token};
+use serde::Deserialize;
+
+use crate::cache::{ActivationCache, CacheStats, StateBytes};
+use crate::hover;
+use crate::layers::LayerSpec;
+use crate::wire::{self, Report};
+use crate::RpcError;
+
+/// Hover results kept (rendered markdown per tokens × position × options).
+const HOVER_CACHE_ENTRIES: usize = 512;
+
+/// `layers`: a `--layers` spec string or a list of layer numbers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum LayersParam {
+    Spec(String),
+    List(Vec<usize>),
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum LensParam {
+    #[default]
+    Norm,
+    Raw,
+}
+
+impl From<LensParam> for LensKind {
+    fn from(l: LensParam) -> Self {
+        match l {
+            LensParam::Norm => LensKind::Norm,
+            LensParam::Raw => LensKind::Raw,
+        }
+    }
+}
+
+/// `lens/analyze` params.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalyzeParams {
+    pub text: String,
+    #[serde(default)]
+    pub layers: Option<LayersParam>,
+    /// Positions to analyse (negative = from the end); all when absent.
+    #[serde(default)]
+    pub positions: Option<Vec<i64>>,
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub lens: Option<LensParam>,
+}
+
+/// `lens/position` params.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PositionParams {
+    pub text: String,
+    pub position: i64,
+    #[serde(default)]
+    pub layers: Option<LayersParam>,
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub lens: Option<LensParam>,
+}
+
+/// `lens/tokenize` params.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenizeParams {
+    pub text: String,
+}
+
+/// What a hover shows (from the client's `initializationOptions`/settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HoverOptions {
+    pub top_k: usize,
+    pub layer_stride: usize,
+    pub context_tokens: usize,
+}
+
+impl Default for HoverOptions {
+    fn default() -> Self {
+        HoverOptions { top_k: 5, layer_stride: 1, context_tokens: 1024 }
+    }
+}
+
+/// A rendered hover: markdown and the hovered token's byte range in the document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoverOut {
+    pub markdown: String,
+    pub start: usize,
+    pub end: usize,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct HoverKey {
+    ids: Arc<[u32]>,
+    options: HoverOptions,
+}
+
+/// Previous-position rows kept for hovers (each ~6 MB for the default model).
+const PREVIOUS_ROWS_ENTRIES: usize = 4;
+
+/// The lens logits at a hover's previous position, per shown layer, with each row's
+/// log-sum-exp: the probability and rank of whatever token is written next is then a lookup.
+/// While a user types at the end of a line, the previous position stays the same and only
+/// the hovered token changes, so this halves the readout work of such hovers.
+struct PreviousRows {
+    vocab: usize,
+    logits: Vec<f32>,
+    lse: Vec<f64>,
+}
+
+impl PreviousRows {
+    /// (probability, 0-based rank) of token `id` in row `i`.
+    fn written(&self, i: usize, id: u32) -> Option<(f32, usize)> {
+        let row = self.logits.get(i * self.vocab..(i + 1) * self.vocab)?;
+        let x = *row.get(id as usize)?;
+        let rank = row.iter().filter(|&&v| v > x).count();
+        Some(((f64::from(x) - self.lse.get(i)?).exp() as f32, rank))
+    }
+}
+
+/// (tokens up to the previous position, the layers shown).
+type PreviousKey = (Arc<[u32]>, Vec<usize>);
+
+pub struct Engine {
+    backend: Arc<dyn Backend>,
+    cache: ActivationCache,
+    hovers: DashMap<HoverKey, (u64, Arc<String>)>,
+    hover_clock: AtomicU64,
+    previous: DashMap<PreviousKey, (u64, Arc<PreviousRows>)>,
+}
+
+fn top_k(k: Option<i64>) -> Result<usize, RpcError> {
+    match k {
+        None => Ok(5),
+        Some(k @ 1..=100) => Ok(k as usize),
+        Some(k) => Err(RpcError::invalid_params(format!("topK must be 1..=100, got {k}"))),
+    }
+}
+
+impl Engine {
+    pub fn new(backend: Arc<dyn Backend>, budget_bytes: usize, state_bytes: StateBytes) -> Self {
+        Engine {
+            backend,
+            cache: ActivationCache::new(budget_bytes, state_bytes),
+            hovers: DashMap::new(),
+            hover_clock: AtomicU64::new(0),
+            previous: DashMap::new(),
+        }
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// Hidden states of `ids`, cached.
+    pub fn states(&self, ids: &[u32]) -> Result<Arc<HiddenStates>, RpcError> {
+        self.cache.get(&*self.backend, ids).map_err(|e| RpcError::from(&*e))
+    }
+
+    pub fn tokenize(&self, text: &str) -> Result<Vec<Token>, RpcError> {
+        Ok(self.backend.tokenize(text)?)
+    }
+
+    /// Tokenize a prompt for analysis: non-empty and within the model's context.
+    fn prompt(&self, text: &str) -> Result<Vec<Token>, RpcError> {
+        if text.is_empty() {
+            return Err(RpcError::empty_text());
+        }
+        let tokens = self.tokenize(text)?;
+        if tokens.is_empty() {
+            return Err(RpcError::empty_text());
+        }
+        let context = self.backend.info().context_length;
+        if tokens.len() > context {
+            return Err(RpcError::prompt_too_long(tokens.len(), context));
+        }
+        Ok(tokens)
+    }
+
+    fn layers(&self, layers: Option<&LayersParam>) -> Result<Vec<usize>, RpcError> {
+        let n = self.backend.info().n_layers;
+        let spec = match layers {
+            None => LayerSpec::default(),
+            Some(LayersParam::Spec(s)) => s.parse::<LayerSpec>().map_err(RpcError::invalid_params)?,
+            Some(LayersParam::List(v)) => {
+                let mut v = v.clone();
+                v.sort_unstable();
+                v.dedup();
+                if v.is_empty() {
+                    return Err(RpcError::invalid_params("layers is an empty list"));
+                }
+                LayerSpec::List(v)
+            }
+        };
+        spec.resolve(n).map_err(RpcError::invalid_params)
+    }
+
+    fn report(
+        &self,
+        text: &str,
+        layers: Option<&LayersParam>,
+        positions: Option<&[i64]>,
+        top_k: usize,
+        lens: LensKind,
+    ) -> Result<Report, RpcError> {
+        let tokens = self.prompt(text)?;
+        let layers = self.layers(layers)?;
+        let n = tokens.len() as i64;
+        let positions = match positions {
+            None => None,
+            Some(ps) => {
+                let mut out = Vec::with_capacity(ps.len());
+                for &p in ps {
+                    let idx = if p < 0 { n + p } else { p };
+                    if idx < 0 || idx >= n {
+                        return Err(RpcError::out_of_range(format!("position {p} is outside the text of {n} tokens")));
+                    }
+                    out.push(idx as usize);
+                }
+                out.sort_unstable();
+                out.dedup();
+                Some(out)
+            }
+        };
+        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+        let states = self.states(&ids)?;
+        let lens_view = Lens::new(&*self.backend, &states, lens, top_k);
+        let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
+        let views = match positions {
+            None => lens_view.grid(&sites)?,
+            Some(ps) => lens_view.positions(&ps, &sites)?,
+        };
+        Ok(wire::build(&*self.backend, &tokens, &views, lens, top_k, &layers))
+    }
+
+    /// `lens/analyze`: the same report as `logit-lens run --format json`.
+    pub fn analyze(&self, p: &AnalyzeParams) -> Result<Report, RpcError> {
+        let k = top_k(p.top_k)?;
+        self.report(&p.text, p.layers.as_ref(), p.positions.as_deref(), k, p.lens.unwrap_or_default().into())
+    }
+
+    /// `lens/position`: the report with one position.
+    pub fn position(&self, p: &PositionParams) -> Result<Report, RpcError> {
+        let k = top_k(p.top_k)?;
+        self.report(&p.text, p.layers.as_ref(), Some(&[p.position]), k, p.lens.unwrap_or_default().into())
+    }
+
+    /// The hover at byte `byte` of a document: the token there, with the text before it
+    /// (at most `context_tokens` tokens, oldest dropped) as context. `None` for an empty
+    /// document.
+    pub fn hover(&self, text: &str, byte: usize, options: &HoverOptions) -> Result<Option<HoverOut>, RpcError> {
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let tokens = self.tokenize(text)?;
+        // The last token starting at or before the byte (tokens that split one character
+        // share its range; the later one completes it).
+        let Some(t) = tokens.iter().rposition(|tok| tok.start <= byte).or((!tokens.is_empty()).then_some(0)) else {
+            return Ok(None);
+        };
+        let window = options.context_tokens.clamp(1, self.backend.info().context_length.max(1));
+        let first = (t + 1).saturating_sub(window);
+        let ids: Arc<[u32]> = tokens[first..=t].iter().map(|tok| tok.id).collect();
+        let key = HoverKey { ids: ids.clone(), options: *options };
+        let (start, end) = (tokens[t].start, tokens[t].end);
+        let stamp = self.hover_clock.fetch_add(1, Ordering::Relaxed);
+        if let Some(mut hit) = self.hovers.get_mut(&key) {
+            hit.0 = stamp;
+            return Ok(Some(HoverOut { markdown: String::clone(&hit.1), start, end }));
+        }
+        let states = self.states(&ids)?;
+        let pos = ids.len() - 1;
+        let n = states.n_layers();
+        let layers = LayerSpec::Range { start: None, end: None, step: options.layer_stride.max(1) }
+            .resolve(n)
+            .map_err(RpcError::invalid_params)?;
+        let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
+        let lens = Lens::new(&*self.backend, &states, LensKind::Norm, options.top_k.clamp(1, 100));
+        let here = lens.position(pos, &sites)?;
+        let written = if pos == 0 {
+            None
+        } else {
+            let prev = self.previous_rows(&states, &ids[..pos], &layers, stamp)?;
+            let id = ids[pos];
+            Some((0..layers.len()).map(|i| prev.written(i, id)).collect::<Vec<_>>())
+        };
+        let markdown = hover::markdown(&*self.backend, &tokens[first..=t], t, &here, written.as_deref());
+        self.remember_hover(key, stamp, Arc::new(markdown.clone()));
+        Ok(Some(HoverOut { markdown, start, end }))
+    }
+
+    /// The readout at the last position of `prefix` (whose states are the first positions of
+    /// `states`), cached per prefix and layers.
+    fn previous_rows(&self, states: &HiddenStates, prefix: &[u32], layers: &[usize], stamp: u64) -> Result<Arc<PreviousRows>, RpcError> {
+        let key: PreviousKey = (prefix.into(), layers.to_vec());
+        if let Some(mut hit) = self.previous.get_mut(&key) {
+            hit.0 = stamp;
+            return Ok(hit.1.clone());
+        }
+        let pos = prefix.len() - 1;
+        let hidden = states.hidden_size();
+        let mut rows = Vec::with_capacity(layers.len() * hidden);
+        for &l in layers {
+            let row = states.row(Site::Layer(l), pos).ok_or_else(|| RpcError::internal("a hidden state is missing"))?;
+            rows.extend_from_slice(row);
+        }
+        let logits = self.backend.readout(&rows, LensKind::Norm)?;
+        let vocab = self.backend.info().vocab_size;
+        let lse = logits
+            .chunks(vocab.max(1))
+            .map(|row| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
+                f64::from(max) + sum.ln()
+            })
+            .collect();
+        let value = Arc::new(PreviousRows { vocab, logits, lse });
+        if self.previous.len() >= PREVIOUS_ROWS_ENTRIES {
+            let oldest = self.previous.iter().min_by_key(|e| e.value().0).map(|e| e.key().clone());
+            if let Some(k) = oldest {
+                self.previous.remove(&k);
+            }
+        }
+        self.previous.insert(key, (stamp, value.clone()));
+        Ok(value)
+    }
+
+    fn remember_hover(&self, key: HoverKey, stamp: u64, markdown: Arc<String>) {
+        if self.hovers.len() >= HOVER_CACHE_ENTRIES {
+            let oldest = self.hovers.iter().min_by_key(|e| e.value().0).map(|e| e.key().clone());
+            if let Some(k) = oldest {
+                self.hovers.remove(&k);
+            }
+        }
+        self.hovers.insert(key, (stamp, markdown));
+    }
+
+    /// Inlay hints: the model's next-token prediction after the last token of each line in
+    /// `lines` (byte ranges of line ends). Returns (byte offset of the line end, token text).
+    /// The context is the document's first `context_tokens` tokens.
+    pub fn line_end_predictions(&self, text: &str, line_ends: &[usize], context_tokens: usize) -> Result<Vec<(usize, String)>, RpcError> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tokens = self.tokenize(text)?;
+        let window = context_tokens.clamp(1, self.backend.info().context_length.max(1));
+        let tokens = &tokens[..tokens.len().min(window)];
+        let mut wanted: Vec<(usize, usize)> = Vec::new();
+        for &end in line_ends {
+            if let Some(t) = tokens.iter().rposition(|tok| tok.start < end) {
+                if wanted.last().is_none_or(|w| w.1 != t) {
+                    wanted.push((end, t));
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<u32> = tokens.iter().map(|tok| tok.id).collect();
+        let states = self.states(&ids)?;
+        let last = Site::Layer(states.n_layers());
+        let lens = Lens::new(&*self.backend, &states, LensKind::Norm, 1);
+        let positions: Vec<usize> = wanted.iter().map(|w| w.1).collect();
+        let views = lens.positions(&positions, &[last])?;
+        Ok(wanted.iter().zip(views).map(|((end, _), v)| (*end, self.backend.decode(v.final_top1.id))).collect())
+    }
+}
