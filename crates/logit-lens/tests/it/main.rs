@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod run;
+mod vscode;
 
 use std::io::Write;
 use std::path::PathBuf;
