@@ -13,7 +13,7 @@
 //   LOGIT_LENS_E2E_OUT      where screenshots and result.json go (default out/e2e)
 // Prints one JSON line (`{"ok":true,…}`) last; exits 1 on any failed check.
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -150,6 +150,34 @@ async function waitForFrameText(page: Page, needle: RegExp, timeoutMs: number): 
   }
 }
 
+/** The daemons (`BIN serve --stdio`) in the session of code-server (which runs setsid). */
+function daemonPids(session: number): number[] {
+  const pids: number[] = [];
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const cmd = readFileSync(`/proc/${d}/cmdline`, 'utf8').split('\0');
+      const stat = readFileSync(`/proc/${d}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      if (cmd[0] === BIN && cmd[1] === 'serve' && Number(fields[3]) === session) pids.push(Number(d));
+    } catch {
+      // the process ended meanwhile
+    }
+  }
+  return pids;
+}
+
+async function toast(page: Page, re: RegExp, timeoutMs: number): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const texts = await page.locator('.notifications-toasts .notification-toast').allInnerTexts();
+    const hit = texts.find((t) => re.test(t));
+    if (hit) return hit;
+    if (Date.now() > deadline) throw new Error(`no notification matching ${re}; shown: ${JSON.stringify(texts)}`);
+    await page.waitForTimeout(100);
+  }
+}
+
 async function command(page: Page, title: string): Promise<void> {
   await page.keyboard.press('F1');
   const input = page.locator('.quick-input-widget input');
@@ -175,9 +203,7 @@ async function main(): Promise<void> {
   mkdirSync(ws, { recursive: true });
   const docText = readFileSync(DOC, 'utf8');
   writeFileSync(path.join(ws, 'notes.txt'), docText);
-  writeFileSync(
-    path.join(userData, 'User/settings.json'),
-    JSON.stringify({
+  const settings = {
       'logitLens.serverPath': BIN,
       'editor.hover.delay': 0,
       'editor.hover.sticky': true,
@@ -196,8 +222,8 @@ async function main(): Promise<void> {
       'chat.commandCenter.enabled': false,
       'files.autoSave': 'off',
       'window.dialogStyle': 'custom',
-    }),
-  );
+  };
+  writeFileSync(path.join(userData, 'User/settings.json'), JSON.stringify(settings));
   const entry = path.join(CODE_SERVER, 'out/node/entry.js');
   const common = ['--user-data-dir', userData, '--extensions-dir', extDir];
   log('installing the .vsix');
@@ -328,6 +354,27 @@ async function main(): Promise<void> {
     await page.screenshot({ path: path.join(OUT, 'model-info.png') });
     await page.keyboard.press('Escape');
     result.info = info.split('\n').filter((l) => l.trim() !== '');
+
+    // 5. The daemon crashes (killed by its id): the extension says so, restarts it, hovers work.
+    const daemons = daemonPids(server.pid ?? -1);
+    check(daemons.length === 1, `one daemon process in code-server's session, found ${JSON.stringify(daemons)}`);
+    process.kill(daemons[0] ?? -1, 'SIGKILL');
+    await toast(page, /daemon stopped; restarting it \(1 of 3\)/, 20000);
+    await page.locator('.statusbar-item', { hasText: /· ready/ }).first().waitFor({ timeout: 60000 });
+    check(daemonPids(server.pid ?? -1).length === 1, 'a new daemon runs');
+    box = await wordBox(page, HOVER_WORD);
+    await page.mouse.move(5, 450);
+    await page.mouse.move(box.x, box.y);
+    checkHover(await readHover(page, 30000), cliPosition(text, text.lastIndexOf(HOVER_WORD) + 2, 5), 'hover after the restart');
+    await page.screenshot({ path: path.join(OUT, 'restarted.png') });
+    log('daemon killed, restarted, hovers again');
+
+    // 6. A wrong server path: a clear error with the fix, and the status says so.
+    writeFileSync(path.join(userData, 'User/settings.json'), JSON.stringify({ ...settings, 'logitLens.serverPath': '/nonexistent/logit-lens' }));
+    await toast(page, /not an executable file.*Set logitLens\.serverPath/s, 30000);
+    await page.locator('.statusbar-item', { hasText: /no server/ }).first().waitFor({ timeout: 10000 });
+    await page.screenshot({ path: path.join(OUT, 'no-server.png') });
+    log('wrong serverPath reported');
     result.ok = true;
   } catch (err) {
     result.error = err instanceof Error ? err.message : String(err);
