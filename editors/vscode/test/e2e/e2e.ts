@@ -76,30 +76,47 @@ interface HoverTable {
 
 /** Screen coordinates of the middle of the last occurrence of `word` in the editor. */
 async function wordBox(page: Page, word: string): Promise<{ x: number; y: number }> {
-  const box = await page.evaluate((w) => {
+  for (let i = 0; i < 100; i++) {
+    const box = await findWord(page, word);
+    if (box) return box;
+    await page.waitForTimeout(20); // the line is being re-rendered
+  }
+  const lines = await page.evaluate(() => [...document.querySelectorAll('.monaco-editor .view-lines .view-line')].map((l) => l.innerHTML).slice(-4));
+  throw new Error(`check failed: the word ${word} on screen; last lines: ${JSON.stringify(lines)}`);
+}
+
+async function findWord(page: Page, word: string): Promise<{ x: number; y: number } | undefined> {
+  return page.evaluate((w) => {
     const lines = [...document.querySelectorAll('.monaco-editor .view-lines .view-line')];
     let best: { x: number; y: number } | undefined;
     let bestTop = -Infinity;
     for (const line of lines) {
+      // The line's text may be split over several spans (decorations): map offsets to nodes.
+      const nodes: { node: Node; start: number }[] = [];
+      let all = '';
       const walker = document.createTreeWalker(line, NodeFilter.SHOW_TEXT);
       for (let n = walker.nextNode(); n; n = walker.nextNode()) {
-        const text = n.textContent ?? '';
-        const i = text.lastIndexOf(w);
-        if (i < 0) continue;
-        const r = document.createRange();
-        r.setStart(n, i);
-        r.setEnd(n, i + w.length);
-        const rect = r.getBoundingClientRect();
-        if (rect.top > bestTop) {
-          bestTop = rect.top;
-          best = { x: rect.left + rect.width / 2, y: rect.top + rect.height / 2 };
-        }
+        nodes.push({ node: n, start: all.length });
+        all += n.textContent ?? '';
+      }
+      const i = all.replace(/\u00a0/g, ' ').lastIndexOf(w);
+      if (i < 0) continue;
+      const at = (off: number): [Node, number] => {
+        const e = [...nodes].reverse().find((x) => x.start <= off) ?? nodes[0];
+        return [e?.node ?? line, off - (e?.start ?? 0)];
+      };
+      const r = document.createRange();
+      r.setStart(...at(i));
+      r.setEnd(...at(i + w.length - 1));
+      const rect = r.getBoundingClientRect();
+      if (rect.top > bestTop) {
+        bestTop = rect.top;
+        // the middle of the word (its last letter excluded: the end node may be another span)
+        best = { x: rect.left + rect.width / 2, y: rect.top + rect.height / 2 };
       }
     }
     return best;
   }, word);
-  check(box, `the word ${word} on screen`);
-  return box;
 }
 
 async function readHover(page: Page, timeoutMs: number, differentFrom?: string): Promise<HoverTable> {
@@ -141,7 +158,9 @@ function checkHover(h: HoverTable, ref: { report: RunReport; pos: number }, what
 async function waitForFrameText(page: Page, needle: RegExp, timeoutMs: number): Promise<Frame> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
+    // Webviews are iframes in iframes; the workbench itself (the main frame) does not count.
     for (const f of page.frames()) {
+      if (f === page.mainFrame() || !f.url().includes('webview')) continue;
       const text = await f.evaluate(() => document.body?.innerText ?? '').catch(() => '');
       if (needle.test(text)) return f;
     }
@@ -159,7 +178,7 @@ function daemonPids(session: number): number[] {
       const cmd = readFileSync(`/proc/${d}/cmdline`, 'utf8').split('\0');
       const stat = readFileSync(`/proc/${d}/stat`, 'utf8');
       const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      if (cmd[0] === BIN && cmd[1] === 'serve' && Number(fields[3]) === session) pids.push(Number(d));
+      if (cmd[0] === BIN && cmd.includes('serve') && Number(fields[3]) === session) pids.push(Number(d));
     } catch {
       // the process ended meanwhile
     }
@@ -336,8 +355,9 @@ async function main(): Promise<void> {
     await page.mouse.move(5, 450);
     await page.keyboard.press('Escape');
     await command(page, 'Logit Lens: Show heatmap of the selection or document');
-    const frame = await waitForFrameText(page, /Paris/, 60000);
+    const frame = await waitForFrameText(page, /Paris/, 120000);
     const heat = await frame.evaluate(() => ({ tables: document.querySelectorAll('table').length, svgs: document.querySelectorAll('svg').length, text: document.body.innerText }));
+    check(heat.text.includes('Logit Lens: notes.txt'), `the heatmap panel's heading, in ${JSON.stringify(heat.text.slice(0, 200))}`);
     check(heat.tables + heat.svgs > 0, 'the heatmap has a table or an SVG');
     check(/France/.test(heat.text) && /Jupiter/.test(heat.text), 'the heatmap shows the document tokens');
     await page.waitForTimeout(300);
@@ -370,7 +390,14 @@ async function main(): Promise<void> {
     log('daemon killed, restarted, hovers again');
 
     // 6. A wrong server path: a clear error with the fix, and the status says so.
-    writeFileSync(path.join(userData, 'User/settings.json'), JSON.stringify({ ...settings, 'logitLens.serverPath': '/nonexistent/logit-lens' }));
+    // Edited the way a user does: the settings JSON in the editor, saved.
+    await page.mouse.move(5, 450);
+    await page.keyboard.press('Escape');
+    await command(page, 'Preferences: Open User Settings (JSON)');
+    await page.locator('.monaco-editor .view-lines', { hasText: 'logitLens.serverPath' }).first().waitFor({ timeout: 15000 });
+    await page.keyboard.press('Control+A');
+    await page.keyboard.insertText(JSON.stringify({ ...settings, 'logitLens.serverPath': '/nonexistent/logit-lens' }, null, 1));
+    await page.keyboard.press('Control+S');
     await toast(page, /not an executable file.*Set logitLens\.serverPath/s, 30000);
     await page.locator('.statusbar-item', { hasText: /no server/ }).first().waitFor({ timeout: 10000 });
     await page.screenshot({ path: path.join(OUT, 'no-server.png') });
