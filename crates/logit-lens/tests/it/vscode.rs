@@ -6,6 +6,8 @@
 //! Chromium, code-server in `~/.cache/logit-lens/test-deps/code-server` or
 //! `$LOGIT_LENS_CODE_SERVER`). A missing one fails the test with the command to run.
 
+#![allow(clippy::print_stderr)] // the tests print what they measured
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
@@ -156,6 +158,8 @@ fn vscode_end_to_end_in_code_server() {
         "Chromium is missing at {chromium}: {SETUP}"
     );
     let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vscode-e2e");
+    // The model picker is given the default model's file (the daemon restarts with --model).
+    let model = lens_models::ensure_default_model(false).expect("the default model");
     let (ok, out) = run(
         &dir,
         "node",
@@ -165,6 +169,7 @@ fn vscode_end_to_end_in_code_server() {
             ("LOGIT_LENS_CODE_SERVER", &code_server.to_string_lossy()),
             ("LOGIT_LENS_CHROMIUM", &chromium),
             ("LOGIT_LENS_E2E_OUT", &out_dir.to_string_lossy()),
+            ("LOGIT_LENS_E2E_MODEL", &model.to_string_lossy()),
         ],
     );
     let last = out.stdout.lines().last().unwrap_or_default();

@@ -11,6 +11,8 @@
 //   LOGIT_LENS_CHROMIUM     Chromium (default /usr/bin/chromium)
 //   LOGIT_LENS_VSIX         the extension (default dist/logit-lens.vsix)
 //   LOGIT_LENS_E2E_OUT      where screenshots and result.json go (default out/e2e)
+//   LOGIT_LENS_E2E_MODEL    a GGUF file to choose with "Logit Lens: Pick the model" (the
+//                           Rust test passes the default model's)
 // Prints one JSON line (`{"ok":true,…}`) last; exits 1 on any failed check.
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -28,6 +30,7 @@ const CHROMIUM = process.env.LOGIT_LENS_CHROMIUM ?? '/usr/bin/chromium';
 const VSIX = process.env.LOGIT_LENS_VSIX ?? path.join(HERE, 'dist/logit-lens.vsix');
 const OUT = process.env.LOGIT_LENS_E2E_OUT ?? path.join(HERE, 'out/e2e');
 const DOC = path.join(HERE, 'test/e2e/notes.txt');
+const MODEL = process.env.LOGIT_LENS_E2E_MODEL ?? ''; // a GGUF file to pick with the model picker
 const HOVER_WORD = 'Paris'; // the last word of the document
 const ROUNDS = 5;
 
@@ -170,7 +173,7 @@ async function waitForFrameText(page: Page, needle: RegExp, timeoutMs: number): 
 }
 
 /** The daemons (`BIN serve --stdio`) in the session of code-server (which runs setsid). */
-function daemonPids(session: number): number[] {
+function daemonPids(session: number, withArg?: string): number[] {
   const pids: number[] = [];
   for (const d of readdirSync('/proc')) {
     if (!/^\d+$/.test(d)) continue;
@@ -178,7 +181,7 @@ function daemonPids(session: number): number[] {
       const cmd = readFileSync(`/proc/${d}/cmdline`, 'utf8').split('\0');
       const stat = readFileSync(`/proc/${d}/stat`, 'utf8');
       const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      if (cmd[0] === BIN && cmd.includes('serve') && Number(fields[3]) === session) pids.push(Number(d));
+      if (cmd[0] === BIN && cmd.includes('serve') && Number(fields[3]) === session && (withArg === undefined || cmd.includes(withArg))) pids.push(Number(d));
     } catch {
       // the process ended meanwhile
     }
@@ -389,7 +392,28 @@ async function main(): Promise<void> {
     await page.screenshot({ path: path.join(OUT, 'restarted.png') });
     log('daemon killed, restarted, hovers again');
 
-    // 6. A wrong server path: a clear error with the fix, and the status says so.
+    // 6. Pick the model (the default model's GGUF, through VS Code's own open dialog): the
+    // daemon restarts with --model.
+    if (MODEL) {
+      await page.mouse.move(5, 450);
+      await page.keyboard.press('Escape');
+      await command(page, 'Logit Lens: Pick the model');
+      const pathBox = page.locator('.quick-input-widget input');
+      await pathBox.waitFor({ state: 'visible', timeout: 15000 });
+      await pathBox.fill(MODEL);
+      await page.waitForTimeout(300);
+      await page.keyboard.press('Enter');
+      const until = Date.now() + 60000;
+      while (daemonPids(server.pid ?? -1, MODEL).length !== 1) {
+        check(Date.now() < until, `a daemon started with --model ${MODEL}`);
+        await page.waitForTimeout(200);
+      }
+      await page.locator('.statusbar-item', { hasText: /Smollm2.*· ready/i }).first().waitFor({ timeout: 60000 });
+      log('model picked: the daemon runs with --model');
+      result.pickedModel = MODEL;
+    }
+
+    // 7. A wrong server path: a clear error with the fix, and the status says so.
     // Edited the way a user does: the settings JSON in the editor, saved.
     await page.mouse.move(5, 450);
     await page.keyboard.press('Escape');
