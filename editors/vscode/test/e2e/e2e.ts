@@ -354,7 +354,24 @@ async function main(): Promise<void> {
     result.statusAfterTyping = (await page.locator('.statusbar-item', { hasText: /· ready/ }).first().innerText()).trim();
     log(`typing -> hover: ${JSON.stringify(result.typingToHoverMs)} ms (median ${String(result.typingToHoverMedianMs)}), ${String(result.documentTokens)} tokens; status ${String(result.statusAfterTyping)}`);
 
-    // 3. The heatmap of the whole document.
+    // 3. Toggle the lens off for this document (no hover, the status says so), then on again.
+    await page.mouse.move(5, 450);
+    await page.keyboard.press('Escape');
+    await command(page, 'Logit Lens: Toggle the lens for this document');
+    await page.locator('.statusbar-item', { hasText: /off here/ }).first().waitFor({ timeout: 10000 });
+    box = await wordBox(page, HOVER_WORD);
+    await page.mouse.move(box.x, box.y);
+    const off = await readHover(page, 2000).then(() => 'a hover', () => 'none');
+    check(off === 'none', 'no lens hover on a document toggled off');
+    await page.mouse.move(5, 450);
+    await page.keyboard.press('Escape');
+    await command(page, 'Logit Lens: Toggle the lens for this document');
+    await page.locator('.statusbar-item', { hasText: /· ready/ }).filter({ hasNotText: /off here/ }).first().waitFor({ timeout: 10000 });
+    await page.mouse.move(box.x, box.y);
+    checkHover(await readHover(page, 30000), cliPosition(text, text.lastIndexOf(HOVER_WORD) + 2, 5), 'hover after toggling back on');
+    log('toggle off and on');
+
+    // 4. The heatmap of the whole document.
     await page.mouse.move(5, 450);
     await page.keyboard.press('Escape');
     await command(page, 'Logit Lens: Show heatmap of the selection or document');
@@ -368,7 +385,7 @@ async function main(): Promise<void> {
     result.heatmap = heat.tables > 0 ? 'table' : 'svg';
     log(`heatmap: ${String(result.heatmap)}`);
 
-    // 4. The status bar item opens the model info and cache statistics.
+    // 5. The status bar item opens the model info and cache statistics.
     await page.locator('.statusbar-item', { hasText: /· ready/ }).first().click();
     const dialog = page.locator('.monaco-dialog-box');
     await dialog.waitFor({ timeout: 15000 });
@@ -378,7 +395,7 @@ async function main(): Promise<void> {
     await page.keyboard.press('Escape');
     result.info = info.split('\n').filter((l) => l.trim() !== '');
 
-    // 5. The daemon crashes (killed by its id): the extension says so, restarts it, hovers work.
+    // 6. The daemon crashes (killed by its id): the extension says so, restarts it, hovers work.
     const daemons = daemonPids(server.pid ?? -1);
     check(daemons.length === 1, `one daemon process in code-server's session, found ${JSON.stringify(daemons)}`);
     process.kill(daemons[0] ?? -1, 'SIGKILL');
@@ -392,7 +409,7 @@ async function main(): Promise<void> {
     await page.screenshot({ path: path.join(OUT, 'restarted.png') });
     log('daemon killed, restarted, hovers again');
 
-    // 6. Pick the model (the default model's GGUF, through VS Code's own open dialog): the
+    // 7. Pick the model (the default model's GGUF, through VS Code's own open dialog): the
     // daemon restarts with --model.
     if (MODEL) {
       await page.mouse.move(5, 450);
@@ -413,7 +430,7 @@ async function main(): Promise<void> {
       result.pickedModel = MODEL;
     }
 
-    // 7. A wrong server path: a clear error with the fix, and the status says so.
+    // 8. A wrong server path: a clear error with the fix, and the status says so.
     // Edited the way a user does: the settings JSON in the editor, saved.
     await page.mouse.move(5, 450);
     await page.keyboard.press('Escape');
