@@ -43,7 +43,8 @@ const exited = new Promise<number | null>((resolve) => {
     child.on('exit', (code) => resolve(code));
     conn = createProtocolConnection(new StreamMessageReader(child.stdout), new StreamMessageWriter(child.stdin));
     conn.listen();
-    init = await conn.sendRequest(InitializeRequest.type, {
+    const died = new Promise<never>((_, reject) => child.on('exit', (code) => reject(new Error(`the daemon exited (${code}) before initialize answered:\n${stderr}`))));
+    init = await Promise.race([died, conn.sendRequest(InitializeRequest.type, {
       processId: process.pid,
       rootUri: null,
       capabilities: {
@@ -51,7 +52,7 @@ const exited = new Promise<number | null>((resolve) => {
         textDocument: { hover: { contentFormat: ['markdown', 'plaintext'] }, synchronization: { dynamicRegistration: false } },
       },
       initializationOptions: { topK: 3, layerStride: 1, contextTokens: 1024, inlayHints: false },
-    });
+    })]);
     await conn.sendNotification(InitializedNotification.type, {});
   });
 });
@@ -178,8 +179,34 @@ test('lens/analyze is identical to the CLI report', async () => {
   const got = await conn.sendRequest('lens/analyze', { text: TEXT1, topK: 3, layers: '0..30:10', positions: [3, 8] });
   const want = cli(TEXT1, ['--top-k', '3', '--layers', '0..30:10']);
   want.positions = want.positions.filter((p) => p.position === 3 || p.position === 8);
-  assert.deepEqual(got, want);
+  assertClose(got, want, '$');
 });
+
+/**
+ * Deep equality, numbers within 1e-4 (relative, or absolute below 1e-6): the daemon may reuse
+ * cached hidden states of a shared prefix, which can move the last bits of a float. Integers
+ * (ids, ranks, layers) must match exactly.
+ */
+function assertClose(got: unknown, want: unknown, at: string): void {
+  if (typeof want === 'number' && typeof got === 'number') {
+    if (Number.isInteger(want) && Number.isInteger(got) && Math.abs(want) > 1) assert.equal(got, want, at);
+    else assert.ok(Math.abs(got - want) <= Math.max(1e-6, 1e-4 * Math.abs(want)), `${at}: ${got} vs ${want}`);
+    return;
+  }
+  if (Array.isArray(want)) {
+    assert.ok(Array.isArray(got), `${at}: an array`);
+    assert.equal(got.length, want.length, `${at}: length`);
+    want.forEach((w, i) => assertClose(got[i], w, `${at}[${i}]`));
+    return;
+  }
+  if (want && typeof want === 'object') {
+    assert.ok(got && typeof got === 'object', `${at}: an object`);
+    assert.deepEqual(Object.keys(got).sort(), Object.keys(want).sort(), `${at}: keys`);
+    for (const [k, w] of Object.entries(want)) assertClose((got as Record<string, unknown>)[k], w, `${at}.${k}`);
+    return;
+  }
+  assert.equal(got, want, at);
+}
 
 test('lens/cacheStats counts', async () => {
   const s = await conn.sendRequest<Record<string, number>>('lens/cacheStats', {});
