@@ -20,7 +20,7 @@ import {
 } from 'vscode-languageclient/node';
 import { assessServer, findServer, type ProbeResult } from './discovery';
 import { heatmapPage, infoDetail, reportToHtmlTable, statusText, type CacheStats, type DaemonState, type ModelInfo, type RunReport } from './render';
-import { isLensEnabled, RESTART_KEYS, serverArgs, toServerOptions, validateSettings, type LensSettings } from './settings';
+import { isLensEnabled, needsRestart, serverArgs, toServerOptions, validateSettings, type LensSettings } from './settings';
 
 const MAX_RESTARTS = 3;
 const RESTART_WINDOW_MS = 3 * 60 * 1000;
@@ -255,8 +255,8 @@ class Lens implements vscode.Disposable {
     if (!e.affectsConfiguration('logitLens')) return;
     const before = this.settings;
     this.settings = this.readSettings();
-    if (RESTART_KEYS.some((k) => before[k] !== this.settings[k])) {
-      this.output.info('serverPath or model changed: restarting the daemon');
+    if (needsRestart(before, this.settings)) {
+      this.output.info('serverPath, model or inlayHints changed: restarting the daemon');
       await this.restart();
       return;
     }

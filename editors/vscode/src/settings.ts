@@ -101,5 +101,13 @@ export function isLensEnabled(languageId: string, enabledLanguages: readonly str
   return enabledLanguages.includes('*') || enabledLanguages.includes(languageId);
 }
 
-/** Settings whose change needs a new daemon process (the others are sent to the running one). */
-export const RESTART_KEYS = ['serverPath', 'model'] as const;
+/**
+ * Settings whose change needs a new daemon process (the others are sent to the running one):
+ * the binary, the model, and inlay hints (the daemon declares that capability at initialize).
+ */
+export const RESTART_KEYS = ['serverPath', 'model', 'inlayHints'] as const;
+
+/** Whether going from `before` to `after` needs a new daemon process. */
+export function needsRestart(before: LensSettings, after: LensSettings): boolean {
+  return RESTART_KEYS.some((k) => before[k] !== after[k]);
+}

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { DEFAULTS, isLensEnabled, serverArgs, toServerOptions, validateSettings } from '../../src/settings';
+import { DEFAULTS, isLensEnabled, needsRestart, serverArgs, toServerOptions, validateSettings } from '../../src/settings';
 
 function check(raw: Record<string, unknown>, expect: { settings?: Partial<typeof DEFAULTS>; problems?: RegExp[] }) {
   const { settings, problems } = validateSettings(raw);
@@ -46,4 +46,16 @@ test('which documents get the lens', () => {
     ['plaintext', [], undefined, false],
   ];
   for (const [lang, list, override, want] of cases) assert.equal(isLensEnabled(lang, list, override), want, `${lang} ${JSON.stringify(list)} ${override}`);
+});
+
+test('what restarts the daemon', () => {
+  const cases: [Partial<typeof DEFAULTS>, boolean][] = [
+    [{}, false],
+    [{ topK: 9 }, false],
+    [{ layerStride: 2, contextTokens: 64, enabledLanguages: ['*'] }, false],
+    [{ model: '/m.gguf' }, true],
+    [{ serverPath: '/bin/ll' }, true],
+    [{ inlayHints: true }, true],
+  ];
+  for (const [change, want] of cases) assert.equal(needsRestart(DEFAULTS, { ...DEFAULTS, ...change }), want, JSON.stringify(change));
 });
