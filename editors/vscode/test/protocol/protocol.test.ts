@@ -61,8 +61,13 @@ after(async () => {
   if (!conn) return;
   await conn.sendRequest(ShutdownRequest.type);
   await conn.sendNotification(ExitNotification.type);
-  const code = await Promise.race([exited, new Promise((r) => setTimeout(() => r('timeout'), 10000))]);
+  // As vscode-languageclient does: after `exit`, the connection ends and stdin closes.
   conn.dispose();
+  child.stdin.end();
+  let timer: NodeJS.Timeout | undefined;
+  const code = await Promise.race([exited, new Promise((r) => (timer = setTimeout(() => r('timeout'), 10000)))]);
+  clearTimeout(timer);
+  if (code === 'timeout') child.kill('SIGKILL');
   assert.equal(code, 0, `the daemon should exit 0 after shutdown+exit; stderr:\n${stderr}`);
   assert.ok(!stderr.includes('panicked'), stderr);
 });
