@@ -321,6 +321,7 @@ async function main(): Promise<void> {
     // Each round types a few characters at the end of "is" (so "is" -> "is, " / … ) and measures
     // the time from the last keystroke to the new hover under the mouse.
     const latencies: number[] = [];
+    const mouseLatencies: number[] = [];
     let prev = h1;
     let text = docText;
     const insertions = [' in fact', ' still', ' surely', ' now', ' again'];
@@ -338,10 +339,12 @@ async function main(): Promise<void> {
       const at = text.lastIndexOf(` ${HOVER_WORD}`);
       text = text.slice(0, at) + ins + text.slice(at);
       box = await wordBox(page, HOVER_WORD);
+      const tMouse = performance.now();
       await page.mouse.move(box.x, box.y);
       const h = await readHover(page, 30000, prev.text);
       const ms = performance.now() - tTyped;
       latencies.push(ms);
+      mouseLatencies.push(performance.now() - tMouse);
       checkHover(h, cliPosition(text, text.lastIndexOf(HOVER_WORD) + 2, 5), `hover after typing ${JSON.stringify(ins)}`);
       check(h.text !== prev.text, 'the hover changed');
       if (round === 0) await page.screenshot({ path: path.join(OUT, 'hover-after-typing.png') });
@@ -350,9 +353,10 @@ async function main(): Promise<void> {
     const sorted = [...latencies].sort((a, b) => a - b);
     result.typingToHoverMs = latencies.map((x) => Math.round(x));
     result.typingToHoverMedianMs = Math.round(sorted[Math.floor(sorted.length / 2)] ?? NaN);
+    result.mouseToHoverMs = mouseLatencies.map((x) => Math.round(x));
     result.documentTokens = cliPosition(text, 0, 1).report.tokens.length;
     result.statusAfterTyping = (await page.locator('.statusbar-item', { hasText: /· ready/ }).first().innerText()).trim();
-    log(`typing -> hover: ${JSON.stringify(result.typingToHoverMs)} ms (median ${String(result.typingToHoverMedianMs)}), ${String(result.documentTokens)} tokens; status ${String(result.statusAfterTyping)}`);
+    log(`typing -> hover: ${JSON.stringify(result.typingToHoverMs)} ms (median ${String(result.typingToHoverMedianMs)}; mouse on the word -> hover ${JSON.stringify(result.mouseToHoverMs)}), ${String(result.documentTokens)} tokens; status ${String(result.statusAfterTyping)}`);
 
     // 3. Toggle the lens off for this document (no hover, the status says so), then on again.
     await page.mouse.move(5, 450);
@@ -417,8 +421,16 @@ async function main(): Promise<void> {
       await command(page, 'Logit Lens: Pick the model');
       const pathBox = page.locator('.quick-input-widget input');
       await pathBox.waitFor({ state: 'visible', timeout: 15000 });
+      // The dialog first fills in its start folder; type the file's path once it has.
+      const ready = Date.now() + 15000;
+      while ((await pathBox.inputValue()) === '') {
+        check(Date.now() < ready, 'the open dialog shows its start folder');
+        await page.waitForTimeout(100);
+      }
+      await page.waitForTimeout(300);
       await pathBox.fill(MODEL);
       await page.waitForTimeout(300);
+      check((await pathBox.inputValue()) === MODEL, `the open dialog holds the model path, not ${await pathBox.inputValue()}`);
       await page.keyboard.press('Enter');
       const until = Date.now() + 60000;
       while (daemonPids(server.pid ?? -1, MODEL).length !== 1) {

@@ -25,6 +25,8 @@ import {
   type MarkupContent,
   type InitializeResult,
 } from 'vscode-languageserver-protocol/node';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import type { RunReport } from '../../src/render';
 
 const BIN = process.env.LOGIT_LENS_BIN;
@@ -166,6 +168,36 @@ test('typing changes the hover (incremental sync)', async () => {
   const row = rows(md)[0];
   for (const t of last.top) if (visible(t.text) !== '') assert.ok(row?.[1]?.includes(visible(t.text)), `${JSON.stringify(t.text)} in ${JSON.stringify(row)}`);
   console.log(JSON.stringify({ metric: 'protocol_change_to_hover_ms', value: Math.round(ms) }));
+});
+
+test('typing near the end of a ~260-token document, then hovering: the daemon-side latency', async () => {
+  const doc = readFileSync(join(__dirname, '../../../test/e2e/notes.txt'), 'utf8');
+  const uri = 'file:///tmp/logit-lens-protocol/long.txt';
+  await conn.sendNotification(DidOpenTextDocumentNotification.type, { textDocument: { uri, languageId: 'plaintext', version: 1, text: doc } });
+  const lines = doc.split('\n');
+  const line = lines.length - 2; // "The capital of France is Paris"
+  const lineText = lines[line] ?? '';
+  let col = lineText.lastIndexOf(' Paris');
+  const hoverAt = () => ({ textDocument: { uri }, position: { line, character: col + 3 } });
+  assert.equal(rows(markdown(await conn.sendRequest(HoverRequest.type, hoverAt()))).length, 31);
+  const ms: number[] = [];
+  for (let version = 2; version < 7; version++) {
+    const t0 = performance.now();
+    for (const ch of ' now') {
+      // one change per keystroke, as an editor sends them
+      await conn.sendNotification(DidChangeTextDocumentNotification.type, {
+        textDocument: { uri, version },
+        contentChanges: [{ range: { start: { line, character: col }, end: { line, character: col } }, text: ch }],
+      });
+      col += 1;
+    }
+    const md = markdown(await conn.sendRequest(HoverRequest.type, hoverAt()));
+    ms.push(performance.now() - t0);
+    assert.match(md, /Paris/);
+    assert.equal(rows(md).length, 31);
+  }
+  const sorted = [...ms].sort((a, b) => a - b);
+  console.log(JSON.stringify({ metric: 'protocol_typing_to_hover_ms_260_tokens', values: ms.map(Math.round), median: Math.round(sorted[2] ?? NaN) }));
 });
 
 test('settings change: layerStride 10 keeps layers 30, 20, 10, 0', async () => {
