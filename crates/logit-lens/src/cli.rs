@@ -9,7 +9,7 @@ use lens_candle::{CandleBackend, Precision};
 use lens_core::{Backend, CaptureOptions, Lens, LensKind, Site};
 
 use crate::layers::LayerSpec;
-use crate::{bench, render, report};
+use crate::{bench, bench_server, render, report, serve};
 
 #[derive(Parser)]
 #[command(name = "logit-lens", version, about = "See what every layer of a language model predicts")]
@@ -33,6 +33,10 @@ pub enum Command {
     Fetch,
     /// Measure forward and lens speed (and compare with HF transformers when available).
     Bench(bench::BenchArgs),
+    /// Run the daemon: LSP on stdio, or the `lens/*` JSON-RPC methods on a socket.
+    Serve(serve::ServeArgs),
+    /// Measure the daemon's latency (analyze, hover after edits, warm hover) and cache memory.
+    BenchServer(bench_server::BenchServerArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -139,6 +143,8 @@ pub fn run(args: Args) -> Result<()> {
             Ok(())
         }
         Command::Bench(b) => bench::run(b),
+        Command::Serve(s) => serve::run(s),
+        Command::BenchServer(b) => bench_server::run(b),
     }
 }
 

@@ -1,10 +1,12 @@
 //! `logit-lens`: see what every layer of a language model predicts.
 
 mod bench;
+mod bench_server;
 mod cli;
 mod layers;
 mod render;
 mod report;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -12,7 +14,17 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();
-    init_tracing(args.verbose);
+    let log_file = match &args.command {
+        cli::Command::Serve(s) => s.log_file.clone(),
+        _ => None,
+    };
+    if let Err(err) = init_tracing(args.verbose, log_file.as_deref()) {
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!("error: {err:#}");
+        }
+        return ExitCode::FAILURE;
+    }
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -25,8 +37,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr only (stdout carries results), filtered by `LOGIT_LENS_LOG`.
-fn init_tracing(verbose: u8) {
+/// Logs go to stderr only (stdout carries results; for `serve --stdio` it is the LSP channel)
+/// or to `--log-file`, filtered by `LOGIT_LENS_LOG`.
+fn init_tracing(verbose: u8, log_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -34,5 +47,18 @@ fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("LOGIT_LENS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match log_file {
+        None => builder.with_writer(std::io::stderr).init(),
+        Some(path) => {
+            use anyhow::Context;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open the log file {}", path.display()))?;
+            builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
+        }
+    }
+    Ok(())
 }

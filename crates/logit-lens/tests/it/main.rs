@@ -1,7 +1,9 @@
 //! End-to-end tests of the `logit-lens` binary: real process, real default model.
 
 mod bad_input;
+mod nvim;
 mod run;
+mod serve;
 mod vscode;
 
 use std::io::Write;
@@ -14,7 +16,7 @@ pub fn data_dir() -> PathBuf {
 }
 
 /// Fetch the default model once, before any test process needs it.
-fn ensure_model() {
+pub fn ensure_model() {
     static DONE: OnceLock<PathBuf> = OnceLock::new();
     DONE.get_or_init(|| lens_models::ensure_default_model(false).expect("fetch the default model"));
 }

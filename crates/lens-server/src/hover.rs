@@ -1,0 +1,103 @@
+//! The hover's markdown: a heading with the token, then one table row per layer (last layer
+//! first) with the top-k next-token predictions there, and the probability and rank, at the
+//! previous position, of the token actually written here.
+
+use std::fmt::Write;
+
+use lens_core::{Backend, PositionView, Site, Token};
+
+/// Make a token's text visible and inert in markdown: whitespace becomes a visible symbol,
+/// markdown punctuation is backslash-escaped (a `|` would otherwise split a table cell).
+pub fn escape(text: &str) -> String {
+    if text.is_empty() {
+        return "∅".into();
+    }
+    let mut out = String::with_capacity(text.len() + 4);
+    for c in text.chars() {
+        match c {
+            ' ' => out.push('␣'),
+            '\n' => out.push('↵'),
+            '\r' => out.push('␍'),
+            '\t' => out.push('⇥'),
+            '\\' | '`' | '*' | '_' | '{' | '}' | '[' | ']' | '<' | '>' | '(' | ')' | '#' | '+' | '-' | '.' | '!'
+            | '|' | '~' | '&' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn prob(p: f32) -> String {
+    if p >= 0.01 {
+        format!("{p:.2}")
+    } else if p > 0.0 {
+        format!("{p:.0e}")
+    } else {
+        "0".into()
+    }
+}
+
+fn layer_of(site: Site) -> usize {
+    match site {
+        Site::Layer(l) | Site::MidBlock(l) => l,
+    }
+}
+
+/// `context` is the context window (the hovered token last), `index` the hovered token's
+/// index in the whole document; `views` the lens at the previous position (when there is
+/// one) and at the hovered one.
+pub fn markdown(backend: &dyn Backend, context: &[Token], index: usize, views: &[PositionView]) -> String {
+    let mut md = String::new();
+    let Some(here) = views.last() else { return md };
+    let prev = (views.len() == 2).then(|| &views[0]);
+    let token = &context[context.len() - 1];
+    let _ = writeln!(
+        md,
+        "**{}** · token {} · id {} · next: **{}** ({})\n",
+        escape(&token.text),
+        index,
+        token.id,
+        escape(&backend.decode(here.final_top1.id)),
+        prob(here.final_top1.prob),
+    );
+    md.push_str("| layer | top predictions | p(written) | rank(written) |\n|---:|---|---:|---:|\n");
+    for (i, cell) in here.cells.iter().enumerate().rev() {
+        let layer = layer_of(cell.site);
+        let mark = if here.decided_at == Some(layer) { " ◀ decided" } else { "" };
+        let top: Vec<String> =
+            cell.top.iter().map(|p| format!("{} {}", escape(&backend.decode(p.id)), prob(p.prob))).collect();
+        let (pw, rw) = match prev.and_then(|v| v.cells.get(i)).and_then(|c| c.next) {
+            Some(n) => (prob(n.prob), (n.rank + 1).to_string()),
+            None => ("—".into(), "—".into()),
+        };
+        let _ = writeln!(md, "| {layer}{mark} | {} | {pw} | {rw} |", top.join(" · "));
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[track_caller]
+    fn check(text: &str, expect: &str) {
+        assert_eq!(escape(text), expect);
+    }
+
+    #[test]
+    fn escapes_tokens() {
+        check(" world", "␣world");
+        check("a|b", "a\\|b");
+        check("**x**", "\\*\\*x\\*\\*");
+        check("\n\t", "↵⇥");
+        check("", "∅");
+        check("gęślą", "gęślą");
+        check("\u{1}", "\\u{1}");
+    }
+}

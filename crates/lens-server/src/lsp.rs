@@ -1,0 +1,393 @@
+//! The LSP door (stdio), on tower-lsp: document sync (incremental), hover, opt-in inlay
+//! hints, and the `lens/*` methods as custom requests.
+//!
+//! Responsiveness: every model call runs on a blocking thread; `$/cancelRequest` is handled
+//! by tower-lsp (the request's future is dropped and answered -32800). A hover first waits
+//! until its document has been quiet for [`SETTLE`] (a burst of edits costs one forward
+//! pass), and is answered -32801 ContentModified when the document changed meanwhile.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use serde::Deserialize;
+use serde_json::Value;
+use tower_lsp::jsonrpc::Result as LspResult;
+use tower_lsp::lsp_types::*;
+use tower_lsp::{Client, LanguageServer, LspService};
+
+use crate::engine::{HoverOptions, HoverOut};
+use crate::text::{self, Encoding};
+use crate::{rpc, Engine, RpcError};
+
+/// How long a document must be unchanged before a hover runs the model.
+pub const SETTLE: Duration = Duration::from_millis(50);
+
+/// `initializationOptions` and `settings.logitLens`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Config {
+    pub top_k: usize,
+    pub layer_stride: usize,
+    pub context_tokens: usize,
+    pub inlay_hints: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { top_k: 5, layer_stride: 1, context_tokens: 1024, inlay_hints: false }
+    }
+}
+
+impl Config {
+    fn from_json(v: &Value) -> Result<Config, String> {
+        let c: Config = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+        if !(1..=100).contains(&c.top_k) || c.layer_stride == 0 || c.context_tokens == 0 {
+            return Err("topK must be 1..=100, layerStride and contextTokens at least 1".into());
+        }
+        Ok(c)
+    }
+
+    fn hover(&self) -> HoverOptions {
+        HoverOptions { top_k: self.top_k, layer_stride: self.layer_stride, context_tokens: self.context_tokens }
+    }
+}
+
+#[derive(Clone)]
+struct Doc {
+    text: Arc<str>,
+    /// Bumped on every change (the client's `version` is not trusted to be monotonic).
+    generation: u64,
+    changed: Instant,
+}
+
+pub struct LensLsp {
+    client: Client,
+    engine: Arc<Engine>,
+    docs: DashMap<Url, Doc>,
+    encoding: RwLock<Encoding>,
+    config: RwLock<Config>,
+}
+
+/// Build the LSP service (for `tower_lsp::Server`).
+pub fn service(engine: Arc<Engine>) -> (LspService<LensLsp>, tower_lsp::ClientSocket) {
+    let mut b = LspService::build(|client| LensLsp {
+        client,
+        engine,
+        docs: DashMap::new(),
+        encoding: RwLock::new(Encoding::Utf16),
+        config: RwLock::new(Config::default()),
+    });
+    b = b
+        .custom_method("lens/analyze", LensLsp::analyze)
+        .custom_method("lens/position", LensLsp::position)
+        .custom_method("lens/tokenize", LensLsp::tokenize)
+        .custom_method("lens/modelInfo", LensLsp::model_info)
+        .custom_method("lens/cacheStats", LensLsp::cache_stats);
+    b.finish()
+}
+
+/// Serve LSP on stdin/stdout. Messages pass through a guard first: tower-lsp stops reading
+/// its input after the first undecodable message, so malformed JSON (-32700), invalid UTF-8
+/// (-32700) and broken envelopes (-32600) are answered here and never reach it.
+pub async fn serve_stdio(engine: Arc<Engine>) {
+    serve_guarded(engine, tokio::io::stdin(), tokio::io::stdout()).await;
+}
+
+pub async fn serve_guarded<R, W>(engine: Arc<Engine>, input: R, output: W)
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::{AsyncWriteExt, BufReader};
+    let (service, socket) = service(engine);
+    let (to_lsp, lsp_in) = tokio::io::duplex(1 << 20);
+    let (lsp_out, from_lsp) = tokio::io::duplex(1 << 20);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    // Everything written to stdout goes through one task, a whole frame at a time.
+    let writer = tokio::spawn(async move {
+        let mut output = output;
+        while let Some(frame) = rx.recv().await {
+            if output.write_all(&frame).await.is_err() || output.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    let tx_lsp = tx.clone();
+    let relay = tokio::spawn(async move {
+        let mut from_lsp = BufReader::new(from_lsp);
+        while let Ok(Some(body)) = rpc::read_message(&mut from_lsp).await {
+            let mut frame = format!("Content-Length: {}\r\n\r\n", body.len()).into_bytes();
+            frame.extend_from_slice(&body);
+            if tx_lsp.send(frame).is_err() {
+                break;
+            }
+        }
+    });
+    let tx_guard = tx.clone();
+    let guard = tokio::spawn(async move {
+        let mut input = BufReader::new(input);
+        let mut to_lsp = to_lsp;
+        loop {
+            match rpc::read_message(&mut input).await {
+                Ok(Some(body)) => match rpc::validate(&body) {
+                    Ok(envelope) => {
+                        let exit = envelope.method.as_deref() == Some("exit");
+                        let mut frame = format!("Content-Length: {}\r\n\r\n", body.len()).into_bytes();
+                        frame.extend_from_slice(&body);
+                        if to_lsp.write_all(&frame).await.is_err() || exit {
+                            break;
+                        }
+                    }
+                    Err((id, e)) => {
+                        tracing::warn!("bad message: {e}");
+                        let _ = tx_guard.send(rpc::frame(&rpc::response(id, Err(e))));
+                    }
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("cannot read the LSP stream: {e}");
+                    let _ = tx_guard.send(rpc::frame(&rpc::response(Value::Null, Err(RpcError::parse(e)))));
+                    break;
+                }
+            }
+        }
+        // Closing tower-lsp's input ends the session.
+        let _ = to_lsp.shutdown().await;
+    });
+    drop(tx);
+    tower_lsp::Server::new(lsp_in, lsp_out, socket).serve(service).await;
+    guard.abort();
+    let _ = relay.await;
+    let _ = writer.await;
+}
+
+impl LensLsp {
+    fn encoding(&self) -> Encoding {
+        self.encoding.read().map(|e| *e).unwrap_or_default()
+    }
+
+    fn config(&self) -> Config {
+        self.config.read().map(|c| *c).unwrap_or_default()
+    }
+
+    fn doc(&self, uri: &Url) -> Result<Doc, RpcError> {
+        self.docs.get(uri).map(|d| d.clone()).ok_or_else(|| RpcError::document_not_open(uri.as_str()))
+    }
+
+    async fn custom(&self, method: &str, params: Value) -> LspResult<Value> {
+        rpc::call(self.engine.clone(), method, params).await.map_err(|e| e.to_lsp())
+    }
+    async fn analyze(&self, params: Value) -> LspResult<Value> {
+        self.custom("lens/analyze", params).await
+    }
+    async fn position(&self, params: Value) -> LspResult<Value> {
+        self.custom("lens/position", params).await
+    }
+    async fn tokenize(&self, params: Value) -> LspResult<Value> {
+        self.custom("lens/tokenize", params).await
+    }
+    async fn model_info(&self, params: Value) -> LspResult<Value> {
+        self.custom("lens/modelInfo", params).await
+    }
+    async fn cache_stats(&self, params: Value) -> LspResult<Value> {
+        self.custom("lens/cacheStats", params).await
+    }
+
+    /// Wait until the document has been quiet for [`SETTLE`]; fail if it changed after the
+    /// request arrived.
+    async fn settle(&self, uri: &Url, generation: u64) -> Result<Doc, RpcError> {
+        loop {
+            let doc = self.doc(uri)?;
+            if doc.generation != generation {
+                return Err(RpcError::content_modified());
+            }
+            let quiet = doc.changed.elapsed();
+            if quiet >= SETTLE {
+                return Ok(doc);
+            }
+            tokio::time::sleep(SETTLE - quiet).await;
+        }
+    }
+
+    async fn hover_impl(&self, params: HoverParams) -> Result<Option<Hover>, RpcError> {
+        let uri = params.text_document_position_params.text_document.uri;
+        let pos = params.text_document_position_params.position;
+        let enc = self.encoding();
+        let doc = self.doc(&uri)?;
+        let doc = self.settle(&uri, doc.generation).await?;
+        let byte = text::offset(&doc.text, pos.line, pos.character, enc).ok_or_else(|| {
+            RpcError::out_of_range(format!("position {}:{} is outside the document", pos.line, pos.character))
+        })?;
+        let engine = self.engine.clone();
+        let options = self.config().hover();
+        let t = doc.text.clone();
+        let out: Option<HoverOut> = tokio::task::spawn_blocking(move || engine.hover(&t, byte, &options))
+            .await
+            .map_err(|e| RpcError::internal(format!("worker failed: {e}")))??;
+        if self.doc(&uri)?.generation != doc.generation {
+            return Err(RpcError::content_modified());
+        }
+        Ok(out.map(|h| {
+            let text = &*doc.text;
+            let end = text::ceil_boundary(text, h.end);
+            Hover {
+                contents: HoverContents::Markup(MarkupContent { kind: MarkupKind::Markdown, value: h.markdown }),
+                range: Some(Range { start: lsp_pos(text, h.start, enc), end: lsp_pos(text, end, enc) }),
+            }
+        }))
+    }
+
+    async fn inlay_impl(&self, params: InlayHintParams) -> Result<Option<Vec<InlayHint>>, RpcError> {
+        let config = self.config();
+        if !config.inlay_hints {
+            return Ok(None);
+        }
+        let uri = params.text_document.uri;
+        let doc = self.doc(&uri)?;
+        let doc = self.settle(&uri, doc.generation).await?;
+        let enc = self.encoding();
+        let text = doc.text.clone();
+        // Line ends (byte offsets) of the requested lines.
+        let mut ends = Vec::new();
+        let mut start = 0;
+        for (line, l) in text.split('\n').enumerate() {
+            let line = line as u32;
+            let end = start + l.trim_end_matches('\r').len();
+            if line >= params.range.start.line && line <= params.range.end.line && !l.trim().is_empty() {
+                ends.push(end);
+            }
+            start += l.len() + 1;
+        }
+        let engine = self.engine.clone();
+        let context = config.context_tokens;
+        let t = text.clone();
+        let hints = tokio::task::spawn_blocking(move || engine.line_end_predictions(&t, &ends, context))
+            .await
+            .map_err(|e| RpcError::internal(format!("worker failed: {e}")))??;
+        if self.doc(&uri)?.generation != doc.generation {
+            return Err(RpcError::content_modified());
+        }
+        Ok(Some(
+            hints
+                .into_iter()
+                .map(|(end, token)| InlayHint {
+                    position: lsp_pos(&text, end, enc),
+                    label: InlayHintLabel::String(format!("→ {}", token.replace('\n', "↵"))),
+                    kind: None,
+                    text_edits: None,
+                    tooltip: Some(InlayHintTooltip::String("logit lens: the model's next-token prediction".into())),
+                    padding_left: Some(true),
+                    padding_right: None,
+                    data: None,
+                })
+                .collect(),
+        ))
+    }
+}
+
+fn lsp_pos(text: &str, byte: usize, enc: Encoding) -> Position {
+    let (line, character) = text::position(text, byte, enc);
+    Position { line, character }
+}
+
+#[tower_lsp::async_trait]
+impl LanguageServer for LensLsp {
+    async fn initialize(&self, params: InitializeParams) -> LspResult<InitializeResult> {
+        let offers_utf8 = params
+            .capabilities
+            .general
+            .as_ref()
+            .and_then(|g| g.position_encodings.as_ref())
+            .is_some_and(|v| v.contains(&PositionEncodingKind::UTF8));
+        let (enc, kind) =
+            if offers_utf8 { (Encoding::Utf8, PositionEncodingKind::UTF8) } else { (Encoding::Utf16, PositionEncodingKind::UTF16) };
+        if let Ok(mut e) = self.encoding.write() {
+            *e = enc;
+        }
+        let mut config = Config::default();
+        if let Some(opts) = params.initialization_options.as_ref().filter(|v| !v.is_null()) {
+            config = Config::from_json(opts).map_err(|e| RpcError::invalid_params(format!("initializationOptions: {e}")).to_lsp())?;
+        }
+        if let Ok(mut c) = self.config.write() {
+            *c = config;
+        }
+        let info = self.engine.backend().info();
+        Ok(InitializeResult {
+            capabilities: ServerCapabilities {
+                position_encoding: Some(kind),
+                text_document_sync: Some(TextDocumentSyncCapability::Kind(TextDocumentSyncKind::INCREMENTAL)),
+                hover_provider: Some(HoverProviderCapability::Simple(true)),
+                inlay_hint_provider: config.inlay_hints.then_some(OneOf::Left(true)),
+                experimental: Some(serde_json::json!({ "logitLens": { "methods": rpc::METHODS } })),
+                ..ServerCapabilities::default()
+            },
+            server_info: Some(ServerInfo {
+                name: "logit-lens".into(),
+                version: Some(format!("{} ({}, {})", env!("CARGO_PKG_VERSION"), info.name, info.precision)),
+            }),
+        })
+    }
+
+    async fn initialized(&self, _: InitializedParams) {
+        tracing::info!("client initialized");
+    }
+
+    async fn shutdown(&self) -> LspResult<()> {
+        Ok(())
+    }
+
+    async fn did_open(&self, params: DidOpenTextDocumentParams) {
+        let d = params.text_document;
+        let generation = self.docs.get(&d.uri).map_or(0, |old| old.generation + 1);
+        self.docs.insert(d.uri, Doc { text: d.text.into(), generation, changed: Instant::now() });
+    }
+
+    async fn did_change(&self, params: DidChangeTextDocumentParams) {
+        let enc = self.encoding();
+        let Some(mut doc) = self.docs.get_mut(&params.text_document.uri) else {
+            tracing::warn!("didChange for a document that is not open: {}", params.text_document.uri);
+            return;
+        };
+        let mut text = String::from(&*doc.text);
+        for change in params.content_changes {
+            match change.range {
+                None => text = change.text,
+                Some(r) => {
+                    let a = text::offset_clamped(&text, r.start.line, r.start.character, enc);
+                    let b = text::offset_clamped(&text, r.end.line, r.end.character, enc).max(a);
+                    text.replace_range(a..b, &change.text);
+                }
+            }
+        }
+        doc.text = text.into();
+        doc.generation += 1;
+        doc.changed = Instant::now();
+    }
+
+    async fn did_close(&self, params: DidCloseTextDocumentParams) {
+        self.docs.remove(&params.text_document.uri);
+    }
+
+    async fn did_change_configuration(&self, params: DidChangeConfigurationParams) {
+        let section = params.settings.get("logitLens").cloned().unwrap_or(params.settings);
+        match Config::from_json(&section) {
+            Ok(c) => {
+                if let Ok(mut cur) = self.config.write() {
+                    *cur = c;
+                }
+            }
+            Err(e) => {
+                self.client.show_message(MessageType::WARNING, format!("logit-lens settings ignored: {e}")).await;
+            }
+        }
+    }
+
+    async fn hover(&self, params: HoverParams) -> LspResult<Option<Hover>> {
+        self.hover_impl(params).await.map_err(|e| e.to_lsp())
+    }
+
+    async fn inlay_hint(&self, params: InlayHintParams) -> LspResult<Option<Vec<InlayHint>>> {
+        self.inlay_impl(params).await.map_err(|e| e.to_lsp())
+    }
+}

@@ -1,0 +1,190 @@
+//! The wire types: the `--format json` report (a stable, documented schema,
+//! `docs/json-schema.md`), shared by the CLI's `run --format json` and the daemon's
+//! `lens/analyze`, so both print the same bytes for the same request.
+//!
+//! Schema `logit-lens/run/v1`. Fields are only ever added; a breaking change bumps the version.
+//!
+//! Probabilities and logits are `f32`; they are written with the shortest decimal that
+//! round-trips the `f32` (as `ryu` does for `f32`), also when the report goes through a
+//! `serde_json::Value` (which holds `f64`): see [`f32_shortest`].
+
+use lens_core::{Backend, Cell, LensKind, PositionView, Site, Token};
+use serde::{Serialize, Serializer};
+
+pub const SCHEMA: &str = "logit-lens/run/v1";
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Report {
+    pub schema: &'static str,
+    pub model: ModelJson,
+    pub lens: &'static str,
+    pub top_k: usize,
+    pub tokens: Vec<TokenJson>,
+    /// Lens layers included, ascending (0 = embeddings, N = last block).
+    pub layers: Vec<usize>,
+    /// One entry per analysed position, ascending.
+    pub positions: Vec<PositionJson>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct ModelJson {
+    pub name: String,
+    pub architecture: String,
+    pub n_layers: usize,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub precision: String,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct TokenJson {
+    pub index: usize,
+    pub id: u32,
+    pub text: String,
+    /// Byte offsets into the prompt (UTF-8), end exclusive.
+    pub start: usize,
+    pub end: usize,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct PositionJson {
+    pub position: usize,
+    pub token_id: u32,
+    /// The prompt's next token, `null` at the last position.
+    pub next_token_id: Option<u32>,
+    /// The model's own prediction here (norm lens at the last layer).
+    pub final_top1: PredictionJson,
+    /// First layer from which the final top-1 stays top-1 through the last layer.
+    pub decided_at: Option<usize>,
+    /// One cell per entry of `layers`, in the same order.
+    pub cells: Vec<CellJson>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct PredictionJson {
+    pub id: u32,
+    pub text: String,
+    #[serde(serialize_with = "f32_shortest")]
+    pub prob: f32,
+    #[serde(serialize_with = "f32_shortest")]
+    pub logit: f32,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct CellJson {
+    pub layer: usize,
+    pub top: Vec<PredictionJson>,
+    /// Nats.
+    pub entropy: f64,
+    /// KL(model output ‖ this layer), nats.
+    pub kl_to_final: f64,
+    /// Rank (0-based) and probability of the prompt's next token; `null` at the last position.
+    pub next: Option<NextJson>,
+    /// Rank of the final top-1 token in this layer.
+    pub final_top1_rank: usize,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct NextJson {
+    pub id: u32,
+    pub rank: usize,
+    #[serde(serialize_with = "f32_shortest")]
+    pub prob: f32,
+}
+
+pub fn build(
+    backend: &dyn Backend,
+    tokens: &[Token],
+    views: &[PositionView],
+    lens: LensKind,
+    top_k: usize,
+    layers: &[usize],
+) -> Report {
+    let pred = |id: u32, logit: f32, prob: f32| PredictionJson { id, text: backend.decode(id), prob, logit };
+    let cell = |c: &Cell| CellJson {
+        layer: match c.site {
+            Site::Layer(l) | Site::MidBlock(l) => l,
+        },
+        top: c.top.iter().map(|p| pred(p.id, p.logit, p.prob)).collect(),
+        entropy: c.entropy,
+        kl_to_final: c.kl_to_final,
+        next: c.next.map(|n| NextJson { id: n.id, rank: n.rank, prob: n.prob }),
+        final_top1_rank: c.final_top1_rank,
+    };
+    Report {
+        schema: SCHEMA,
+        model: model_json(backend),
+        lens: lens.as_str(),
+        top_k,
+        tokens: token_json(tokens),
+        layers: layers.to_vec(),
+        positions: views
+            .iter()
+            .map(|v| PositionJson {
+                position: v.position,
+                token_id: v.token,
+                next_token_id: tokens.get(v.position + 1).map(|t| t.id),
+                final_top1: pred(v.final_top1.id, v.final_top1.logit, v.final_top1.prob),
+                decided_at: v.decided_at,
+                cells: v.cells.iter().map(cell).collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Write an `f32` as the `f64` with the same shortest decimal digits, so a report printed
+/// directly and one that went through `serde_json::Value` (an `f64` inside) print alike:
+/// `0.1f32` is written `0.1`, never `0.10000000149011612`.
+pub fn f32_shortest<S: Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+    let wide = if v.is_finite() { v.to_string().parse::<f64>().unwrap_or(f64::from(*v)) } else { f64::from(*v) };
+    s.serialize_f64(wide)
+}
+
+/// One token of a tokenized text (`lens/tokenize`, and the report's `tokens`).
+pub fn token_json(tokens: &[Token]) -> Vec<TokenJson> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(index, t)| TokenJson { index, id: t.id, text: t.text.clone(), start: t.start, end: t.end })
+        .collect()
+}
+
+pub fn model_json(backend: &dyn Backend) -> ModelJson {
+    let info = backend.info();
+    ModelJson {
+        name: info.name.clone(),
+        architecture: info.architecture.clone(),
+        n_layers: info.n_layers,
+        hidden_size: info.hidden_size,
+        vocab_size: info.vocab_size,
+        context_length: info.context_length,
+        precision: info.precision.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[track_caller]
+    fn check(v: f32, expect: &str) {
+        #[derive(Serialize)]
+        struct W(#[serde(serialize_with = "f32_shortest")] f32);
+        let direct = serde_json::to_string(&W(v)).expect("serialize");
+        let via_value = serde_json::to_string(&serde_json::to_value(W(v)).expect("to value")).expect("serialize");
+        assert_eq!(direct, expect);
+        assert_eq!(via_value, expect);
+    }
+
+    #[test]
+    fn f32_is_written_with_its_shortest_digits() {
+        check(0.1, "0.1");
+        check(0.92, "0.92");
+        check(1.0, "1.0");
+        check(-13.37, "-13.37");
+        check(1.2e-7, "1.2e-7");
+        check(3.4028235e38, "3.4028235e38");
+        check(f32::NAN, "null");
+    }
+}
