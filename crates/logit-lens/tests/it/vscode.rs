@@ -128,7 +128,7 @@ fn vscode_protocol_against_the_daemon() {
         &[("LOGIT_LENS_BIN", bin())],
     );
     let (pass, fail) = tap_counts(&out.stdout);
-    assert_eq!((pass, fail), (9, 0), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!((pass, fail), (10, 0), "{}\n{}", out.stdout, out.stderr);
     let metric = out
         .stdout
         .lines()
