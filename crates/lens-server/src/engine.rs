@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use lens_core::{Backend, HiddenStates, Lens, LensKind, PositionView, Site, Token};
+use lens_core::{Backend, HiddenStates, Lens, LensKind, Site, Token};
 use serde::Deserialize;
 
 use crate::cache::{ActivationCache, CacheStats, StateBytes};
@@ -106,11 +106,38 @@ struct HoverKey {
     options: HoverOptions,
 }
 
+/// Previous-position rows kept for hovers (each ~6 MB for the default model).
+const PREVIOUS_ROWS_ENTRIES: usize = 4;
+
+/// The lens logits at a hover's previous position, per shown layer, with each row's
+/// log-sum-exp: the probability and rank of whatever token is written next is then a lookup.
+/// While a user types at the end of a line, the previous position stays the same and only
+/// the hovered token changes, so this halves the readout work of such hovers.
+struct PreviousRows {
+    vocab: usize,
+    logits: Vec<f32>,
+    lse: Vec<f64>,
+}
+
+impl PreviousRows {
+    /// (probability, 0-based rank) of token `id` in row `i`.
+    fn written(&self, i: usize, id: u32) -> Option<(f32, usize)> {
+        let row = self.logits.get(i * self.vocab..(i + 1) * self.vocab)?;
+        let x = *row.get(id as usize)?;
+        let rank = row.iter().filter(|&&v| v > x).count();
+        Some(((f64::from(x) - self.lse.get(i)?).exp() as f32, rank))
+    }
+}
+
+/// (tokens up to the previous position, the layers shown).
+type PreviousKey = (Arc<[u32]>, Vec<usize>);
+
 pub struct Engine {
     backend: Arc<dyn Backend>,
     cache: ActivationCache,
     hovers: DashMap<HoverKey, (u64, Arc<String>)>,
     hover_clock: AtomicU64,
+    previous: DashMap<PreviousKey, (u64, Arc<PreviousRows>)>,
 }
 
 fn top_k(k: Option<i64>) -> Result<usize, RpcError> {
@@ -128,6 +155,7 @@ impl Engine {
             cache: ActivationCache::new(budget_bytes, state_bytes),
             hovers: DashMap::new(),
             hover_clock: AtomicU64::new(0),
+            previous: DashMap::new(),
         }
     }
 
@@ -257,23 +285,59 @@ impl Engine {
         }
         let states = self.states(&ids)?;
         let pos = ids.len() - 1;
-        let views = self.hover_views(&states, pos, options)?;
-        let markdown = hover::markdown(&*self.backend, &tokens[first..=t], t, &views);
-        self.remember_hover(key, stamp, Arc::new(markdown.clone()));
-        Ok(Some(HoverOut { markdown, start, end }))
-    }
-
-    /// The lens at the hovered position (its top predictions) and at the one before it (the
-    /// probability and rank of the token written at the hovered position).
-    fn hover_views(&self, states: &HiddenStates, pos: usize, options: &HoverOptions) -> Result<Vec<PositionView>, RpcError> {
         let n = states.n_layers();
         let layers = LayerSpec::Range { start: None, end: None, step: options.layer_stride.max(1) }
             .resolve(n)
             .map_err(RpcError::invalid_params)?;
         let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
-        let lens = Lens::new(&*self.backend, states, LensKind::Norm, options.top_k.clamp(1, 100));
-        let positions: Vec<usize> = if pos == 0 { vec![0] } else { vec![pos - 1, pos] };
-        Ok(lens.positions(&positions, &sites)?)
+        let lens = Lens::new(&*self.backend, &states, LensKind::Norm, options.top_k.clamp(1, 100));
+        let here = lens.position(pos, &sites)?;
+        let written = if pos == 0 {
+            None
+        } else {
+            let prev = self.previous_rows(&states, &ids[..pos], &layers, stamp)?;
+            let id = ids[pos];
+            Some((0..layers.len()).map(|i| prev.written(i, id)).collect::<Vec<_>>())
+        };
+        let markdown = hover::markdown(&*self.backend, &tokens[first..=t], t, &here, written.as_deref());
+        self.remember_hover(key, stamp, Arc::new(markdown.clone()));
+        Ok(Some(HoverOut { markdown, start, end }))
+    }
+
+    /// The readout at the last position of `prefix` (whose states are the first positions of
+    /// `states`), cached per prefix and layers.
+    fn previous_rows(&self, states: &HiddenStates, prefix: &[u32], layers: &[usize], stamp: u64) -> Result<Arc<PreviousRows>, RpcError> {
+        let key: PreviousKey = (prefix.into(), layers.to_vec());
+        if let Some(mut hit) = self.previous.get_mut(&key) {
+            hit.0 = stamp;
+            return Ok(hit.1.clone());
+        }
+        let pos = prefix.len() - 1;
+        let hidden = states.hidden_size();
+        let mut rows = Vec::with_capacity(layers.len() * hidden);
+        for &l in layers {
+            let row = states.row(Site::Layer(l), pos).ok_or_else(|| RpcError::internal("a hidden state is missing"))?;
+            rows.extend_from_slice(row);
+        }
+        let logits = self.backend.readout(&rows, LensKind::Norm)?;
+        let vocab = self.backend.info().vocab_size;
+        let lse = logits
+            .chunks(vocab.max(1))
+            .map(|row| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
+                f64::from(max) + sum.ln()
+            })
+            .collect();
+        let value = Arc::new(PreviousRows { vocab, logits, lse });
+        if self.previous.len() >= PREVIOUS_ROWS_ENTRIES {
+            let oldest = self.previous.iter().min_by_key(|e| e.value().0).map(|e| e.key().clone());
+            if let Some(k) = oldest {
+                self.previous.remove(&k);
+            }
+        }
+        self.previous.insert(key, (stamp, value.clone()));
+        Ok(value)
     }
 
     fn remember_hover(&self, key: HoverKey, stamp: u64, markdown: Arc<String>) {

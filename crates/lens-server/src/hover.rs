@@ -19,8 +19,7 @@ pub fn escape(text: &str) -> String {
             '\n' => out.push('↵'),
             '\r' => out.push('␍'),
             '\t' => out.push('⇥'),
-            '\\' | '`' | '*' | '_' | '{' | '}' | '[' | ']' | '<' | '>' | '(' | ')' | '#' | '+' | '-' | '.' | '!'
-            | '|' | '~' | '&' => {
+            '\\' | '`' | '*' | '_' | '[' | ']' | '<' | '>' | '|' | '~' | '&' => {
                 out.push('\\');
                 out.push(c);
             }
@@ -50,12 +49,17 @@ fn layer_of(site: Site) -> usize {
 }
 
 /// `context` is the context window (the hovered token last), `index` the hovered token's
-/// index in the whole document; `views` the lens at the previous position (when there is
-/// one) and at the hovered one.
-pub fn markdown(backend: &dyn Backend, context: &[Token], index: usize, views: &[PositionView]) -> String {
+/// index in the whole document; `here` the lens at the hovered position; `written`, per cell
+/// of `here`, the probability and 0-based rank of the hovered token at the previous position
+/// (`None` for the first token).
+pub fn markdown(
+    backend: &dyn Backend,
+    context: &[Token],
+    index: usize,
+    here: &PositionView,
+    written: Option<&[Option<(f32, usize)>]>,
+) -> String {
     let mut md = String::new();
-    let Some(here) = views.last() else { return md };
-    let prev = (views.len() == 2).then(|| &views[0]);
     let token = &context[context.len() - 1];
     let _ = writeln!(
         md,
@@ -72,8 +76,8 @@ pub fn markdown(backend: &dyn Backend, context: &[Token], index: usize, views: &
         let mark = if here.decided_at == Some(layer) { " ◀ decided" } else { "" };
         let top: Vec<String> =
             cell.top.iter().map(|p| format!("{} {}", escape(&backend.decode(p.id)), prob(p.prob))).collect();
-        let (pw, rw) = match prev.and_then(|v| v.cells.get(i)).and_then(|c| c.next) {
-            Some(n) => (prob(n.prob), (n.rank + 1).to_string()),
+        let (pw, rw) = match written.and_then(|w| w.get(i).copied().flatten()) {
+            Some((p, rank)) => (prob(p), (rank + 1).to_string()),
             None => ("—".into(), "—".into()),
         };
         let _ = writeln!(md, "| {layer}{mark} | {} | {pw} | {rw} |", top.join(" · "));
@@ -94,6 +98,7 @@ mod tests {
     fn escapes_tokens() {
         check(" world", "␣world");
         check("a|b", "a\\|b");
+        check(".-#(", ".-#(");
         check("**x**", "\\*\\*x\\*\\*");
         check("\n\t", "↵⇥");
         check("", "∅");

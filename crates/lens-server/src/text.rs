@@ -111,7 +111,8 @@ mod tests {
         check(t, 1, 11, Encoding::Utf16, Some("本\r\nx"));
         check(t, 1, 12, Encoding::Utf16, Some("\r\nx"));
         check(t, 1, 13, Encoding::Utf16, None);
-        check(t, 1, 16, Encoding::Utf8, Some("本\r\nx"));
+        check(t, 1, 16, Encoding::Utf8, Some("日本\r\nx"));
+        check(t, 1, 19, Encoding::Utf8, Some("本\r\nx"));
         check(t, 2, 1, Encoding::Utf16, Some(""));
         check(t, 3, 0, Encoding::Utf16, None);
         // Half a surrogate pair maps to the start of the character.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use lens_core::Backend;
+use lens_core::{Backend, Lens, LensKind};
 use lens_server::{AnalyzeParams, Engine, HoverOptions};
 
 use crate::cli::{self, ModelArgs};
@@ -99,6 +99,30 @@ pub fn run(a: BenchServerArgs) -> Result<()> {
     }
     let (p50, p95) = (percentile(&mut times, 0.5), percentile(&mut times, 0.95));
     writeln!(out, "hover after a one-char edit at the end: p50 {p50:.1} ms, p95 {p95:.1} ms ({} edits)", a.edits)?;
+
+    // Where an end-edit hover's time goes: the forward pass reusing the prefix, and the lens
+    // at the hovered position (all layers); the previous position's readout is cached while
+    // the edits stay inside the last token.
+    let (mut fwd, mut lens_t) = (Vec::new(), Vec::new());
+    let mut text2 = doc.clone();
+    for i in 0..a.edits.min(20) {
+        text2.push(char::from(b'A' + (i % 26) as u8));
+        let ids: Vec<u32> = backend.tokenize(&text2)?.iter().map(|t| t.id).collect();
+        let t0 = Instant::now();
+        let states = engine.states(&ids).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let t1 = Instant::now();
+        let lens = Lens::new(&*backend, &states, LensKind::Norm, 5);
+        let p = ids.len() - 1;
+        lens.position(p, &lens.all_layers())?;
+        fwd.push(t1 - t0);
+        lens_t.push(t1.elapsed());
+    }
+    writeln!(
+        out,
+        "  of which: forward reusing the prefix p50 {:.1} ms, lens at the hovered position x 31 layers p50 {:.1} ms",
+        percentile(&mut fwd, 0.5),
+        percentile(&mut lens_t, 0.5)
+    )?;
 
     // Edits in the middle: everything after the edit is recomputed.
     let mut times = Vec::new();
