@@ -5,6 +5,7 @@ mod plot;
 mod nvim;
 mod run;
 mod serve;
+mod vscode;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -1,0 +1,483 @@
+// End-to-end test in real VS Code: code-server 4.100.3 (VS Code 1.100.3) in headless Chromium,
+// driven by playwright-core. Installs the built .vsix, opens a ~260-token text file, hovers a
+// word and checks the per-layer table against the CLI's report for the same text, types,
+// hovers again (and measures the time from the last keystroke to the new hover), runs the
+// heatmap command, opens the model info from the status bar. Saves screenshots.
+//
+// Environment:
+//   LOGIT_LENS_BIN          the logit-lens binary (required)
+//   LOGIT_LENS_CODE_SERVER  code-server's folder (default ~/.cache/logit-lens/test-deps/code-server,
+//                           installed by scripts/deps/vscode.sh)
+//   LOGIT_LENS_CHROMIUM     Chromium (default /usr/bin/chromium)
+//   LOGIT_LENS_VSIX         the extension (default dist/logit-lens.vsix)
+//   LOGIT_LENS_E2E_OUT      where screenshots and result.json go (default out/e2e)
+//   LOGIT_LENS_E2E_MODEL    a GGUF file to choose with "Logit Lens: Pick the model" (the
+//                           Rust test passes the default model's)
+// Prints one JSON line (`{"ok":true,…}`) last; exits 1 on any failed check.
+import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { chromium, type Browser, type Page, type Frame } from 'playwright-core';
+import type { RunReport } from '../../src/render';
+
+const HERE = path.resolve(__dirname, '../../..'); // editors/vscode (the bundle is in out/test/e2e)
+const BIN = process.env.LOGIT_LENS_BIN ?? '';
+const CODE_SERVER = process.env.LOGIT_LENS_CODE_SERVER ?? path.join(os.homedir(), '.cache/logit-lens/test-deps/code-server');
+const CHROMIUM = process.env.LOGIT_LENS_CHROMIUM ?? '/usr/bin/chromium';
+const VSIX = process.env.LOGIT_LENS_VSIX ?? path.join(HERE, 'dist/logit-lens.vsix');
+const OUT = process.env.LOGIT_LENS_E2E_OUT ?? path.join(HERE, 'out/e2e');
+const DOC = path.join(HERE, 'test/e2e/notes.txt');
+const MODEL = process.env.LOGIT_LENS_E2E_MODEL ?? ''; // a GGUF file to pick with the model picker
+const HOVER_WORD = 'Paris'; // the last word of the document
+const ROUNDS = 5;
+
+const env: NodeJS.ProcessEnv = { ...process.env, NO_COLOR: '1' };
+delete env.LOGIT_LENS_MODEL;
+
+const t0 = performance.now();
+function log(msg: string): void {
+  process.stderr.write(`[e2e ${((performance.now() - t0) / 1000).toFixed(1)}s] ${msg}\n`);
+}
+function check(cond: unknown, msg: string): asserts cond {
+  if (!cond) throw new Error(`check failed: ${msg}`);
+}
+
+/** The CLI's report for one position of a text: the independent reference. */
+function cliPosition(text: string, offset: number, topK: number): { report: RunReport; pos: number } {
+  const tokens = JSON.parse(execFileSync(BIN, ['run', '--format', 'json', '--position', '0', '--top-k', '1', '--layers', '30', '-'], { env, input: text, encoding: 'utf8' })) as RunReport;
+  const bytes = Buffer.byteLength(text.slice(0, offset));
+  const tok = tokens.tokens.find((t) => t.start <= bytes && bytes < t.end);
+  check(tok, `a token at offset ${offset}`);
+  const report = JSON.parse(execFileSync(BIN, ['run', '--format', 'json', '--position', String(tok.index), '--top-k', String(topK), '-'], { env, input: text, encoding: 'utf8' })) as RunReport;
+  return { report, pos: tok.index };
+}
+
+/** Token texts that the hover shows as they are (letters only), to compare with the hover. */
+function comparable(text: string): string | undefined {
+  const t = text.trim();
+  return /^[A-Za-z]{2,}$/.test(t) ? t : undefined;
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const a = s.address();
+      s.close(() => (a && typeof a === 'object' ? resolve(a.port) : reject(new Error('no port'))));
+    });
+  });
+}
+
+interface HoverTable {
+  heading: string;
+  rows: string[][];
+  text: string;
+}
+
+/** Screen coordinates of the middle of the last occurrence of `word` in the editor. */
+async function wordBox(page: Page, word: string): Promise<{ x: number; y: number }> {
+  for (let i = 0; i < 100; i++) {
+    const box = await findWord(page, word);
+    if (box) return box;
+    await page.waitForTimeout(20); // the line is being re-rendered
+  }
+  const lines = await page.evaluate(() => [...document.querySelectorAll('.monaco-editor .view-lines .view-line')].map((l) => l.innerHTML).slice(-4));
+  throw new Error(`check failed: the word ${word} on screen; last lines: ${JSON.stringify(lines)}`);
+}
+
+async function findWord(page: Page, word: string): Promise<{ x: number; y: number } | undefined> {
+  return page.evaluate((w) => {
+    const lines = [...document.querySelectorAll('.monaco-editor .view-lines .view-line')];
+    let best: { x: number; y: number } | undefined;
+    let bestTop = -Infinity;
+    for (const line of lines) {
+      // The line's text may be split over several spans (decorations): map offsets to nodes.
+      const nodes: { node: Node; start: number }[] = [];
+      let all = '';
+      const walker = document.createTreeWalker(line, NodeFilter.SHOW_TEXT);
+      for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+        nodes.push({ node: n, start: all.length });
+        all += n.textContent ?? '';
+      }
+      const i = all.replace(/\u00a0/g, ' ').lastIndexOf(w);
+      if (i < 0) continue;
+      const at = (off: number): [Node, number] => {
+        const e = [...nodes].reverse().find((x) => x.start <= off) ?? nodes[0];
+        return [e?.node ?? line, off - (e?.start ?? 0)];
+      };
+      const r = document.createRange();
+      r.setStart(...at(i));
+      r.setEnd(...at(i + w.length - 1));
+      const rect = r.getBoundingClientRect();
+      if (rect.top > bestTop) {
+        bestTop = rect.top;
+        // the middle of the word (its last letter excluded: the end node may be another span)
+        best = { x: rect.left + rect.width / 2, y: rect.top + rect.height / 2 };
+      }
+    }
+    return best;
+  }, word);
+}
+
+async function readHover(page: Page, timeoutMs: number, differentFrom?: string): Promise<HoverTable> {
+  const hover = page.locator('.monaco-editor .monaco-hover:visible').filter({ has: page.locator('table') }).filter({ hasText: 'layer' });
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if ((await hover.count()) > 0) {
+      const got = await hover.first().evaluate((el) => ({
+        heading: (el.querySelector('h1,h2,h3,h4,p,strong') as HTMLElement | null)?.innerText ?? '',
+        rows: [...el.querySelectorAll('tr')].map((tr) => [...tr.querySelectorAll('th,td')].map((c) => (c as HTMLElement).innerText.trim())),
+        text: (el as HTMLElement).innerText,
+      }));
+      if (differentFrom === undefined || got.text !== differentFrom) return got;
+    }
+    if (Date.now() > deadline) throw new Error(`no ${differentFrom === undefined ? '' : 'new '}Logit Lens hover (a table with "layer") within ${timeoutMs} ms`);
+    await page.waitForTimeout(5);
+  }
+}
+
+/** Checks a hover against the CLI's report for the position under the mouse. */
+function checkHover(h: HoverTable, ref: { report: RunReport; pos: number }, what: string): void {
+  const { report, pos } = ref;
+  const p = report.positions.find((q) => q.position === pos);
+  check(p, `${what}: the reference has position ${pos}`);
+  const header = h.rows[0] ?? [];
+  check(header.join('|').includes('layer') && header.join('|').includes('top predictions'), `${what}: table header ${JSON.stringify(header)}`);
+  const body = h.rows.slice(1);
+  check(body.length === report.model.n_layers + 1, `${what}: ${report.model.n_layers + 1} layer rows, got ${body.length}`);
+  check(new RegExp(`\\b${report.model.n_layers}\\b`).test(body[0]?.[0] ?? ''), `${what}: the last layer first, got ${JSON.stringify(body[0])}`);
+  check(/\b0\b/.test(body[body.length - 1]?.[0] ?? ''), `${what}: layer 0 last, got ${JSON.stringify(body[body.length - 1])}`);
+  const token = report.tokens[pos];
+  check(token && h.text.includes(token.text.trim()), `${what}: the hover names the token ${JSON.stringify(token?.text)}`);
+  for (const [row, cell] of [[body[0], p.cells[p.cells.length - 1]], [body[body.length - 1], p.cells[0]]] as const) {
+    const want = (cell?.top ?? []).map((t) => comparable(t.text)).filter((t): t is string => t !== undefined);
+    for (const w of want) check(row?.[1]?.includes(w), `${what}: ${JSON.stringify(w)} (from the CLI) in the hover row ${JSON.stringify(row)}`);
+  }
+}
+
+async function waitForFrameText(page: Page, needle: RegExp, timeoutMs: number): Promise<Frame> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    // Webviews are iframes in iframes; the workbench itself (the main frame) does not count.
+    for (const f of page.frames()) {
+      if (f === page.mainFrame() || !f.url().includes('webview')) continue;
+      const text = await f.evaluate(() => document.body?.innerText ?? '').catch(() => '');
+      if (needle.test(text)) return f;
+    }
+    if (Date.now() > deadline) throw new Error(`no webview frame with ${needle}`);
+    await page.waitForTimeout(200);
+  }
+}
+
+/** The daemons (`BIN serve --stdio`) in the session of code-server (which runs setsid). */
+function daemonPids(session: number, withArg?: string): number[] {
+  const pids: number[] = [];
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const cmd = readFileSync(`/proc/${d}/cmdline`, 'utf8').split('\0');
+      const stat = readFileSync(`/proc/${d}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      if (cmd[0] === BIN && cmd.includes('serve') && Number(fields[3]) === session && (withArg === undefined || cmd.includes(withArg))) pids.push(Number(d));
+    } catch {
+      // the process ended meanwhile
+    }
+  }
+  return pids;
+}
+
+async function toast(page: Page, re: RegExp, timeoutMs: number): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const texts = await page.locator('.notifications-toasts .notification-toast').allInnerTexts();
+    const hit = texts.find((t) => re.test(t));
+    if (hit) return hit;
+    if (Date.now() > deadline) throw new Error(`no notification matching ${re}; shown: ${JSON.stringify(texts)}`);
+    await page.waitForTimeout(100);
+  }
+}
+
+async function command(page: Page, title: string): Promise<void> {
+  await page.keyboard.press('F1');
+  const input = page.locator('.quick-input-widget input');
+  await input.waitFor({ state: 'visible', timeout: 10000 });
+  await input.fill(`>${title}`);
+  await page.locator('.quick-input-list .monaco-list-row', { hasText: title }).first().waitFor({ timeout: 10000 });
+  await page.keyboard.press('Enter');
+}
+
+async function main(): Promise<void> {
+  for (const [what, p] of [
+    ['LOGIT_LENS_BIN (the logit-lens binary)', BIN],
+    ['code-server (run scripts/deps/vscode.sh)', path.join(CODE_SERVER, 'out/node/entry.js')],
+    ['Chromium (run scripts/deps/vscode.sh)', CHROMIUM],
+    ['the .vsix (npm run package)', VSIX],
+  ] as const) check(p !== '' && existsSync(p), `missing ${what}: ${p || '(unset)'}`);
+  mkdirSync(OUT, { recursive: true });
+  const tmp = mkdtempSync(path.join(os.tmpdir(), 'logit-lens-e2e-'));
+  const userData = path.join(tmp, 'user-data');
+  const extDir = path.join(tmp, 'extensions');
+  const ws = path.join(tmp, 'workspace');
+  mkdirSync(path.join(userData, 'User'), { recursive: true });
+  mkdirSync(ws, { recursive: true });
+  const docText = readFileSync(DOC, 'utf8');
+  writeFileSync(path.join(ws, 'notes.txt'), docText);
+  const settings = {
+      'logitLens.serverPath': BIN,
+      'editor.hover.delay': 0,
+      'editor.hover.sticky': true,
+      'editor.minimap.enabled': false,
+      'editor.wordWrap': 'on',
+      'editor.fontSize': 13,
+      'workbench.startupEditor': 'none',
+      'workbench.tips.enabled': false,
+      'workbench.enableExperiments': false,
+      'security.workspace.trust.enabled': false,
+      'telemetry.telemetryLevel': 'off',
+      'update.mode': 'none',
+      'extensions.autoCheckUpdates': false,
+      'extensions.autoUpdate': false,
+      'chat.disableAIFeatures': true,
+      'chat.commandCenter.enabled': false,
+      'files.autoSave': 'off',
+      'window.dialogStyle': 'custom',
+  };
+  writeFileSync(path.join(userData, 'User/settings.json'), JSON.stringify(settings));
+  const entry = path.join(CODE_SERVER, 'out/node/entry.js');
+  const common = ['--user-data-dir', userData, '--extensions-dir', extDir];
+  log('installing the .vsix');
+  execFileSync(process.execPath, [entry, ...common, '--install-extension', VSIX], { env, stdio: ['ignore', 'pipe', 'inherit'] });
+
+  const port = await freePort();
+  let server: ChildProcess | undefined;
+  let browser: Browser | undefined;
+  let page: Page | undefined;
+  let serverLog = '';
+  const result: Record<string, unknown> = { ok: false };
+  try {
+    server = spawn(process.execPath, [entry, ...common, '--bind-addr', `127.0.0.1:${port}`, '--auth', 'none', '--disable-telemetry', '--disable-update-check', '--disable-workspace-trust', '--disable-getting-started-override', ws], {
+      env: { ...env, PATH: `${path.dirname(process.execPath)}:/usr/bin:/bin` },
+      detached: true, // its own process group, ended as a whole below
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    server.stdout?.on('data', (d: Buffer) => (serverLog += d.toString()));
+    server.stderr?.on('data', (d: Buffer) => (serverLog += d.toString()));
+    const up = Date.now() + 30000;
+    while (!serverLog.includes('HTTP server listening')) {
+      check(Date.now() < up && server.exitCode === null, `code-server did not start:\n${serverLog}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    log(`code-server on port ${port}`);
+
+    browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      headless: true,
+      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    });
+    page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+    await page.goto(`http://127.0.0.1:${port}/?folder=${encodeURIComponent(ws)}`);
+    await page.locator('.monaco-workbench').waitFor({ timeout: 60000 });
+    log('workbench up');
+
+    // Open the document.
+    const quick = page.locator('.quick-input-widget input');
+    for (let i = 0; i < 5; i++) {
+      await page.keyboard.press('Control+P');
+      if (await quick.isVisible().catch(() => false)) break;
+      await page.waitForTimeout(500);
+    }
+    await quick.waitFor({ state: 'visible', timeout: 15000 });
+    await quick.fill('notes.txt');
+    await page.locator('.quick-input-list .monaco-list-row', { hasText: 'notes.txt' }).first().waitFor({ timeout: 15000 });
+    await page.keyboard.press('Enter');
+    await page.locator('.monaco-editor .view-lines').first().waitFor({ timeout: 15000 });
+    log('notes.txt open');
+
+    // The daemon is up when the status bar says so (and names the model).
+    const status = page.locator('.statusbar-item', { hasText: /· ready/ });
+    await status.first().waitFor({ timeout: 60000 });
+    await page.locator('.statusbar-item', { hasText: /Smollm2/i }).first().waitFor({ timeout: 30000 });
+    result.status = (await status.first().innerText()).trim();
+    log(`status bar: ${String(result.status)}`);
+
+    // 1. Hover the last word.
+    const ref1 = cliPosition(docText, docText.lastIndexOf(HOVER_WORD) + 2, 5);
+    let box = await wordBox(page, HOVER_WORD);
+    await page.mouse.move(box.x, box.y);
+    const h1 = await readHover(page, 30000);
+    checkHover(h1, ref1, 'first hover');
+    await page.screenshot({ path: path.join(OUT, 'hover.png') });
+    const hoverEl = page.locator('.monaco-editor .monaco-hover:visible').filter({ has: page.locator('table') }).first();
+    const hb = await hoverEl.boundingBox();
+    if (hb) await page.screenshot({ path: path.join(OUT, 'hover-crop.png'), clip: { x: Math.max(0, hb.x - 200), y: Math.max(0, hb.y - 10), width: Math.min(hb.width + 220, 1400), height: Math.min(hb.height + 60, 900 - Math.max(0, hb.y - 10)) } });
+    result.hoverRows = h1.rows.length - 1;
+    result.hoverToken = ref1.report.tokens[ref1.pos]?.text;
+    log(`first hover: ${h1.rows.length - 1} rows; top row ${JSON.stringify(h1.rows[1])}`);
+
+    // 2. Type before the last word (the context changes), hover it again: the table changes.
+    // Each round types a few characters at the end of "is" (so "is" -> "is, " / … ) and measures
+    // the time from the last keystroke to the new hover under the mouse.
+    const latencies: number[] = [];
+    const mouseLatencies: number[] = [];
+    let prev = h1;
+    let text = docText;
+    const insertions = [' in fact', ' still', ' surely', ' now', ' again'];
+    for (let round = 0; round < ROUNDS; round++) {
+      await page.mouse.move(5, 450); // away from the text: the hover closes
+      await page.keyboard.press('Escape');
+      // Put the cursor after "is", before " Paris" (Ctrl+End, then left past " Paris\n" wrap-safe).
+      await page.keyboard.press('Control+End');
+      await page.keyboard.press('ArrowUp');
+      await page.keyboard.press('End');
+      for (let i = 0; i < HOVER_WORD.length + 1; i++) await page.keyboard.press('ArrowLeft');
+      const ins = insertions[round % insertions.length] ?? ' x';
+      await page.keyboard.type(ins, { delay: 25 });
+      const tTyped = performance.now();
+      const at = text.lastIndexOf(` ${HOVER_WORD}`);
+      text = text.slice(0, at) + ins + text.slice(at);
+      box = await wordBox(page, HOVER_WORD);
+      const tMouse = performance.now();
+      await page.mouse.move(box.x, box.y);
+      const h = await readHover(page, 30000, prev.text);
+      const ms = performance.now() - tTyped;
+      latencies.push(ms);
+      mouseLatencies.push(performance.now() - tMouse);
+      checkHover(h, cliPosition(text, text.lastIndexOf(HOVER_WORD) + 2, 5), `hover after typing ${JSON.stringify(ins)}`);
+      check(h.text !== prev.text, 'the hover changed');
+      if (round === 0) await page.screenshot({ path: path.join(OUT, 'hover-after-typing.png') });
+      prev = h;
+    }
+    const sorted = [...latencies].sort((a, b) => a - b);
+    result.typingToHoverMs = latencies.map((x) => Math.round(x));
+    result.typingToHoverMedianMs = Math.round(sorted[Math.floor(sorted.length / 2)] ?? NaN);
+    result.mouseToHoverMs = mouseLatencies.map((x) => Math.round(x));
+    result.documentTokens = cliPosition(text, 0, 1).report.tokens.length;
+    result.statusAfterTyping = (await page.locator('.statusbar-item', { hasText: /· ready/ }).first().innerText()).trim();
+    log(`typing -> hover: ${JSON.stringify(result.typingToHoverMs)} ms (median ${String(result.typingToHoverMedianMs)}; mouse on the word -> hover ${JSON.stringify(result.mouseToHoverMs)}), ${String(result.documentTokens)} tokens; status ${String(result.statusAfterTyping)}`);
+
+    // 3. Toggle the lens off for this document (no hover, the status says so), then on again.
+    await page.mouse.move(5, 450);
+    await page.keyboard.press('Escape');
+    await command(page, 'Logit Lens: Toggle the lens for this document');
+    await page.locator('.statusbar-item', { hasText: /off here/ }).first().waitFor({ timeout: 10000 });
+    box = await wordBox(page, HOVER_WORD);
+    await page.mouse.move(box.x, box.y);
+    const off = await readHover(page, 2000).then(() => 'a hover', () => 'none');
+    check(off === 'none', 'no lens hover on a document toggled off');
+    await page.mouse.move(5, 450);
+    await page.keyboard.press('Escape');
+    await command(page, 'Logit Lens: Toggle the lens for this document');
+    await page.locator('.statusbar-item', { hasText: /· ready/ }).filter({ hasNotText: /off here/ }).first().waitFor({ timeout: 10000 });
+    await page.mouse.move(box.x, box.y);
+    checkHover(await readHover(page, 30000), cliPosition(text, text.lastIndexOf(HOVER_WORD) + 2, 5), 'hover after toggling back on');
+    log('toggle off and on');
+
+    // 4. The heatmap of the whole document.
+    await page.mouse.move(5, 450);
+    await page.keyboard.press('Escape');
+    await command(page, 'Logit Lens: Show heatmap of the selection or document');
+    const frame = await waitForFrameText(page, /Paris/, 120000);
+    const heat = await frame.evaluate(() => ({ tables: document.querySelectorAll('table').length, svgs: document.querySelectorAll('svg').length, text: document.body.innerText }));
+    check(heat.text.includes('Logit Lens: notes.txt'), `the heatmap panel's heading, in ${JSON.stringify(heat.text.slice(0, 200))}`);
+    check(heat.tables + heat.svgs > 0, 'the heatmap has a table or an SVG');
+    check(/France/.test(heat.text) && /Jupiter/.test(heat.text), 'the heatmap shows the document tokens');
+    await page.waitForTimeout(300);
+    await page.screenshot({ path: path.join(OUT, 'heatmap.png') });
+    result.heatmap = heat.tables > 0 ? 'table' : 'svg';
+    log(`heatmap: ${String(result.heatmap)}`);
+
+    // 5. The status bar item opens the model info and cache statistics.
+    await page.locator('.statusbar-item', { hasText: /· ready/ }).first().click();
+    const dialog = page.locator('.monaco-dialog-box');
+    await dialog.waitFor({ timeout: 15000 });
+    const info = await dialog.innerText();
+    check(/Smollm2/i.test(info) && /Layers: 30/.test(info) && /Cache: \d+ entries/.test(info) && /Lookups: \d+ hits/.test(info), `model info and cache statistics in the dialog:\n${info}`);
+    await page.screenshot({ path: path.join(OUT, 'model-info.png') });
+    await page.keyboard.press('Escape');
+    result.info = info.split('\n').filter((l) => l.trim() !== '');
+
+    // 6. The daemon crashes (killed by its id): the extension says so, restarts it, hovers work.
+    const daemons = daemonPids(server.pid ?? -1);
+    check(daemons.length === 1, `one daemon process in code-server's session, found ${JSON.stringify(daemons)}`);
+    process.kill(daemons[0] ?? -1, 'SIGKILL');
+    await toast(page, /daemon stopped; restarting it \(1 of 3\)/, 20000);
+    await page.locator('.statusbar-item', { hasText: /· ready/ }).first().waitFor({ timeout: 60000 });
+    check(daemonPids(server.pid ?? -1).length === 1, 'a new daemon runs');
+    box = await wordBox(page, HOVER_WORD);
+    await page.mouse.move(5, 450);
+    await page.mouse.move(box.x, box.y);
+    checkHover(await readHover(page, 30000), cliPosition(text, text.lastIndexOf(HOVER_WORD) + 2, 5), 'hover after the restart');
+    await page.screenshot({ path: path.join(OUT, 'restarted.png') });
+    log('daemon killed, restarted, hovers again');
+
+    // 7. Pick the model (the default model's GGUF, through VS Code's own open dialog): the
+    // daemon restarts with --model.
+    if (MODEL) {
+      await page.mouse.move(5, 450);
+      await page.keyboard.press('Escape');
+      await command(page, 'Logit Lens: Pick the model');
+      const pathBox = page.locator('.quick-input-widget input');
+      await pathBox.waitFor({ state: 'visible', timeout: 15000 });
+      // The dialog first fills in its start folder; type the file's path once it has.
+      const ready = Date.now() + 15000;
+      while ((await pathBox.inputValue()) === '') {
+        check(Date.now() < ready, 'the open dialog shows its start folder');
+        await page.waitForTimeout(100);
+      }
+      await page.waitForTimeout(300);
+      await pathBox.fill(MODEL);
+      await page.waitForTimeout(300);
+      check((await pathBox.inputValue()) === MODEL, `the open dialog holds the model path, not ${await pathBox.inputValue()}`);
+      await page.keyboard.press('Enter');
+      const until = Date.now() + 60000;
+      while (daemonPids(server.pid ?? -1, MODEL).length !== 1) {
+        check(Date.now() < until, `a daemon started with --model ${MODEL}`);
+        await page.waitForTimeout(200);
+      }
+      await page.locator('.statusbar-item', { hasText: /Smollm2.*· ready/i }).first().waitFor({ timeout: 60000 });
+      log('model picked: the daemon runs with --model');
+      result.pickedModel = MODEL;
+    }
+
+    // 8. A wrong server path: a clear error with the fix, and the status says so.
+    // Edited the way a user does: the settings JSON in the editor, saved.
+    await page.mouse.move(5, 450);
+    await page.keyboard.press('Escape');
+    await command(page, 'Preferences: Open User Settings (JSON)');
+    await page.locator('.monaco-editor .view-lines', { hasText: 'logitLens.serverPath' }).first().waitFor({ timeout: 15000 });
+    await page.keyboard.press('Control+A');
+    await page.keyboard.insertText(JSON.stringify({ ...settings, 'logitLens.serverPath': '/nonexistent/logit-lens' }, null, 1));
+    await page.keyboard.press('Control+S');
+    await toast(page, /not an executable file.*Set logitLens\.serverPath/s, 30000);
+    await page.locator('.statusbar-item', { hasText: /no server/ }).first().waitFor({ timeout: 10000 });
+    await page.screenshot({ path: path.join(OUT, 'no-server.png') });
+    log('wrong serverPath reported');
+    result.ok = true;
+  } catch (err) {
+    result.error = err instanceof Error ? err.message : String(err);
+    if (page) await page.screenshot({ path: path.join(OUT, 'failure.png') }).catch(() => undefined);
+    process.stderr.write(`code-server log:\n${serverLog.slice(-4000)}\n`);
+  } finally {
+    await browser?.close().catch(() => undefined);
+    if (server?.pid) {
+      try {
+        process.kill(-server.pid, 'SIGTERM');
+      } catch {
+        // already gone
+      }
+    }
+    result.seconds = Math.round((performance.now() - t0) / 100) / 10;
+    writeFileSync(path.join(OUT, 'result.json'), JSON.stringify(result, null, 2));
+    rmSync(tmp, { recursive: true, force: true });
+  }
+  console.log(JSON.stringify(result));
+  process.exit(result.ok ? 0 : 1);
+}
+
+main().catch((err: unknown) => {
+  console.log(JSON.stringify({ ok: false, error: err instanceof Error ? err.message : String(err) }));
+  process.exit(1);
+});
