@@ -72,6 +72,24 @@ pub struct PositionParams {
     pub lens: Option<LensParam>,
 }
 
+/// `lens/heatmap` params.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeatmapParams {
+    pub text: String,
+    /// `"svg"` or `"html"`.
+    pub format: String,
+    /// `prob` (default), `next-prob`, `entropy`, `kl` or `rank`.
+    #[serde(default)]
+    pub metric: Option<String>,
+    #[serde(default)]
+    pub layers: Option<LayersParam>,
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub lens: Option<LensParam>,
+}
+
 /// `lens/tokenize` params.
 #[derive(Debug, Clone, Deserialize)]
 pub struct TokenizeParams {
@@ -252,6 +270,39 @@ impl Engine {
     pub fn analyze(&self, p: &AnalyzeParams) -> Result<Report, RpcError> {
         let k = top_k(p.top_k)?;
         self.report(&p.text, p.layers.as_ref(), p.positions.as_deref(), k, p.lens.unwrap_or_default().into())
+    }
+
+    /// `lens/heatmap`: the same SVG or HTML page as `logit-lens plot` for the whole text.
+    pub fn heatmap(&self, p: &HeatmapParams) -> Result<(String, String), RpcError> {
+        let html = match p.format.as_str() {
+            "html" => true,
+            "svg" => false,
+            other => return Err(RpcError::invalid_params(format!("format must be \"svg\" or \"html\", not {other:?}"))),
+        };
+        let metric = match p.metric.as_deref() {
+            None => lens_plot::Metric::default(),
+            Some(m) => lens_plot::Metric::ALL.into_iter().find(|x| x.as_str() == m).ok_or_else(|| {
+                RpcError::invalid_params(format!("metric must be one of prob, next-prob, entropy, kl, rank, not {m:?}"))
+            })?,
+        };
+        let k = top_k(p.top_k)?;
+        let kind: LensKind = p.lens.unwrap_or_default().into();
+        let tokens = self.prompt(&p.text)?;
+        let layers = self.layers(p.layers.as_ref())?;
+        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+        let states = self.states(&ids)?;
+        let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
+        let views = Lens::new(&*self.backend, &states, kind, k).grid(&sites)?;
+        let tracks = if html {
+            lens_plot::tracks(&*self.backend, &states, kind, &views, &layers).map_err(|e| RpcError::model(e.to_string()))?
+        } else {
+            Vec::new()
+        };
+        let decode = |id: u32| self.backend.decode(id);
+        let model = self.backend.info().name.clone();
+        let plot = lens_plot::Plot { views: &views, tokens: &tokens, layers: &layers, decode: &decode, model: &model, lens: kind, tracks: &tracks };
+        let options = lens_plot::Options { metric, ..lens_plot::Options::default() };
+        Ok(if html { ("html".into(), lens_plot::html(&plot, &options)) } else { ("svg".into(), lens_plot::svg(&plot, &options)) })
     }
 
     /// `lens/position`: the report with one position.

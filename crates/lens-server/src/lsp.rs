@@ -82,6 +82,7 @@ pub fn service(engine: Arc<Engine>) -> (LspService<LensLsp>, tower_lsp::ClientSo
         .custom_method("lens/analyze", LensLsp::analyze)
         .custom_method("lens/position", LensLsp::position)
         .custom_method("lens/tokenize", LensLsp::tokenize)
+        .custom_method("lens/heatmap", LensLsp::heatmap)
         .custom_method("lens/modelInfo", LensLsp::model_info)
         .custom_method("lens/cacheStats", LensLsp::cache_stats);
     b.finish()
@@ -186,6 +187,9 @@ impl LensLsp {
     }
     async fn tokenize(&self, params: Value) -> LspResult<Value> {
         self.custom("lens/tokenize", params).await
+    }
+    async fn heatmap(&self, params: Value) -> LspResult<Value> {
+        self.custom("lens/heatmap", params).await
     }
     async fn model_info(&self, params: Value) -> LspResult<Value> {
         self.custom("lens/modelInfo", params).await

@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWr
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use crate::engine::{AnalyzeParams, PositionParams, TokenizeParams};
+use crate::engine::{AnalyzeParams, HeatmapParams, PositionParams, TokenizeParams};
 use crate::{wire, Engine, RpcError};
 
 /// Largest message body accepted (a document of a few MB plus JSON overhead).
@@ -48,6 +48,11 @@ pub async fn call(engine: Arc<Engine>, method: &str, p: Value) -> Result<Value, 
             let tokens = blocking(move || engine.tokenize(&p.text)).await?;
             Ok(json!({ "tokens": wire::token_json(&tokens) }))
         }
+        "lens/heatmap" => {
+            let p: HeatmapParams = params(p)?;
+            let (format, content) = blocking(move || engine.heatmap(&p)).await?;
+            Ok(json!({ "format": format, "content": content }))
+        }
         "lens/modelInfo" => to_value(&wire::model_json(engine.backend())),
         "lens/cacheStats" => to_value(&engine.stats()),
         _ => Err(RpcError::method_not_found(method)),
@@ -55,7 +60,8 @@ pub async fn call(engine: Arc<Engine>, method: &str, p: Value) -> Result<Value, 
 }
 
 /// The names of the `lens/*` methods.
-pub const METHODS: [&str; 5] = ["lens/analyze", "lens/position", "lens/tokenize", "lens/modelInfo", "lens/cacheStats"];
+pub const METHODS: [&str; 6] =
+    ["lens/analyze", "lens/position", "lens/tokenize", "lens/heatmap", "lens/modelInfo", "lens/cacheStats"];
 
 /// Read one framed message. `Ok(None)` at a clean end of stream; `Err` when the framing is
 /// broken (the connection cannot continue).

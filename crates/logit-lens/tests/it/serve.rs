@@ -607,3 +607,29 @@ fn a_newer_edit_supersedes_a_hover() {
     let r = hover(&mut lsp, uri, 0, 7);
     assert!(r["result"]["contents"]["value"].as_str().expect("md").starts_with("**␣there**"), "{r}");
 }
+
+#[test]
+fn heatmap_over_tcp_equals_the_plot_command() {
+    let server = Server::tcp(&[]);
+    let mut c = server.connect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("map.svg");
+    let plot = logit_lens(&["plot", TEXT, "--layers", ":10", "--metric", "entropy", "--out", out.to_str().expect("utf8")]);
+    assert_eq!(plot.code, 0, "{}", plot.stderr);
+    let want = std::fs::read_to_string(&out).expect("svg");
+    let got = c.ok("lens/heatmap", json!({ "text": TEXT, "format": "svg", "layers": ":10", "metric": "entropy" }));
+    assert_eq!(got["format"], "svg");
+    assert_eq!(got["content"].as_str(), Some(want.as_str()), "lens/heatmap differs from logit-lens plot");
+
+    let page = c.ok("lens/heatmap", json!({ "text": TEXT, "format": "html", "layers": [0, 30] }));
+    let html = page["content"].as_str().expect("html");
+    assert!(html.starts_with("<!DOCTYPE html>") || html.starts_with("<!doctype html>"), "{}", &html[..80.min(html.len())]);
+    assert!(!html.contains("<script src") && !html.contains("<link"), "the page must be self-contained");
+    assert!(html.contains("Paris"), "the page carries the tokens");
+
+    assert_error(&c.request("lens/heatmap", json!({ "text": TEXT, "format": "gif" })), -32602, None);
+    assert_error(&c.request("lens/heatmap", json!({ "text": TEXT, "format": "svg", "metric": "colour" })), -32602, None);
+    assert_error(&c.request("lens/heatmap", json!({ "text": "", "format": "svg" })), -32010, Some("empty_text"));
+    // Still serving.
+    assert_eq!(c.ok("lens/modelInfo", json!({}))["n_layers"], 30);
+}
