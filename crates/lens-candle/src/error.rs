@@ -2,7 +2,10 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path} is not a GGUF file or an HF model folder (config.json + *.safetensors + tokenizer.json)")]
     NotAModel { path: String },
     #[error("{path} is truncated: {detail}")]

@@ -15,7 +15,10 @@ use crate::{Error, Precision};
 
 pub(crate) fn is_gguf(path: &Path) -> bool {
     let mut magic = [0u8; 4];
-    File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
 }
 
 pub(crate) struct Loaded {
@@ -27,13 +30,19 @@ pub(crate) struct Loaded {
 
 pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result<Loaded, Error> {
     let display = path.display().to_string();
-    let io = |source| Error::Io { path: display.clone(), source };
+    let io = |source| Error::Io {
+        path: display.clone(),
+        source,
+    };
     let file = File::open(path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
     let mut reader = BufReader::new(file);
     let content = Content::read(&mut reader).map_err(|e| match e {
         candle_core::Error::Io(ref io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Error::Truncated { path: display.clone(), detail: "the header ends early".into() }
+            Error::Truncated {
+                path: display.clone(),
+                detail: "the header ends early".into(),
+            }
         }
         e => Error::Format(format!("{display}: {e}")),
     })?;
@@ -51,7 +60,8 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         other => return Err(Error::UnsupportedArchitecture(other.to_string())),
     };
     let get = |key: &str| -> Result<&Value, Error> {
-        md.get(&format!("{arch}.{key}")).ok_or_else(|| Error::Format(format!("missing metadata `{arch}.{key}`")))
+        md.get(&format!("{arch}.{key}"))
+            .ok_or_else(|| Error::Format(format!("missing metadata `{arch}.{key}`")))
     };
     let get_usize = |key: &str| -> Result<usize, Error> {
         let v = get(key)?;
@@ -60,7 +70,12 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
             .map(|x| x as usize)
             .map_err(|_| Error::Format(format!("`{arch}.{key}` is not an integer")))
     };
-    let get_f32 = |key: &str, default: f32| -> f32 { get(key).ok().and_then(|v| v.to_f32().ok()).unwrap_or(default) };
+    let get_f32 = |key: &str, default: f32| -> f32 {
+        get(key)
+            .ok()
+            .and_then(|v| v.to_f32().ok())
+            .unwrap_or(default)
+    };
 
     let hidden = get_usize("embedding_length")?;
     let n_heads = get_usize("attention.head_count")?;
@@ -76,7 +91,8 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         hidden,
         n_heads,
         n_kv_heads,
-        head_dim: get_usize("rope.dimension_count").unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
+        head_dim: get_usize("rope.dimension_count")
+            .unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
         vocab,
         rms_eps: f64::from(get_f32("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta: get_f32("rope.freq_base", 10_000.0),
@@ -98,7 +114,11 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         )));
     }
 
-    let mut r = TensorReader { content: &content, reader: &mut reader, device };
+    let mut r = TensorReader {
+        content: &content,
+        reader: &mut reader,
+        device,
+    };
     let dense = precision == Precision::F32;
     let embed_q = r.qtensor("token_embd.weight")?;
     let embed = embed_q.dequantize(device)?;
@@ -113,7 +133,10 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         let p = format!("blk.{i}");
         let lin = |r: &mut TensorReader<'_, _>, n: &str| -> Result<Linear, Error> {
             let bias = r.optional(&format!("{p}.{n}.bias"))?;
-            Ok(Linear::new(r.matmul(&format!("{p}.{n}.weight"), dense)?, bias))
+            Ok(Linear::new(
+                r.matmul(&format!("{p}.{n}.weight"), dense)?,
+                bias,
+            ))
         };
         blocks.push(Block {
             attn_norm: r.dense(&format!("{p}.attn_norm.weight"))?,
@@ -187,7 +210,10 @@ fn matmul_from(q: Arc<QTensor>, dense: bool) -> Result<QMatMul, Error> {
         // fast path fast; the f32 path is the reference.
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1 => {
             let dense = q.dequantize(&q.device())?;
-            Ok(QMatMul::from_qtensor(QTensor::quantize(&dense, GgmlDType::Q8_0)?)?)
+            Ok(QMatMul::from_qtensor(QTensor::quantize(
+                &dense,
+                GgmlDType::Q8_0,
+            )?)?)
         }
         _ => Ok(QMatMul::from_arc(q)?),
     }

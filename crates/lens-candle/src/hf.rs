@@ -50,7 +50,10 @@ pub(crate) fn is_hf_folder(path: &Path) -> bool {
 pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
     let read = |name: &str| -> Result<String, Error> {
         let p = dir.join(name);
-        std::fs::read_to_string(&p).map_err(|source| Error::Io { path: p.display().to_string(), source })
+        std::fs::read_to_string(&p).map_err(|source| Error::Io {
+            path: p.display().to_string(),
+            source,
+        })
     };
     let hf: HfConfig = serde_json::from_str(&read("config.json")?)
         .map_err(|e| Error::Format(format!("{}: {e}", dir.join("config.json").display())))?;
@@ -58,14 +61,25 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
     if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
         return Err(Error::UnsupportedArchitecture(arch));
     }
-    let rope_type = hf.rope_parameters.as_ref().and_then(|r| r.rope_type.as_deref()).unwrap_or("default");
+    let rope_type = hf
+        .rope_parameters
+        .as_ref()
+        .and_then(|r| r.rope_type.as_deref())
+        .unwrap_or("default");
     if hf.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) || rope_type != "default" {
-        return Err(Error::Unsupported(format!("RoPE scaling (`{rope_type}`) is not implemented")));
+        return Err(Error::Unsupported(format!(
+            "RoPE scaling (`{rope_type}`) is not implemented"
+        )));
     }
     if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != "silu") {
-        return Err(Error::Unsupported(format!("activation `{act}` (only SwiGLU with silu)")));
+        return Err(Error::Unsupported(format!(
+            "activation `{act}` (only SwiGLU with silu)"
+        )));
     }
-    let rope_theta = hf.rope_theta.or(hf.rope_parameters.as_ref().and_then(|r| r.rope_theta)).unwrap_or(10_000.0);
+    let rope_theta = hf
+        .rope_theta
+        .or(hf.rope_parameters.as_ref().and_then(|r| r.rope_theta))
+        .unwrap_or(10_000.0);
     // Sliding-window attention equals full attention up to the window: cap the context there
     // rather than compute longer prompts wrongly.
     let max_pos = hf.max_position_embeddings.unwrap_or(2048);
@@ -80,7 +94,9 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
         hidden: hf.hidden_size,
         n_heads: hf.num_attention_heads,
         n_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-        head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
+        head_dim: hf
+            .head_dim
+            .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
         vocab: hf.vocab_size,
         rms_eps: hf.rms_norm_eps.unwrap_or(1e-6),
         rope_theta,
@@ -96,13 +112,18 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
     let tokenizer = ModelTokenizer::from_file(&tok_path)?;
 
     let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|source| Error::Io { path: dir.display().to_string(), source })?
+        .map_err(|source| Error::Io {
+            path: dir.display().to_string(),
+            source,
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(Error::NotAModel { path: dir.display().to_string() });
+        return Err(Error::NotAModel {
+            path: dir.display().to_string(),
+        });
     }
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for f in &files {
@@ -111,11 +132,17 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
         tensors.extend(loaded);
     }
     let mut take = |name: &str| -> Result<Tensor, Error> {
-        let t = tensors.remove(name).ok_or_else(|| Error::Format(format!("missing tensor `{name}`")))?;
+        let t = tensors
+            .remove(name)
+            .ok_or_else(|| Error::Format(format!("missing tensor `{name}`")))?;
         Ok(t.to_dtype(DType::F32)?)
     };
     let embed = take("model.embed_tokens.weight")?;
-    let unembed = if hf.tie_word_embeddings { embed.clone() } else { take("lm_head.weight")? };
+    let unembed = if hf.tie_word_embeddings {
+        embed.clone()
+    } else {
+        take("lm_head.weight")?
+    };
     if embed.dims() != [cfg.vocab, cfg.hidden] || unembed.dims() != [cfg.vocab, cfg.hidden] {
         return Err(Error::Format(format!(
             "embedding shape {:?} does not match vocab {} x hidden {}",
@@ -132,8 +159,17 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
             let bias = take(&format!("{p}.{n}.bias")).ok();
             Ok(Linear::new(QMatMul::Tensor(w), bias))
         };
-        let (q, k, v, o) = (lin("self_attn.q_proj")?, lin("self_attn.k_proj")?, lin("self_attn.v_proj")?, lin("self_attn.o_proj")?);
-        let (gate, up, down) = (lin("mlp.gate_proj")?, lin("mlp.up_proj")?, lin("mlp.down_proj")?);
+        let (q, k, v, o) = (
+            lin("self_attn.q_proj")?,
+            lin("self_attn.k_proj")?,
+            lin("self_attn.v_proj")?,
+            lin("self_attn.o_proj")?,
+        );
+        let (gate, up, down) = (
+            lin("mlp.gate_proj")?,
+            lin("mlp.up_proj")?,
+            lin("mlp.down_proj")?,
+        );
         blocks.push(Block {
             attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
             q,
@@ -153,7 +189,14 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
         .or_else(|| dir.file_name().map(|s| s.to_string_lossy().into_owned()))
         .unwrap_or_default();
     Ok(Loaded {
-        model: Model::new(cfg, embed, blocks, final_norm, QMatMul::Tensor(unembed), device.clone())?,
+        model: Model::new(
+            cfg,
+            embed,
+            blocks,
+            final_norm,
+            QMatMul::Tensor(unembed),
+            device.clone(),
+        )?,
         tokenizer,
         name,
         precision: "f32 (safetensors)".into(),

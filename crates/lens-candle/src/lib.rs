@@ -40,7 +40,9 @@ impl FromStr for Precision {
         match s {
             "f32" => Ok(Precision::F32),
             "fast" => Ok(Precision::Fast),
-            other => Err(format!("unknown precision `{other}` (expected f32 or fast)")),
+            other => Err(format!(
+                "unknown precision `{other}` (expected f32 or fast)"
+            )),
         }
     }
 }
@@ -71,13 +73,24 @@ impl CandleBackend {
             } else if hf::is_hf_folder(path) {
                 hf::load(path, &device)
             } else if path.is_file() {
-                std::fs::File::open(path).map_err(|source| Error::Io { path: display.clone(), source })?;
-                Err(Error::NotAModel { path: display.clone() })
+                std::fs::File::open(path).map_err(|source| Error::Io {
+                    path: display.clone(),
+                    source,
+                })?;
+                Err(Error::NotAModel {
+                    path: display.clone(),
+                })
             } else {
-                Err(Error::NotAModel { path: display.clone() })
+                Err(Error::NotAModel {
+                    path: display.clone(),
+                })
             }
         }))
-        .map_err(|_| Error::Format(format!("{display}: the file's declared sizes are inconsistent")))??;
+        .map_err(|_| {
+            Error::Format(format!(
+                "{display}: the file's declared sizes are inconsistent"
+            ))
+        })??;
         let cfg = &loaded.model.cfg;
         let info = ModelInfo {
             name: loaded.name,
@@ -89,7 +102,11 @@ impl CandleBackend {
             precision: loaded.precision,
         };
         tracing::info!(?info, "model loaded");
-        Ok(CandleBackend { info, model: loaded.model, tokenizer: loaded.tokenizer })
+        Ok(CandleBackend {
+            info,
+            model: loaded.model,
+            tokenizer: loaded.tokenizer,
+        })
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<(), lens_core::Error> {
@@ -102,8 +119,14 @@ impl CandleBackend {
                 context: self.info.context_length,
             });
         }
-        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= self.info.vocab_size) {
-            return Err(lens_core::Error::TokenOutOfRange { id, vocab: self.info.vocab_size });
+        if let Some(&id) = tokens
+            .iter()
+            .find(|&&id| id as usize >= self.info.vocab_size)
+        {
+            return Err(lens_core::Error::TokenOutOfRange {
+                id,
+                vocab: self.info.vocab_size,
+            });
         }
         Ok(())
     }
@@ -115,13 +138,17 @@ impl CandleBackend {
         options: CaptureOptions,
     ) -> Result<HiddenStates, lens_core::Error> {
         self.check_tokens(tokens)?;
-        let capture = self.model.forward(tokens, prefix.map(|(_, kv)| kv), options.mid_block)?;
+        let capture = self
+            .model
+            .forward(tokens, prefix.map(|(_, kv)| kv), options.mid_block)?;
         let (resid, mid) = match prefix {
             None => (capture.resid, capture.mid),
             Some((states, kv)) => {
                 let keep = kv.tokens.len();
                 let resid = splice(states, keep, &capture.resid, tokens.len(), false);
-                let mid = capture.mid.map(|m| splice(states, keep, &m, tokens.len(), true));
+                let mid = capture
+                    .mid
+                    .map(|m| splice(states, keep, &m, tokens.len(), true));
                 (resid, mid)
             }
         };
@@ -135,10 +162,18 @@ impl CandleBackend {
 fn splice(prefix: &HiddenStates, keep: usize, fresh: &[f32], total: usize, mid: bool) -> Vec<f32> {
     let hidden = prefix.hidden_size();
     let new = total - keep;
-    let layers = if mid { prefix.n_layers() } else { prefix.n_layers() + 1 };
+    let layers = if mid {
+        prefix.n_layers()
+    } else {
+        prefix.n_layers() + 1
+    };
     let mut out = Vec::with_capacity(layers * total * hidden);
     for l in 0..layers {
-        let site = if mid { lens_core::Site::MidBlock(l + 1) } else { lens_core::Site::Layer(l) };
+        let site = if mid {
+            lens_core::Site::MidBlock(l + 1)
+        } else {
+            lens_core::Site::Layer(l)
+        };
         for p in 0..keep {
             out.extend_from_slice(prefix.row(site, p).unwrap_or(&[]));
         }
@@ -160,7 +195,11 @@ impl Backend for CandleBackend {
         self.tokenizer.decode(id)
     }
 
-    fn forward(&self, tokens: &[u32], options: CaptureOptions) -> Result<HiddenStates, lens_core::Error> {
+    fn forward(
+        &self,
+        tokens: &[u32],
+        options: CaptureOptions,
+    ) -> Result<HiddenStates, lens_core::Error> {
         self.run(tokens, None, options)
     }
 
@@ -170,21 +209,40 @@ impl Backend for CandleBackend {
         tokens: &[u32],
         options: CaptureOptions,
     ) -> Result<HiddenStates, lens_core::Error> {
-        let kv = prefix.backend_state().and_then(|s| s.downcast_ref::<KvCache>());
-        let Some(kv) = kv else { return self.run(tokens, None, options) };
+        let kv = prefix
+            .backend_state()
+            .and_then(|s| s.downcast_ref::<KvCache>());
+        let Some(kv) = kv else {
+            return self.run(tokens, None, options);
+        };
         if options.mid_block && !prefix.has_mid_block() {
             return self.run(tokens, None, options);
         }
         // Reuse the longest shared prefix, but always recompute at least the last token.
-        let common = kv.tokens.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+        let common = kv
+            .tokens
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
         let keep = common.min(tokens.len().saturating_sub(1));
         if keep == 0 {
             return self.run(tokens, None, options);
         }
         let trimmed = KvCache {
             tokens: tokens[..keep].to_vec(),
-            k: kv.k.iter().map(|t| t.narrow(2, 0, keep)).collect::<Result<_, _>>().map_err(Error::from)?,
-            v: kv.v.iter().map(|t| t.narrow(2, 0, keep)).collect::<Result<_, _>>().map_err(Error::from)?,
+            k: kv
+                .k
+                .iter()
+                .map(|t| t.narrow(2, 0, keep))
+                .collect::<Result<_, _>>()
+                .map_err(Error::from)?,
+            v: kv
+                .v
+                .iter()
+                .map(|t| t.narrow(2, 0, keep))
+                .collect::<Result<_, _>>()
+                .map_err(Error::from)?,
         };
         self.run(tokens, Some((prefix, &trimmed)), options)
     }
@@ -203,5 +261,8 @@ impl Backend for CandleBackend {
 
 /// Bytes a backend state (the KV cache attached to [`HiddenStates`]) holds.
 pub fn backend_state_bytes(states: &HiddenStates) -> usize {
-    states.backend_state().and_then(|s| s.downcast_ref::<KvCache>()).map_or(0, KvCache::bytes)
+    states
+        .backend_state()
+        .and_then(|s| s.downcast_ref::<KvCache>())
+        .map_or(0, KvCache::bytes)
 }

@@ -38,7 +38,10 @@ impl Config {
             return bad(format!("empty dimensions in {self:?}"));
         }
         if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            return bad(format!("{} heads cannot share {} KV heads", self.n_heads, self.n_kv_heads));
+            return bad(format!(
+                "{} heads cannot share {} KV heads",
+                self.n_heads, self.n_kv_heads
+            ));
         }
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!("odd head dimension {}", self.head_dim));
@@ -101,7 +104,11 @@ pub(crate) struct KvCache {
 
 impl KvCache {
     pub(crate) fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
     }
 }
 
@@ -114,12 +121,27 @@ pub(crate) struct Capture {
 }
 
 impl Model {
-    pub(crate) fn new(cfg: Config, embed: Tensor, blocks: Vec<Block>, final_norm: Tensor, unembed: QMatMul, device: Device) -> Result<Self, Error> {
+    pub(crate) fn new(
+        cfg: Config,
+        embed: Tensor,
+        blocks: Vec<Block>,
+        final_norm: Tensor,
+        unembed: QMatMul,
+        device: Device,
+    ) -> Result<Self, Error> {
         let unembed_t = match &unembed {
             QMatMul::Tensor(w) => Some(w.t()?.contiguous()?),
             _ => None,
         };
-        Ok(Model { cfg, embed, blocks, final_norm, unembed, unembed_t, device })
+        Ok(Model {
+            cfg,
+            embed,
+            blocks,
+            final_norm,
+            unembed,
+            unembed_t,
+            device,
+        })
     }
 
     /// Run `tokens[start..]` after a cached prefix of `start` tokens, capturing the residual
@@ -149,7 +171,14 @@ impl Model {
         for (i, b) in self.blocks.iter().enumerate() {
             let _span = tracing::trace_span!("block", i).entered();
             let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, cfg.rms_eps as f32)?;
-            let (att, k, v) = self.attention(b, &h, &cos, &sin, mask.as_ref(), prefix.map(|p| (&p.k[i], &p.v[i])))?;
+            let (att, k, v) = self.attention(
+                b,
+                &h,
+                &cos,
+                &sin,
+                mask.as_ref(),
+                prefix.map(|p| (&p.k[i], &p.v[i])),
+            )?;
             ks.push(k);
             vs.push(v);
             x = (x + att)?;
@@ -157,12 +186,22 @@ impl Model {
                 mids.push(x.flatten_all()?.to_vec1::<f32>()?);
             }
             let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, cfg.rms_eps as f32)?;
-            let mlp = b.down.forward(&(candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?)?;
+            let mlp = b
+                .down
+                .forward(&(candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?)?;
             x = (x + mlp)?;
             layers.push(x.flatten_all()?.to_vec1::<f32>()?);
         }
-        let cache = Arc::new(KvCache { tokens: tokens.to_vec(), k: ks, v: vs });
-        Ok(Capture { resid: layers.concat(), mid: mid_block.then(|| mids.concat()), cache })
+        let cache = Arc::new(KvCache {
+            tokens: tokens.to_vec(),
+            k: ks,
+            v: vs,
+        });
+        Ok(Capture {
+            resid: layers.concat(),
+            mid: mid_block.then(|| mids.concat()),
+            cache,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -178,16 +217,30 @@ impl Model {
         let cfg = &self.cfg;
         let (t, _) = h.dims2()?;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let q = b.q.forward(h)?.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = b.k.forward(h)?.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = b.v.forward(h)?.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q =
+            b.q.forward(h)?
+                .reshape((1, t, nh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+        let k =
+            b.k.forward(h)?
+                .reshape((1, t, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+        let v =
+            b.v.forward(h)?
+                .reshape((1, t, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
         let (q, k) = match cfg.rope {
-            RopeLayout::Interleaved => {
-                (candle_nn::rotary_emb::rope_i(&q, cos, sin)?, candle_nn::rotary_emb::rope_i(&k, cos, sin)?)
-            }
-            RopeLayout::Halves => {
-                (candle_nn::rotary_emb::rope(&q, cos, sin)?, candle_nn::rotary_emb::rope(&k, cos, sin)?)
-            }
+            RopeLayout::Interleaved => (
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+            ),
+            RopeLayout::Halves => (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ),
         };
         let (k, v) = match past {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
@@ -204,7 +257,10 @@ impl Model {
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?; // [1, nkv, rep*t, hd]
-        let out = out.reshape((1, nh, t, hd))?.transpose(1, 2)?.reshape((t, nh * hd))?;
+        let out = out
+            .reshape((1, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((t, nh * hd))?;
         debug_assert_eq!(s, k.dim(2)?);
         Ok((b.o.forward(&out)?, k, v))
     }
@@ -213,7 +269,12 @@ impl Model {
     fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor), Error> {
         let half = self.cfg.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / self.cfg.rope_theta.powf((2 * i) as f32 / self.cfg.head_dim as f32))
+            .map(|i| {
+                1.0 / self
+                    .cfg
+                    .rope_theta
+                    .powf((2 * i) as f32 / self.cfg.head_dim as f32)
+            })
             .collect();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
@@ -224,7 +285,10 @@ impl Model {
                 sin.push(a.sin());
             }
         }
-        Ok((Tensor::from_vec(cos, (t, half), &self.device)?, Tensor::from_vec(sin, (t, half), &self.device)?))
+        Ok((
+            Tensor::from_vec(cos, (t, half), &self.device)?,
+            Tensor::from_vec(sin, (t, half), &self.device)?,
+        ))
     }
 
     /// `unembed(final_norm(rows))` or `rows · W_Uᵀ`.
@@ -235,7 +299,11 @@ impl Model {
             return Ok(Vec::new());
         }
         let x = Tensor::from_slice(rows, (n, hidden), &self.device)?;
-        let x = if norm { candle_nn::ops::rms_norm(&x, &self.final_norm, self.cfg.rms_eps as f32)? } else { x };
+        let x = if norm {
+            candle_nn::ops::rms_norm(&x, &self.final_norm, self.cfg.rms_eps as f32)?
+        } else {
+            x
+        };
         let logits = match &self.unembed {
             // Dense: multiply by the pre-transposed copy `[hidden, vocab]`, which the gemm
             // kernels stream through faster for large batches (measured: 4.4 s instead of
@@ -246,13 +314,21 @@ impl Model {
             },
             _ => self.unembed.forward(&x)?,
         };
-        Ok(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        Ok(logits
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?)
     }
 }
 
 /// Additive mask for `t` new queries after `start` cached positions, repeated for the `rep`
 /// query heads grouped on each KV head: `[rep * t, start + t]`. `None` for a single query.
-fn causal_mask(start: usize, t: usize, rep: usize, device: &Device) -> Result<Option<Tensor>, Error> {
+fn causal_mask(
+    start: usize,
+    t: usize,
+    rep: usize,
+    device: &Device,
+) -> Result<Option<Tensor>, Error> {
     if t == 1 {
         return Ok(None);
     }
@@ -260,7 +336,13 @@ fn causal_mask(start: usize, t: usize, rep: usize, device: &Device) -> Result<Op
     let mut m = Vec::with_capacity(rep * t * s);
     for _ in 0..rep {
         for i in 0..t {
-            m.extend((0..s).map(|j| if j <= start + i { 0.0f32 } else { f32::NEG_INFINITY }));
+            m.extend((0..s).map(|j| {
+                if j <= start + i {
+                    0.0f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
         }
     }
     Ok(Some(Tensor::from_vec(m, (rep * t, s), device)?))

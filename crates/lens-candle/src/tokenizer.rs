@@ -39,7 +39,9 @@ impl ModelTokenizer {
         let model = md
             .get("tokenizer.ggml.model")
             .and_then(|v| v.to_string().ok())
-            .ok_or_else(|| Error::Unsupported("the GGUF file has no tokenizer (tokenizer.ggml.model)".into()))?;
+            .ok_or_else(|| {
+                Error::Unsupported("the GGUF file has no tokenizer (tokenizer.ggml.model)".into())
+            })?;
         if model != "gpt2" {
             return Err(Error::Unsupported(format!(
                 "tokenizer model `{model}`: only byte-level BPE (`gpt2`) tokenizers are supported in GGUF files"
@@ -51,16 +53,24 @@ impl ModelTokenizer {
             Some(Ok(v)) => v.iter().map(|x| x.to_i32().unwrap_or(1)).collect(),
             _ => Vec::new(),
         };
-        let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map_or("default", String::as_str);
+        let pre = md
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .map_or("default", String::as_str);
 
-        let vocab: tokenizers::models::bpe::Vocab =
-            tokens.iter().enumerate().map(|(i, t)| ((*t).clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ((*t).clone(), i as u32))
+            .collect();
         let merges: Vec<(String, String)> = merges
             .iter()
             .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| Error::Format(format!("malformed merge `{m}` in tokenizer.ggml.merges")))
+                    .ok_or_else(|| {
+                        Error::Format(format!("malformed merge `{m}` in tokenizer.ggml.merges"))
+                    })
             })
             .collect::<Result<_, _>>()?;
         let bpe = BPE::builder()
@@ -71,9 +81,17 @@ impl ModelTokenizer {
 
         let byte_level = ByteLevel::new(false, true, true);
         let split = |pattern: &str| -> Result<PreTokenizerWrapper, Error> {
-            let split = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| Error::Format(format!("tokenizer split pattern: {e}")))?;
-            Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
+            let split = Split::new(
+                SplitPattern::Regex(pattern.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| Error::Format(format!("tokenizer split pattern: {e}")))?;
+            Ok(Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into())
         };
         let pre_tokenizer: PreTokenizerWrapper = match pre {
             // SmolLM: every digit its own pre-token, then GPT-2's split.
@@ -95,9 +113,19 @@ impl ModelTokenizer {
             .collect();
         inner.add_special_tokens(&specials);
 
-        let bos = md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok());
-        let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
-        Ok(ModelTokenizer { inner, bos, add_bos, vocab_size: tokens.len() })
+        let bos = md
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(|v| v.to_u32().ok());
+        let add_bos = md
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+        Ok(ModelTokenizer {
+            inner,
+            bos,
+            add_bos,
+            vocab_size: tokens.len(),
+        })
     }
 
     /// Read an HF `tokenizer.json`. Its post-processor decides about BOS, as in transformers.
@@ -105,7 +133,12 @@ impl ModelTokenizer {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Format(format!("{}: {e}", path.display())))?;
         let vocab_size = inner.get_vocab_size(true);
-        Ok(ModelTokenizer { inner, bos: None, add_bos: false, vocab_size })
+        Ok(ModelTokenizer {
+            inner,
+            bos: None,
+            add_bos: false,
+            vocab_size,
+        })
     }
 
     pub(crate) fn vocab_size(&self) -> usize {
@@ -113,17 +146,30 @@ impl ModelTokenizer {
     }
 
     pub(crate) fn tokenize(&self, text: &str) -> Result<Vec<Token>, lens_core::Error> {
-        let enc = self.inner.encode(text, true).map_err(|e| lens_core::Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| lens_core::Error::Tokenizer(e.to_string()))?;
         let mut out = Vec::with_capacity(enc.len() + 1);
         if self.add_bos {
             if let Some(bos) = self.bos {
                 if enc.get_ids().first() != Some(&bos) {
-                    out.push(Token { id: bos, text: self.decode(bos), start: 0, end: 0 });
+                    out.push(Token {
+                        id: bos,
+                        text: self.decode(bos),
+                        start: 0,
+                        end: 0,
+                    });
                 }
             }
         }
         for (&id, &(start, end)) in enc.get_ids().iter().zip(enc.get_offsets()) {
-            out.push(Token { id, text: self.decode(id), start, end });
+            out.push(Token {
+                id,
+                text: self.decode(id),
+                start,
+                end,
+            });
         }
         Ok(out)
     }
@@ -141,6 +187,9 @@ fn string_array<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<Vec<&'a
         .map_err(|_| Error::Format(format!("`{key}` is not an array")))?;
     values
         .iter()
-        .map(|v| v.to_string().map_err(|_| Error::Format(format!("`{key}` holds a non-string"))))
+        .map(|v| {
+            v.to_string()
+                .map_err(|_| Error::Format(format!("`{key}` holds a non-string")))
+        })
         .collect()
 }

@@ -55,7 +55,10 @@ impl HiddenStates {
             return Err(Error::EmptyPrompt);
         }
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= info.vocab_size) {
-            return Err(Error::TokenOutOfRange { id, vocab: info.vocab_size });
+            return Err(Error::TokenOutOfRange {
+                id,
+                vocab: info.vocab_size,
+            });
         }
         let want = (n_layers + 1) * n_positions * hidden;
         if resid.len() != want {
@@ -76,7 +79,15 @@ impl HiddenStates {
                 )));
             }
         }
-        Ok(HiddenStates { n_layers, n_positions, hidden, tokens, resid, mid, backend_state: None })
+        Ok(HiddenStates {
+            n_layers,
+            n_positions,
+            hidden,
+            tokens,
+            resid,
+            mid,
+            backend_state: None,
+        })
     }
 
     /// Attach a backend's opaque state (e.g. its KV cache) so the prompt can be extended later.

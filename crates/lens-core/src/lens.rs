@@ -64,8 +64,18 @@ pub struct Lens<'a> {
 }
 
 impl<'a> Lens<'a> {
-    pub fn new(backend: &'a dyn Backend, states: &'a HiddenStates, kind: LensKind, top_k: usize) -> Self {
-        Lens { backend, states, kind, top_k }
+    pub fn new(
+        backend: &'a dyn Backend,
+        states: &'a HiddenStates,
+        kind: LensKind,
+        top_k: usize,
+    ) -> Self {
+        Lens {
+            backend,
+            states,
+            kind,
+            top_k,
+        }
     }
 
     pub fn states(&self) -> &HiddenStates {
@@ -80,7 +90,10 @@ impl<'a> Lens<'a> {
     /// The lens at `sites` for one position.
     pub fn position(&self, position: usize, sites: &[Site]) -> Result<PositionView, Error> {
         let mut views = self.positions(&[position], sites)?;
-        views.pop().ok_or(Error::PositionOutOfRange { position, len: self.states.n_positions() })
+        views.pop().ok_or(Error::PositionOutOfRange {
+            position,
+            len: self.states.n_positions(),
+        })
     }
 
     /// The lens at `sites` for every position of the prompt.
@@ -90,16 +103,26 @@ impl<'a> Lens<'a> {
     }
 
     /// The lens at `sites` for each of `positions`, in that order.
-    pub fn positions(&self, positions: &[usize], sites: &[Site]) -> Result<Vec<PositionView>, Error> {
+    pub fn positions(
+        &self,
+        positions: &[usize],
+        sites: &[Site],
+    ) -> Result<Vec<PositionView>, Error> {
         let st = self.states;
         if let Some(&position) = positions.iter().find(|&&p| p >= st.n_positions()) {
-            return Err(Error::PositionOutOfRange { position, len: st.n_positions() });
+            return Err(Error::PositionOutOfRange {
+                position,
+                len: st.n_positions(),
+            });
         }
         if let Some(site) = sites.iter().find(|s| !st.contains(**s)) {
             let layer = match *site {
                 Site::Layer(l) | Site::MidBlock(l) => l,
             };
-            return Err(Error::LayerOutOfRange { layer, max: st.n_layers() });
+            return Err(Error::LayerOutOfRange {
+                layer,
+                max: st.n_layers(),
+            });
         }
         let last = Site::Layer(st.n_layers());
         // With the norm lens, the last layer's row *is* the model output; reuse it.
@@ -160,17 +183,36 @@ impl<'a> Lens<'a> {
         };
         let vocab = self.backend.info().vocab_size;
         let want = group.len() * sites.len() * vocab;
-        if logits.len() != want || final_logits.as_ref().is_some_and(|f| f.len() != group.len() * vocab) {
-            return Err(Error::Shape(format!("readout returned {} logits, expected {want}", logits.len())));
+        if logits.len() != want
+            || final_logits
+                .as_ref()
+                .is_some_and(|f| f.len() != group.len() * vocab)
+        {
+            return Err(Error::Shape(format!(
+                "readout returned {} logits, expected {want}",
+                logits.len()
+            )));
         }
         Ok((logits, final_logits))
     }
 
-    fn view(&self, position: usize, sites: &[Site], rows: &[f32], final_row: &[f32]) -> PositionView {
+    fn view(
+        &self,
+        position: usize,
+        sites: &[Site],
+        rows: &[f32],
+        final_row: &[f32],
+    ) -> PositionView {
         let vocab = final_row.len();
         let reference = Reference::new(final_row);
         let final_top = math::top_k(final_row, 1);
-        let final_top1 = final_top.first().map_or(math::TopEntry { id: 0, logit: f32::NAN }, |e| *e);
+        let final_top1 = final_top.first().map_or(
+            math::TopEntry {
+                id: 0,
+                logit: f32::NAN,
+            },
+            |e| *e,
+        );
         let tokens = self.states.tokens();
         let next_id = tokens.get(position + 1).copied();
 
@@ -186,8 +228,10 @@ impl<'a> Lens<'a> {
 
         // Walk down from the last layer while the final top-1 stays top-1.
         let mut decided_at = None;
-        let mut layer_cells: Vec<&Cell> =
-            cells.iter().filter(|c| matches!(c.site, Site::Layer(_))).collect();
+        let mut layer_cells: Vec<&Cell> = cells
+            .iter()
+            .filter(|c| matches!(c.site, Site::Layer(_)))
+            .collect();
         layer_cells.sort_by_key(|c| c.site);
         for c in layer_cells.iter().rev() {
             if c.final_top1_rank != 0 {
@@ -210,18 +254,33 @@ impl<'a> Lens<'a> {
         }
     }
 
-    fn cell(&self, site: Site, row: &[f32], stats: &RowStats, next_id: Option<u32>, final_top1: u32) -> Cell {
+    fn cell(
+        &self,
+        site: Site,
+        row: &[f32],
+        stats: &RowStats,
+        next_id: Option<u32>,
+        final_top1: u32,
+    ) -> Cell {
         let logit_of = |id: u32| row.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY);
         let next = next_id.map(|id| {
             let logit = logit_of(id);
-            NextToken { id, rank: math::rank_of(row, logit), prob: stats.prob(logit) }
+            NextToken {
+                id,
+                rank: math::rank_of(row, logit),
+                prob: stats.prob(logit),
+            }
         });
         Cell {
             site,
             top: stats
                 .top
                 .iter()
-                .map(|e| Prediction { id: e.id, logit: e.logit, prob: stats.prob(e.logit) })
+                .map(|e| Prediction {
+                    id: e.id,
+                    logit: e.logit,
+                    prob: stats.prob(e.logit),
+                })
                 .collect(),
             entropy: stats.entropy,
             kl_to_final: stats.kl.unwrap_or(0.0),

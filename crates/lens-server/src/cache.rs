@@ -81,10 +81,19 @@ impl ActivationCache {
 
     /// The states of `ids`, from the cache or computed (reusing the longest cached prefix).
     /// Blocks: call it from a blocking thread.
-    pub fn get(&self, backend: &dyn Backend, ids: &[u32]) -> Result<Arc<HiddenStates>, Arc<lens_core::Error>> {
+    pub fn get(
+        &self,
+        backend: &dyn Backend,
+        ids: &[u32],
+    ) -> Result<Arc<HiddenStates>, Arc<lens_core::Error>> {
         let key: Arc<[u32]> = ids.into();
         // The entry guard lives only for this statement.
-        let slot = self.map.entry(key.clone()).or_insert_with(|| Arc::new(Slot::new())).value().clone();
+        let slot = self
+            .map
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Slot::new()))
+            .value()
+            .clone();
         slot.last_used.store(self.tick(), Ordering::Relaxed);
         let mut computed_here = false;
         let result = slot.cell.get_or_init(|| {
@@ -133,13 +142,19 @@ impl ActivationCache {
         let states = match best {
             Some((common, prefix)) => {
                 let reused = common.min(n.saturating_sub(1));
-                let states = backend.forward_reusing(&prefix, ids, CaptureOptions::default()).map_err(Arc::new)?;
-                self.tokens_reused.fetch_add(reused as u64, Ordering::Relaxed);
-                self.tokens_computed.fetch_add((n - reused) as u64, Ordering::Relaxed);
+                let states = backend
+                    .forward_reusing(&prefix, ids, CaptureOptions::default())
+                    .map_err(Arc::new)?;
+                self.tokens_reused
+                    .fetch_add(reused as u64, Ordering::Relaxed);
+                self.tokens_computed
+                    .fetch_add((n - reused) as u64, Ordering::Relaxed);
                 states
             }
             None => {
-                let states = backend.forward(ids, CaptureOptions::default()).map_err(Arc::new)?;
+                let states = backend
+                    .forward(ids, CaptureOptions::default())
+                    .map_err(Arc::new)?;
                 self.tokens_computed.fetch_add(n as u64, Ordering::Relaxed);
                 states
             }
@@ -150,26 +165,39 @@ impl ActivationCache {
     /// Drop least recently used completed entries until the total is within the budget. The
     /// entry just computed goes last; if it alone exceeds the budget it is not kept.
     fn evict(&self, newest: &Arc<[u32]>) {
-        let Ok(_guard) = self.evicting.lock() else { return };
+        let Ok(_guard) = self.evicting.lock() else {
+            return;
+        };
         while self.bytes.load(Ordering::Relaxed) > self.budget {
             let victim = self
                 .map
                 .iter()
                 .filter(|e| e.value().cell.get().is_some_and(|r| r.is_ok()))
-                .map(|e| (e.key() != newest, e.value().last_used.load(Ordering::Relaxed), e.key().clone()))
+                .map(|e| {
+                    (
+                        e.key() != newest,
+                        e.value().last_used.load(Ordering::Relaxed),
+                        e.key().clone(),
+                    )
+                })
                 // Others before the newest, then oldest first.
                 .min_by_key(|(other, used, _)| (!*other, *used))
                 .map(|(_, _, key)| key);
             let Some(key) = victim else { break };
             if let Some((_, slot)) = self.map.remove(&key) {
-                self.bytes.fetch_sub(slot.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+                self.bytes
+                    .fetch_sub(slot.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
             }
         }
     }
 
     pub fn stats(&self) -> CacheStats {
         CacheStats {
-            entries: self.map.iter().filter(|e| e.value().cell.get().is_some_and(|r| r.is_ok())).count(),
+            entries: self
+                .map
+                .iter()
+                .filter(|e| e.value().cell.get().is_some_and(|r| r.is_ok()))
+                .count(),
             bytes: self.bytes.load(Ordering::Relaxed),
             budget_bytes: self.budget,
             hits: self.hits.load(Ordering::Relaxed),
@@ -182,6 +210,10 @@ impl ActivationCache {
 
 impl Slot {
     fn new() -> Self {
-        Slot { cell: OnceLock::new(), bytes: AtomicUsize::new(0), last_used: AtomicU64::new(0) }
+        Slot {
+            cell: OnceLock::new(),
+            bytes: AtomicUsize::new(0),
+            last_used: AtomicU64::new(0),
+        }
     }
 }

@@ -106,7 +106,11 @@ pub struct HoverOptions {
 
 impl Default for HoverOptions {
     fn default() -> Self {
-        HoverOptions { top_k: 5, layer_stride: 1, context_tokens: 1024 }
+        HoverOptions {
+            top_k: 5,
+            layer_stride: 1,
+            context_tokens: 1024,
+        }
     }
 }
 
@@ -162,7 +166,9 @@ fn top_k(k: Option<i64>) -> Result<usize, RpcError> {
     match k {
         None => Ok(5),
         Some(k @ 1..=100) => Ok(k as usize),
-        Some(k) => Err(RpcError::invalid_params(format!("topK must be 1..=100, got {k}"))),
+        Some(k) => Err(RpcError::invalid_params(format!(
+            "topK must be 1..=100, got {k}"
+        ))),
     }
 }
 
@@ -187,7 +193,9 @@ impl Engine {
 
     /// Hidden states of `ids`, cached.
     pub fn states(&self, ids: &[u32]) -> Result<Arc<HiddenStates>, RpcError> {
-        self.cache.get(&*self.backend, ids).map_err(|e| RpcError::from(&*e))
+        self.cache
+            .get(&*self.backend, ids)
+            .map_err(|e| RpcError::from(&*e))
     }
 
     pub fn tokenize(&self, text: &str) -> Result<Vec<Token>, RpcError> {
@@ -214,7 +222,9 @@ impl Engine {
         let n = self.backend.info().n_layers;
         let spec = match layers {
             None => LayerSpec::default(),
-            Some(LayersParam::Spec(s)) => s.parse::<LayerSpec>().map_err(RpcError::invalid_params)?,
+            Some(LayersParam::Spec(s)) => {
+                s.parse::<LayerSpec>().map_err(RpcError::invalid_params)?
+            }
             Some(LayersParam::List(v)) => {
                 let mut v = v.clone();
                 v.sort_unstable();
@@ -246,7 +256,9 @@ impl Engine {
                 for &p in ps {
                     let idx = if p < 0 { n + p } else { p };
                     if idx < 0 || idx >= n {
-                        return Err(RpcError::out_of_range(format!("position {p} is outside the text of {n} tokens")));
+                        return Err(RpcError::out_of_range(format!(
+                            "position {p} is outside the text of {n} tokens"
+                        )));
                     }
                     out.push(idx as usize);
                 }
@@ -263,13 +275,26 @@ impl Engine {
             None => lens_view.grid(&sites)?,
             Some(ps) => lens_view.positions(&ps, &sites)?,
         };
-        Ok(wire::build(&*self.backend, &tokens, &views, lens, top_k, &layers))
+        Ok(wire::build(
+            &*self.backend,
+            &tokens,
+            &views,
+            lens,
+            top_k,
+            &layers,
+        ))
     }
 
     /// `lens/analyze`: the same report as `logit-lens run --format json`.
     pub fn analyze(&self, p: &AnalyzeParams) -> Result<Report, RpcError> {
         let k = top_k(p.top_k)?;
-        self.report(&p.text, p.layers.as_ref(), p.positions.as_deref(), k, p.lens.unwrap_or_default().into())
+        self.report(
+            &p.text,
+            p.layers.as_ref(),
+            p.positions.as_deref(),
+            k,
+            p.lens.unwrap_or_default().into(),
+        )
     }
 
     /// `lens/heatmap`: the same SVG or HTML page as `logit-lens plot` for the whole text.
@@ -277,13 +302,22 @@ impl Engine {
         let html = match p.format.as_str() {
             "html" => true,
             "svg" => false,
-            other => return Err(RpcError::invalid_params(format!("format must be \"svg\" or \"html\", not {other:?}"))),
+            other => {
+                return Err(RpcError::invalid_params(format!(
+                    "format must be \"svg\" or \"html\", not {other:?}"
+                )))
+            }
         };
         let metric = match p.metric.as_deref() {
             None => lens_plot::Metric::default(),
-            Some(m) => lens_plot::Metric::ALL.into_iter().find(|x| x.as_str() == m).ok_or_else(|| {
-                RpcError::invalid_params(format!("metric must be one of prob, next-prob, entropy, kl, rank, not {m:?}"))
-            })?,
+            Some(m) => lens_plot::Metric::ALL
+                .into_iter()
+                .find(|x| x.as_str() == m)
+                .ok_or_else(|| {
+                    RpcError::invalid_params(format!(
+                        "metric must be one of prob, next-prob, entropy, kl, rank, not {m:?}"
+                    ))
+                })?,
         };
         let k = top_k(p.top_k)?;
         let kind: LensKind = p.lens.unwrap_or_default().into();
@@ -294,70 +328,139 @@ impl Engine {
         let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
         let views = Lens::new(&*self.backend, &states, kind, k).grid(&sites)?;
         let tracks = if html {
-            lens_plot::tracks(&*self.backend, &states, kind, &views, &layers).map_err(|e| RpcError::model(e.to_string()))?
+            lens_plot::tracks(&*self.backend, &states, kind, &views, &layers)
+                .map_err(|e| RpcError::model(e.to_string()))?
         } else {
             Vec::new()
         };
         let decode = |id: u32| self.backend.decode(id);
         let model = self.backend.info().name.clone();
-        let plot = lens_plot::Plot { views: &views, tokens: &tokens, layers: &layers, decode: &decode, model: &model, lens: kind, tracks: &tracks };
-        let options = lens_plot::Options { metric, ..lens_plot::Options::default() };
-        Ok(if html { ("html".into(), lens_plot::html(&plot, &options)) } else { ("svg".into(), lens_plot::svg(&plot, &options)) })
+        let plot = lens_plot::Plot {
+            views: &views,
+            tokens: &tokens,
+            layers: &layers,
+            decode: &decode,
+            model: &model,
+            lens: kind,
+            tracks: &tracks,
+        };
+        let options = lens_plot::Options {
+            metric,
+            ..lens_plot::Options::default()
+        };
+        Ok(if html {
+            ("html".into(), lens_plot::html(&plot, &options))
+        } else {
+            ("svg".into(), lens_plot::svg(&plot, &options))
+        })
     }
 
     /// `lens/position`: the report with one position.
     pub fn position(&self, p: &PositionParams) -> Result<Report, RpcError> {
         let k = top_k(p.top_k)?;
-        self.report(&p.text, p.layers.as_ref(), Some(&[p.position]), k, p.lens.unwrap_or_default().into())
+        self.report(
+            &p.text,
+            p.layers.as_ref(),
+            Some(&[p.position]),
+            k,
+            p.lens.unwrap_or_default().into(),
+        )
     }
 
     /// The hover at byte `byte` of a document: the token there, with the text before it
     /// (at most `context_tokens` tokens, oldest dropped) as context. `None` for an empty
     /// document.
-    pub fn hover(&self, text: &str, byte: usize, options: &HoverOptions) -> Result<Option<HoverOut>, RpcError> {
+    pub fn hover(
+        &self,
+        text: &str,
+        byte: usize,
+        options: &HoverOptions,
+    ) -> Result<Option<HoverOut>, RpcError> {
         if text.is_empty() {
             return Ok(None);
         }
         let tokens = self.tokenize(text)?;
         // The last token starting at or before the byte (tokens that split one character
         // share its range; the later one completes it).
-        let Some(t) = tokens.iter().rposition(|tok| tok.start <= byte).or((!tokens.is_empty()).then_some(0)) else {
+        let Some(t) = tokens
+            .iter()
+            .rposition(|tok| tok.start <= byte)
+            .or((!tokens.is_empty()).then_some(0))
+        else {
             return Ok(None);
         };
-        let window = options.context_tokens.clamp(1, self.backend.info().context_length.max(1));
+        let window = options
+            .context_tokens
+            .clamp(1, self.backend.info().context_length.max(1));
         let first = (t + 1).saturating_sub(window);
         let ids: Arc<[u32]> = tokens[first..=t].iter().map(|tok| tok.id).collect();
-        let key = HoverKey { ids: ids.clone(), options: *options };
+        let key = HoverKey {
+            ids: ids.clone(),
+            options: *options,
+        };
         let (start, end) = (tokens[t].start, tokens[t].end);
         let stamp = self.hover_clock.fetch_add(1, Ordering::Relaxed);
         if let Some(mut hit) = self.hovers.get_mut(&key) {
             hit.0 = stamp;
-            return Ok(Some(HoverOut { markdown: String::clone(&hit.1), start, end }));
+            return Ok(Some(HoverOut {
+                markdown: String::clone(&hit.1),
+                start,
+                end,
+            }));
         }
         let states = self.states(&ids)?;
         let pos = ids.len() - 1;
         let n = states.n_layers();
-        let layers = LayerSpec::Range { start: None, end: None, step: options.layer_stride.max(1) }
-            .resolve(n)
-            .map_err(RpcError::invalid_params)?;
+        let layers = LayerSpec::Range {
+            start: None,
+            end: None,
+            step: options.layer_stride.max(1),
+        }
+        .resolve(n)
+        .map_err(RpcError::invalid_params)?;
         let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
-        let lens = Lens::new(&*self.backend, &states, LensKind::Norm, options.top_k.clamp(1, 100));
+        let lens = Lens::new(
+            &*self.backend,
+            &states,
+            LensKind::Norm,
+            options.top_k.clamp(1, 100),
+        );
         let here = lens.position(pos, &sites)?;
         let written = if pos == 0 {
             None
         } else {
             let prev = self.previous_rows(&states, &ids[..pos], &layers, stamp)?;
             let id = ids[pos];
-            Some((0..layers.len()).map(|i| prev.written(i, id)).collect::<Vec<_>>())
+            Some(
+                (0..layers.len())
+                    .map(|i| prev.written(i, id))
+                    .collect::<Vec<_>>(),
+            )
         };
-        let markdown = hover::markdown(&*self.backend, &tokens[first..=t], t, &here, written.as_deref());
+        let markdown = hover::markdown(
+            &*self.backend,
+            &tokens[first..=t],
+            t,
+            &here,
+            written.as_deref(),
+        );
         self.remember_hover(key, stamp, Arc::new(markdown.clone()));
-        Ok(Some(HoverOut { markdown, start, end }))
+        Ok(Some(HoverOut {
+            markdown,
+            start,
+            end,
+        }))
     }
 
     /// The readout at the last position of `prefix` (whose states are the first positions of
     /// `states`), cached per prefix and layers.
-    fn previous_rows(&self, states: &HiddenStates, prefix: &[u32], layers: &[usize], stamp: u64) -> Result<Arc<PreviousRows>, RpcError> {
+    fn previous_rows(
+        &self,
+        states: &HiddenStates,
+        prefix: &[u32],
+        layers: &[usize],
+        stamp: u64,
+    ) -> Result<Arc<PreviousRows>, RpcError> {
         let key: PreviousKey = (prefix.into(), layers.to_vec());
         if let Some(mut hit) = self.previous.get_mut(&key) {
             hit.0 = stamp;
@@ -367,7 +470,9 @@ impl Engine {
         let hidden = states.hidden_size();
         let mut rows = Vec::with_capacity(layers.len() * hidden);
         for &l in layers {
-            let row = states.row(Site::Layer(l), pos).ok_or_else(|| RpcError::internal("a hidden state is missing"))?;
+            let row = states
+                .row(Site::Layer(l), pos)
+                .ok_or_else(|| RpcError::internal("a hidden state is missing"))?;
             rows.extend_from_slice(row);
         }
         let logits = self.backend.readout(&rows, LensKind::Norm)?;
@@ -382,7 +487,11 @@ impl Engine {
             .collect();
         let value = Arc::new(PreviousRows { vocab, logits, lse });
         if self.previous.len() >= PREVIOUS_ROWS_ENTRIES {
-            let oldest = self.previous.iter().min_by_key(|e| e.value().0).map(|e| e.key().clone());
+            let oldest = self
+                .previous
+                .iter()
+                .min_by_key(|e| e.value().0)
+                .map(|e| e.key().clone());
             if let Some(k) = oldest {
                 self.previous.remove(&k);
             }
@@ -393,7 +502,11 @@ impl Engine {
 
     fn remember_hover(&self, key: HoverKey, stamp: u64, markdown: Arc<String>) {
         if self.hovers.len() >= HOVER_CACHE_ENTRIES {
-            let oldest = self.hovers.iter().min_by_key(|e| e.value().0).map(|e| e.key().clone());
+            let oldest = self
+                .hovers
+                .iter()
+                .min_by_key(|e| e.value().0)
+                .map(|e| e.key().clone());
             if let Some(k) = oldest {
                 self.hovers.remove(&k);
             }
@@ -404,7 +517,12 @@ impl Engine {
     /// Inlay hints: the model's next-token prediction after the last token of each line in
     /// `lines` (byte ranges of line ends). Returns (byte offset of the line end, token text).
     /// The context is the document's first `context_tokens` tokens.
-    pub fn line_end_predictions(&self, text: &str, line_ends: &[usize], context_tokens: usize) -> Result<Vec<(usize, String)>, RpcError> {
+    pub fn line_end_predictions(
+        &self,
+        text: &str,
+        line_ends: &[usize],
+        context_tokens: usize,
+    ) -> Result<Vec<(usize, String)>, RpcError> {
         if text.is_empty() {
             return Ok(Vec::new());
         }
@@ -428,6 +546,10 @@ impl Engine {
         let lens = Lens::new(&*self.backend, &states, LensKind::Norm, 1);
         let positions: Vec<usize> = wanted.iter().map(|w| w.1).collect();
         let views = lens.positions(&positions, &[last])?;
-        Ok(wanted.iter().zip(views).map(|((end, _), v)| (*end, self.backend.decode(v.final_top1.id))).collect())
+        Ok(wanted
+            .iter()
+            .zip(views)
+            .map(|((end, _), v)| (*end, self.backend.decode(v.final_top1.id)))
+            .collect())
     }
 }

@@ -28,7 +28,11 @@ pub const UNAUTHORIZED: i64 = -32015;
 
 impl RpcError {
     fn new(code: i64, message: impl Into<String>, kind: Option<&'static str>) -> Self {
-        RpcError { code, message: message.into(), kind }
+        RpcError {
+            code,
+            message: message.into(),
+            kind,
+        }
     }
     pub fn parse(message: impl Into<String>) -> Self {
         Self::new(PARSE_ERROR, message, None)
@@ -37,7 +41,11 @@ impl RpcError {
         Self::new(INVALID_REQUEST, message, None)
     }
     pub fn method_not_found(method: &str) -> Self {
-        Self::new(METHOD_NOT_FOUND, format!("method not found: {method}"), None)
+        Self::new(
+            METHOD_NOT_FOUND,
+            format!("method not found: {method}"),
+            None,
+        )
     }
     pub fn invalid_params(message: impl Into<String>) -> Self {
         Self::new(INVALID_PARAMS, message, None)
@@ -49,7 +57,11 @@ impl RpcError {
         Self::new(REQUEST_CANCELLED, "request cancelled", None)
     }
     pub fn content_modified() -> Self {
-        Self::new(CONTENT_MODIFIED, "the document changed; the request was superseded", None)
+        Self::new(
+            CONTENT_MODIFIED,
+            "the document changed; the request was superseded",
+            None,
+        )
     }
     pub fn empty_text() -> Self {
         Self::new(EMPTY_TEXT, "the text is empty", Some("empty_text"))
@@ -62,7 +74,11 @@ impl RpcError {
         )
     }
     pub fn document_not_open(uri: &str) -> Self {
-        Self::new(DOCUMENT_NOT_OPEN, format!("the document {uri} is not open"), Some("document_not_open"))
+        Self::new(
+            DOCUMENT_NOT_OPEN,
+            format!("the document {uri} is not open"),
+            Some("document_not_open"),
+        )
     }
     pub fn out_of_range(message: impl Into<String>) -> Self {
         Self::new(OUT_OF_RANGE, message, Some("out_of_range"))
@@ -77,7 +93,9 @@ impl RpcError {
     /// The JSON-RPC `error` object.
     pub fn to_json(&self) -> Value {
         match self.kind {
-            Some(kind) => json!({ "code": self.code, "message": self.message, "data": { "kind": kind } }),
+            Some(kind) => {
+                json!({ "code": self.code, "message": self.message, "data": { "kind": kind } })
+            }
             None => json!({ "code": self.code, "message": self.message }),
         }
     }
@@ -98,7 +116,9 @@ impl From<&lens_core::Error> for RpcError {
             E::EmptyPrompt => RpcError::empty_text(),
             E::PromptTooLong { tokens, context } => RpcError::prompt_too_long(*tokens, *context),
             E::PositionOutOfRange { .. } => RpcError::out_of_range(e.to_string()),
-            E::LayerOutOfRange { .. } | E::TokenOutOfRange { .. } => RpcError::invalid_params(e.to_string()),
+            E::LayerOutOfRange { .. } | E::TokenOutOfRange { .. } => {
+                RpcError::invalid_params(e.to_string())
+            }
             _ => RpcError::model(e.to_string()),
         }
     }

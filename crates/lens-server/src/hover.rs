@@ -73,9 +73,16 @@ pub fn markdown(
     md.push_str("| layer | top predictions | p(written) | rank(written) |\n|---:|---|---:|---:|\n");
     for (i, cell) in here.cells.iter().enumerate().rev() {
         let layer = layer_of(cell.site);
-        let mark = if here.decided_at == Some(layer) { " ◀ decided" } else { "" };
-        let top: Vec<String> =
-            cell.top.iter().map(|p| format!("{} {}", escape(&backend.decode(p.id)), prob(p.prob))).collect();
+        let mark = if here.decided_at == Some(layer) {
+            " ◀ decided"
+        } else {
+            ""
+        };
+        let top: Vec<String> = cell
+            .top
+            .iter()
+            .map(|p| format!("{} {}", escape(&backend.decode(p.id)), prob(p.prob)))
+            .collect();
         let (pw, rw) = match written.and_then(|w| w.get(i).copied().flatten()) {
             Some((p, rank)) => (prob(p), (rank + 1).to_string()),
             None => ("—".into(), "—".into()),

@@ -5,13 +5,21 @@ use std::str::FromStr;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LayerSpec {
-    Range { start: Option<usize>, end: Option<usize>, step: usize },
+    Range {
+        start: Option<usize>,
+        end: Option<usize>,
+        step: usize,
+    },
     List(Vec<usize>),
 }
 
 impl Default for LayerSpec {
     fn default() -> Self {
-        LayerSpec::Range { start: None, end: None, step: 1 }
+        LayerSpec::Range {
+            start: None,
+            end: None,
+            step: 1,
+        }
     }
 }
 
@@ -21,13 +29,19 @@ impl FromStr for LayerSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
         let num = |t: &str| -> Result<usize, String> {
-            t.trim().parse::<usize>().map_err(|_| format!("`{t}` is not a layer number in `{s}`"))
+            t.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{t}` is not a layer number in `{s}`"))
         };
         if s == "all" || s.is_empty() {
             return Ok(LayerSpec::default());
         }
         if s.contains(',') || s.chars().all(|c| c.is_ascii_digit()) {
-            let mut v: Vec<usize> = s.split(',').filter(|t| !t.trim().is_empty()).map(num).collect::<Result<_, _>>()?;
+            let mut v: Vec<usize> = s
+                .split(',')
+                .filter(|t| !t.trim().is_empty())
+                .map(num)
+                .collect::<Result<_, _>>()?;
             v.sort_unstable();
             v.dedup();
             return Ok(LayerSpec::List(v));
@@ -45,7 +59,11 @@ impl FromStr for LayerSpec {
                 if b.is_empty() { None } else { Some(num(b)?) },
             ),
             None if range.is_empty() => (None, None),
-            None => return Err(format!("expected `A..B`, `A..B:STEP`, `:STEP` or `0,4,8`, got `{s}`")),
+            None => {
+                return Err(format!(
+                    "expected `A..B`, `A..B:STEP`, `:STEP` or `0,4,8`, got `{s}`"
+                ))
+            }
         };
         Ok(LayerSpec::Range { start, end, step })
     }
@@ -56,7 +74,9 @@ impl LayerSpec {
     pub fn resolve(&self, n_layers: usize) -> Result<Vec<usize>, String> {
         let check = |l: usize| {
             if l > n_layers {
-                Err(format!("layer {l} does not exist: the model has layers 0..={n_layers}"))
+                Err(format!(
+                    "layer {l} does not exist: the model has layers 0..={n_layers}"
+                ))
             } else {
                 Ok(l)
             }
@@ -103,10 +123,18 @@ mod tests {
         check("10..30:7", 30, "[10, 17, 24, 30]");
         check("0,30,5,5", 30, "[0, 5, 30]");
         check("7", 30, "[7]");
-        check("0..31", 30, "error: layer 31 does not exist: the model has layers 0..=30");
+        check(
+            "0..31",
+            30,
+            "error: layer 31 does not exist: the model has layers 0..=30",
+        );
         check("5..2", 30, "error: empty layer range 5..2");
         check(":0", 30, "error: the layer step must be at least 1");
         check("a..b", 30, "error: `a` is not a layer number in `a..b`");
-        check("3-4", 30, "error: expected `A..B`, `A..B:STEP`, `:STEP` or `0,4,8`, got `3-4`");
+        check(
+            "3-4",
+            30,
+            "error: expected `A..B`, `A..B:STEP`, `:STEP` or `0,4,8`, got `3-4`",
+        );
     }
 }

@@ -20,7 +20,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use cache::{CacheStats, StateBytes};
-pub use engine::{AnalyzeParams, Engine, HoverOptions, HoverOut, LayersParam, LensParam, PositionParams};
+pub use engine::{
+    AnalyzeParams, Engine, HoverOptions, HoverOut, LayersParam, LensParam, PositionParams,
+};
 pub use error::RpcError;
 use lens_core::Backend;
 
@@ -55,13 +57,21 @@ pub enum ServeError {
 }
 
 /// Check a listen address: loopback only, unless remote access is allowed with a token.
-pub fn check_listen(addr: &str, allow_remote: bool, token: Option<&str>) -> Result<Vec<SocketAddr>, ServeError> {
+pub fn check_listen(
+    addr: &str,
+    allow_remote: bool,
+    token: Option<&str>,
+) -> Result<Vec<SocketAddr>, ServeError> {
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
-        .map_err(|e| ServeError::Config(format!("cannot resolve the listen address `{addr}`: {e}")))?
+        .map_err(|e| {
+            ServeError::Config(format!("cannot resolve the listen address `{addr}`: {e}"))
+        })?
         .collect();
     if addrs.is_empty() {
-        return Err(ServeError::Config(format!("the listen address `{addr}` resolves to nothing")));
+        return Err(ServeError::Config(format!(
+            "the listen address `{addr}` resolves to nothing"
+        )));
     }
     if addrs.iter().any(|a| !a.ip().is_loopback()) {
         if !allow_remote {
@@ -70,29 +80,46 @@ pub fn check_listen(addr: &str, allow_remote: bool, token: Option<&str>) -> Resu
             )));
         }
         if token.is_none_or(str::is_empty) {
-            return Err(ServeError::Config("--allow-remote needs --token T (clients pass \"token\": T in every params)".into()));
+            return Err(ServeError::Config(
+                "--allow-remote needs --token T (clients pass \"token\": T in every params)".into(),
+            ));
         }
     }
     Ok(addrs)
 }
 
 /// Run the server until its door closes (stdio: end of input) — blocks the calling thread.
-pub fn run(backend: Arc<dyn Backend>, state_bytes: StateBytes, config: ServeConfig) -> Result<(), ServeError> {
+pub fn run(
+    backend: Arc<dyn Backend>,
+    state_bytes: StateBytes,
+    config: ServeConfig,
+) -> Result<(), ServeError> {
     let addrs = match &config.door {
-        Door::Listen(a) => Some(check_listen(a, config.allow_remote, config.token.as_deref())?),
+        Door::Listen(a) => Some(check_listen(
+            a,
+            config.allow_remote,
+            config.token.as_deref(),
+        )?),
         _ => None,
     };
     let engine = Arc::new(Engine::new(backend, config.cache_bytes, state_bytes));
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let result = runtime.block_on(async move {
-        let token: Option<Arc<str>> = config.token.as_deref().filter(|t| !t.is_empty()).map(Arc::from);
+        let token: Option<Arc<str>> = config
+            .token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .map(Arc::from);
         match config.door {
             Door::Stdio => {
                 lsp::serve_stdio(engine).await;
                 Ok(())
             }
             Door::Listen(_) => {
-                let listener = tokio::net::TcpListener::bind(addrs.as_deref().unwrap_or_default()).await?;
+                let listener =
+                    tokio::net::TcpListener::bind(addrs.as_deref().unwrap_or_default()).await?;
                 let local = listener.local_addr()?;
                 announce(&format!("listening on {local}"));
                 loop {
@@ -118,7 +145,12 @@ pub fn run(backend: Arc<dyn Backend>, state_bytes: StateBytes, config: ServeConf
                     let (r, w) = stream.into_split();
                     let engine = engine.clone();
                     let token = token.clone();
-                    tokio::spawn(rpc::serve_connection(engine, tokio::io::BufReader::new(r), w, token));
+                    tokio::spawn(rpc::serve_connection(
+                        engine,
+                        tokio::io::BufReader::new(r),
+                        w,
+                        token,
+                    ));
                 }
             }
             #[cfg(not(unix))]

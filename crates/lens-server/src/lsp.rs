@@ -35,7 +35,12 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { top_k: 5, layer_stride: 1, context_tokens: 1024, inlay_hints: false }
+        Config {
+            top_k: 5,
+            layer_stride: 1,
+            context_tokens: 1024,
+            inlay_hints: false,
+        }
     }
 }
 
@@ -49,7 +54,11 @@ impl Config {
     }
 
     fn hover(&self) -> HoverOptions {
-        HoverOptions { top_k: self.top_k, layer_stride: self.layer_stride, context_tokens: self.context_tokens }
+        HoverOptions {
+            top_k: self.top_k,
+            layer_stride: self.layer_stride,
+            context_tokens: self.context_tokens,
+        }
     }
 }
 
@@ -134,7 +143,8 @@ where
                 Ok(Some(body)) => match rpc::validate(&body) {
                     Ok(envelope) => {
                         let exit = envelope.method.as_deref() == Some("exit");
-                        let mut frame = format!("Content-Length: {}\r\n\r\n", body.len()).into_bytes();
+                        let mut frame =
+                            format!("Content-Length: {}\r\n\r\n", body.len()).into_bytes();
                         frame.extend_from_slice(&body);
                         if to_lsp.write_all(&frame).await.is_err() || exit {
                             break;
@@ -148,7 +158,10 @@ where
                 Ok(None) => break,
                 Err(e) => {
                     tracing::error!("cannot read the LSP stream: {e}");
-                    let _ = tx_guard.send(rpc::frame(&rpc::response(Value::Null, Err(RpcError::parse(e)))));
+                    let _ = tx_guard.send(rpc::frame(&rpc::response(
+                        Value::Null,
+                        Err(RpcError::parse(e)),
+                    )));
                     break;
                 }
             }
@@ -157,7 +170,9 @@ where
         let _ = to_lsp.shutdown().await;
     });
     drop(tx);
-    tower_lsp::Server::new(lsp_in, lsp_out, socket).serve(service).await;
+    tower_lsp::Server::new(lsp_in, lsp_out, socket)
+        .serve(service)
+        .await;
     guard.abort();
     let _ = relay.await;
     let _ = writer.await;
@@ -173,11 +188,16 @@ impl LensLsp {
     }
 
     fn doc(&self, uri: &Url) -> Result<Doc, RpcError> {
-        self.docs.get(uri).map(|d| d.clone()).ok_or_else(|| RpcError::document_not_open(uri.as_str()))
+        self.docs
+            .get(uri)
+            .map(|d| d.clone())
+            .ok_or_else(|| RpcError::document_not_open(uri.as_str()))
     }
 
     async fn custom(&self, method: &str, params: Value) -> LspResult<Value> {
-        rpc::call(self.engine.clone(), method, params).await.map_err(|e| e.to_lsp())
+        rpc::call(self.engine.clone(), method, params)
+            .await
+            .map_err(|e| e.to_lsp())
     }
     async fn analyze(&self, params: Value) -> LspResult<Value> {
         self.custom("lens/analyze", params).await
@@ -221,14 +241,18 @@ impl LensLsp {
         let doc = self.doc(&uri)?;
         let doc = self.settle(&uri, doc.generation).await?;
         let byte = text::offset(&doc.text, pos.line, pos.character, enc).ok_or_else(|| {
-            RpcError::out_of_range(format!("position {}:{} is outside the document", pos.line, pos.character))
+            RpcError::out_of_range(format!(
+                "position {}:{} is outside the document",
+                pos.line, pos.character
+            ))
         })?;
         let engine = self.engine.clone();
         let options = self.config().hover();
         let t = doc.text.clone();
-        let out: Option<HoverOut> = tokio::task::spawn_blocking(move || engine.hover(&t, byte, &options))
-            .await
-            .map_err(|e| RpcError::internal(format!("worker failed: {e}")))??;
+        let out: Option<HoverOut> =
+            tokio::task::spawn_blocking(move || engine.hover(&t, byte, &options))
+                .await
+                .map_err(|e| RpcError::internal(format!("worker failed: {e}")))??;
         if self.doc(&uri)?.generation != doc.generation {
             return Err(RpcError::content_modified());
         }
@@ -236,13 +260,22 @@ impl LensLsp {
             let text = &*doc.text;
             let end = text::ceil_boundary(text, h.end);
             Hover {
-                contents: HoverContents::Markup(MarkupContent { kind: MarkupKind::Markdown, value: h.markdown }),
-                range: Some(Range { start: lsp_pos(text, h.start, enc), end: lsp_pos(text, end, enc) }),
+                contents: HoverContents::Markup(MarkupContent {
+                    kind: MarkupKind::Markdown,
+                    value: h.markdown,
+                }),
+                range: Some(Range {
+                    start: lsp_pos(text, h.start, enc),
+                    end: lsp_pos(text, end, enc),
+                }),
             }
         }))
     }
 
-    async fn inlay_impl(&self, params: InlayHintParams) -> Result<Option<Vec<InlayHint>>, RpcError> {
+    async fn inlay_impl(
+        &self,
+        params: InlayHintParams,
+    ) -> Result<Option<Vec<InlayHint>>, RpcError> {
         let config = self.config();
         if !config.inlay_hints {
             return Ok(None);
@@ -258,7 +291,10 @@ impl LensLsp {
         for (line, l) in text.split('\n').enumerate() {
             let line = line as u32;
             let end = start + l.trim_end_matches('\r').len();
-            if line >= params.range.start.line && line <= params.range.end.line && !l.trim().is_empty() {
+            if line >= params.range.start.line
+                && line <= params.range.end.line
+                && !l.trim().is_empty()
+            {
                 ends.push(end);
             }
             start += l.len() + 1;
@@ -266,9 +302,10 @@ impl LensLsp {
         let engine = self.engine.clone();
         let context = config.context_tokens;
         let t = text.clone();
-        let hints = tokio::task::spawn_blocking(move || engine.line_end_predictions(&t, &ends, context))
-            .await
-            .map_err(|e| RpcError::internal(format!("worker failed: {e}")))??;
+        let hints =
+            tokio::task::spawn_blocking(move || engine.line_end_predictions(&t, &ends, context))
+                .await
+                .map_err(|e| RpcError::internal(format!("worker failed: {e}")))??;
         if self.doc(&uri)?.generation != doc.generation {
             return Err(RpcError::content_modified());
         }
@@ -280,7 +317,9 @@ impl LensLsp {
                     label: InlayHintLabel::String(format!("→ {}", token.replace('\n', "↵"))),
                     kind: None,
                     text_edits: None,
-                    tooltip: Some(InlayHintTooltip::String("logit lens: the model's next-token prediction".into())),
+                    tooltip: Some(InlayHintTooltip::String(
+                        "logit lens: the model's next-token prediction".into(),
+                    )),
                     padding_left: Some(true),
                     padding_right: None,
                     data: None,
@@ -304,14 +343,23 @@ impl LanguageServer for LensLsp {
             .as_ref()
             .and_then(|g| g.position_encodings.as_ref())
             .is_some_and(|v| v.contains(&PositionEncodingKind::UTF8));
-        let (enc, kind) =
-            if offers_utf8 { (Encoding::Utf8, PositionEncodingKind::UTF8) } else { (Encoding::Utf16, PositionEncodingKind::UTF16) };
+        let (enc, kind) = if offers_utf8 {
+            (Encoding::Utf8, PositionEncodingKind::UTF8)
+        } else {
+            (Encoding::Utf16, PositionEncodingKind::UTF16)
+        };
         if let Ok(mut e) = self.encoding.write() {
             *e = enc;
         }
         let mut config = Config::default();
-        if let Some(opts) = params.initialization_options.as_ref().filter(|v| !v.is_null()) {
-            config = Config::from_json(opts).map_err(|e| RpcError::invalid_params(format!("initializationOptions: {e}")).to_lsp())?;
+        if let Some(opts) = params
+            .initialization_options
+            .as_ref()
+            .filter(|v| !v.is_null())
+        {
+            config = Config::from_json(opts).map_err(|e| {
+                RpcError::invalid_params(format!("initializationOptions: {e}")).to_lsp()
+            })?;
         }
         if let Ok(mut c) = self.config.write() {
             *c = config;
@@ -320,7 +368,9 @@ impl LanguageServer for LensLsp {
         Ok(InitializeResult {
             capabilities: ServerCapabilities {
                 position_encoding: Some(kind),
-                text_document_sync: Some(TextDocumentSyncCapability::Kind(TextDocumentSyncKind::INCREMENTAL)),
+                text_document_sync: Some(TextDocumentSyncCapability::Kind(
+                    TextDocumentSyncKind::INCREMENTAL,
+                )),
                 hover_provider: Some(HoverProviderCapability::Simple(true)),
                 inlay_hint_provider: config.inlay_hints.then_some(OneOf::Left(true)),
                 experimental: Some(serde_json::json!({ "logitLens": { "methods": rpc::METHODS } })),
@@ -328,7 +378,12 @@ impl LanguageServer for LensLsp {
             },
             server_info: Some(ServerInfo {
                 name: "logit-lens".into(),
-                version: Some(format!("{} ({}, {})", env!("CARGO_PKG_VERSION"), info.name, info.precision)),
+                version: Some(format!(
+                    "{} ({}, {})",
+                    env!("CARGO_PKG_VERSION"),
+                    info.name,
+                    info.precision
+                )),
             }),
         })
     }
@@ -344,13 +399,23 @@ impl LanguageServer for LensLsp {
     async fn did_open(&self, params: DidOpenTextDocumentParams) {
         let d = params.text_document;
         let generation = self.docs.get(&d.uri).map_or(0, |old| old.generation + 1);
-        self.docs.insert(d.uri, Doc { text: d.text.into(), generation, changed: Instant::now() });
+        self.docs.insert(
+            d.uri,
+            Doc {
+                text: d.text.into(),
+                generation,
+                changed: Instant::now(),
+            },
+        );
     }
 
     async fn did_change(&self, params: DidChangeTextDocumentParams) {
         let enc = self.encoding();
         let Some(mut doc) = self.docs.get_mut(&params.text_document.uri) else {
-            tracing::warn!("didChange for a document that is not open: {}", params.text_document.uri);
+            tracing::warn!(
+                "didChange for a document that is not open: {}",
+                params.text_document.uri
+            );
             return;
         };
         let mut text = String::from(&*doc.text);
@@ -374,7 +439,11 @@ impl LanguageServer for LensLsp {
     }
 
     async fn did_change_configuration(&self, params: DidChangeConfigurationParams) {
-        let section = params.settings.get("logitLens").cloned().unwrap_or(params.settings);
+        let section = params
+            .settings
+            .get("logitLens")
+            .cloned()
+            .unwrap_or(params.settings);
         match Config::from_json(&section) {
             Ok(c) => {
                 if let Ok(mut cur) = self.config.write() {
@@ -382,7 +451,12 @@ impl LanguageServer for LensLsp {
                 }
             }
             Err(e) => {
-                self.client.show_message(MessageType::WARNING, format!("logit-lens settings ignored: {e}")).await;
+                self.client
+                    .show_message(
+                        MessageType::WARNING,
+                        format!("logit-lens settings ignored: {e}"),
+                    )
+                    .await;
             }
         }
     }

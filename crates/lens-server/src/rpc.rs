@@ -22,8 +22,12 @@ fn params<T: DeserializeOwned>(params: Value) -> Result<T, RpcError> {
     serde_json::from_value(params).map_err(|e| RpcError::invalid_params(e.to_string()))
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, RpcError> + Send + 'static) -> Result<T, RpcError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| RpcError::internal(format!("worker failed: {e}")))?
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RpcError> + Send + 'static,
+) -> Result<T, RpcError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RpcError::internal(format!("worker failed: {e}")))?
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, RpcError> {
@@ -60,20 +64,35 @@ pub async fn call(engine: Arc<Engine>, method: &str, p: Value) -> Result<Value, 
 }
 
 /// The names of the `lens/*` methods.
-pub const METHODS: [&str; 6] =
-    ["lens/analyze", "lens/position", "lens/tokenize", "lens/heatmap", "lens/modelInfo", "lens/cacheStats"];
+pub const METHODS: [&str; 6] = [
+    "lens/analyze",
+    "lens/position",
+    "lens/tokenize",
+    "lens/heatmap",
+    "lens/modelInfo",
+    "lens/cacheStats",
+];
 
 /// Read one framed message. `Ok(None)` at a clean end of stream; `Err` when the framing is
 /// broken (the connection cannot continue).
-pub async fn read_message<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Option<Vec<u8>>, String> {
+pub async fn read_message<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+) -> Result<Option<Vec<u8>>, String> {
     let mut length: Option<usize> = None;
     let mut line = Vec::new();
     let mut first = true;
     loop {
         line.clear();
-        let n = reader.read_until(b'\n', &mut line).await.map_err(|e| e.to_string())?;
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .await
+            .map_err(|e| e.to_string())?;
         if n == 0 {
-            return if first { Ok(None) } else { Err("the stream ended inside a header".into()) };
+            return if first {
+                Ok(None)
+            } else {
+                Err("the stream ended inside a header".into())
+            };
         }
         first = false;
         if line.len() > 1024 {
@@ -88,15 +107,25 @@ pub async fn read_message<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Opt
             return Err(format!("malformed header `{text}`"));
         };
         if name.trim().eq_ignore_ascii_case("content-length") {
-            length = Some(value.trim().parse().map_err(|_| format!("bad Content-Length `{}`", value.trim()))?);
+            length = Some(
+                value
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad Content-Length `{}`", value.trim()))?,
+            );
         }
     }
     let length = length.ok_or("missing Content-Length header")?;
     if length > MAX_MESSAGE_BYTES {
-        return Err(format!("message of {length} bytes is larger than the limit of {MAX_MESSAGE_BYTES}"));
+        return Err(format!(
+            "message of {length} bytes is larger than the limit of {MAX_MESSAGE_BYTES}"
+        ));
     }
     let mut body = vec![0; length];
-    reader.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    reader
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(Some(body))
 }
 
@@ -117,8 +146,12 @@ pub fn response(id: Value, result: Result<Value, RpcError>) -> Value {
 type InFlight = Arc<Mutex<HashMap<String, AbortHandle>>>;
 
 /// Serve one connection until it closes or its framing breaks.
-pub async fn serve_connection<R, W>(engine: Arc<Engine>, reader: R, writer: W, token: Option<Arc<str>>)
-where
+pub async fn serve_connection<R, W>(
+    engine: Arc<Engine>,
+    reader: R,
+    writer: W,
+    token: Option<Arc<str>>,
+) where
     R: AsyncBufRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -145,7 +178,11 @@ where
         };
         handle(&engine, &body, &tx, &in_flight, token.as_deref());
     }
-    for (_, h) in in_flight.lock().map(|mut m| m.drain().collect::<Vec<_>>()).unwrap_or_default() {
+    for (_, h) in in_flight
+        .lock()
+        .map(|mut m| m.drain().collect::<Vec<_>>())
+        .unwrap_or_default()
+    {
         h.abort();
     }
     drop(tx);
@@ -162,37 +199,67 @@ pub struct Envelope {
 /// Check a message's envelope. `Err` carries the id to answer with and the error
 /// (-32700 not JSON, -32600 not a JSON-RPC 2.0 object, -32602 params neither object nor array).
 pub fn validate(body: &[u8]) -> Result<Envelope, (Value, RpcError)> {
-    let msg: Value = serde_json::from_slice(body).map_err(|e| (Value::Null, RpcError::parse(format!("not JSON: {e}"))))?;
+    let msg: Value = serde_json::from_slice(body)
+        .map_err(|e| (Value::Null, RpcError::parse(format!("not JSON: {e}"))))?;
     let Value::Object(mut msg) = msg else {
-        return Err((Value::Null, RpcError::invalid_request("a message must be a JSON object (batches are not supported)")));
+        return Err((
+            Value::Null,
+            RpcError::invalid_request(
+                "a message must be a JSON object (batches are not supported)",
+            ),
+        ));
     };
     let id = msg.remove("id");
     if let Some(id) = &id {
         if !(id.is_string() || id.is_i64() || id.is_u64() || id.is_null()) {
-            return Err((Value::Null, RpcError::invalid_request("id must be a string or an integer")));
+            return Err((
+                Value::Null,
+                RpcError::invalid_request("id must be a string or an integer"),
+            ));
         }
     }
     let reply_id = id.clone().unwrap_or(Value::Null);
     if msg.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
-        return Err((reply_id, RpcError::invalid_request("jsonrpc must be \"2.0\"")));
+        return Err((
+            reply_id,
+            RpcError::invalid_request("jsonrpc must be \"2.0\""),
+        ));
     }
     let params = msg.remove("params").unwrap_or(Value::Null);
     let method = match msg.get("method") {
         Some(Value::String(m)) => Some(m.clone()),
         None if id.is_some() && (msg.contains_key("result") || msg.contains_key("error")) => None,
-        _ => return Err((reply_id, RpcError::invalid_request("method must be a string"))),
+        _ => {
+            return Err((
+                reply_id,
+                RpcError::invalid_request("method must be a string"),
+            ))
+        }
     };
     if !(params.is_object() || params.is_array() || params.is_null()) {
-        return Err((reply_id, RpcError::invalid_params("params must be an object")));
+        return Err((
+            reply_id,
+            RpcError::invalid_params("params must be an object"),
+        ));
     }
     Ok(Envelope { id, method, params })
 }
 
-fn handle(engine: &Arc<Engine>, body: &[u8], tx: &mpsc::UnboundedSender<Value>, in_flight: &InFlight, token: Option<&str>) {
+fn handle(
+    engine: &Arc<Engine>,
+    body: &[u8],
+    tx: &mpsc::UnboundedSender<Value>,
+    in_flight: &InFlight,
+    token: Option<&str>,
+) {
     let send = |v: Value| {
         let _ = tx.send(v);
     };
-    let Envelope { id, method, params: mut p } = match validate(body) {
+    let Envelope {
+        id,
+        method,
+        params: mut p,
+    } = match validate(body) {
         Ok(e) => e,
         Err((id, e)) => return send(response(id, Err(e))),
     };
@@ -200,7 +267,10 @@ fn handle(engine: &Arc<Engine>, body: &[u8], tx: &mpsc::UnboundedSender<Value>, 
     let reply_id = id.clone().unwrap_or(Value::Null);
     if !(p.is_object() || p.is_null()) {
         if id.is_some() {
-            send(response(reply_id, Err(RpcError::invalid_params("params must be an object"))));
+            send(response(
+                reply_id,
+                Err(RpcError::invalid_params("params must be an object")),
+            ));
         }
         return;
     }
@@ -211,7 +281,10 @@ fn handle(engine: &Arc<Engine>, body: &[u8], tx: &mpsc::UnboundedSender<Value>, 
             let handle = in_flight.lock().ok().and_then(|mut m| m.remove(&key));
             if let Some(h) = handle {
                 h.abort();
-                send(response(p.get("id").cloned().unwrap_or(Value::Null), Err(RpcError::cancelled())));
+                send(response(
+                    p.get("id").cloned().unwrap_or(Value::Null),
+                    Err(RpcError::cancelled()),
+                ));
             }
         }
         return;
@@ -230,11 +303,17 @@ fn handle(engine: &Arc<Engine>, body: &[u8], tx: &mpsc::UnboundedSender<Value>, 
     let in_flight2 = in_flight.clone();
     let key2 = key.clone();
     // Hold the map's lock while spawning, so the task cannot finish before it is registered.
-    let Ok(mut map) = in_flight.lock() else { return };
+    let Ok(mut map) = in_flight.lock() else {
+        return;
+    };
     let task = tokio::spawn(async move {
         let result = call(engine, &method, p).await;
         // Answer only if the request was not cancelled meanwhile.
-        let still_ours = in_flight2.lock().ok().and_then(|mut m| m.remove(&key2)).is_some();
+        let still_ours = in_flight2
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&key2))
+            .is_some();
         if still_ours {
             let _ = tx2.send(response(id, result));
         }

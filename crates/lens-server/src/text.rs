@@ -56,7 +56,9 @@ pub fn offset(text: &str, line: u32, character: u32, enc: Encoding) -> Option<us
 pub fn offset_clamped(text: &str, line: u32, character: u32, enc: Encoding) -> usize {
     match line_range(text, line as usize) {
         None => text.len(),
-        Some((start, end)) => offset(text, line, character, enc).unwrap_or(end).clamp(start, end),
+        Some((start, end)) => offset(text, line, character, enc)
+            .unwrap_or(end)
+            .clamp(start, end),
     }
 }
 
@@ -89,7 +91,11 @@ mod tests {
     #[track_caller]
     fn check(text: &str, line: u32, character: u32, enc: Encoding, expect: Option<&str>) {
         let got = offset(text, line, character, enc);
-        assert_eq!(got.map(|b| &text[b..]), expect, "({line}, {character}) {enc:?}");
+        assert_eq!(
+            got.map(|b| &text[b..]),
+            expect,
+            "({line}, {character}) {enc:?}"
+        );
         if let Some(b) = got {
             assert_eq!(position(text, b, enc), (line, character), "round trip");
         }
@@ -116,9 +122,18 @@ mod tests {
         check(t, 2, 1, Encoding::Utf16, Some(""));
         check(t, 3, 0, Encoding::Utf16, None);
         // Half a surrogate pair maps to the start of the character.
-        assert_eq!(offset(t, 1, 8, Encoding::Utf16).map(|b| &t[b..b + 4]), Some("🦀"));
-        assert_eq!(offset_clamped(t, 1, 99, Encoding::Utf16), t.find('\r').unwrap_or(0));
+        assert_eq!(
+            offset(t, 1, 8, Encoding::Utf16).map(|b| &t[b..b + 4]),
+            Some("🦀")
+        );
+        assert_eq!(
+            offset_clamped(t, 1, 99, Encoding::Utf16),
+            t.find('\r').unwrap_or(0)
+        );
         assert_eq!(offset_clamped(t, 9, 0, Encoding::Utf16), t.len());
-        assert_eq!(position(t, t.find('🦀').unwrap_or(0) + 2, Encoding::Utf16), (1, 7));
+        assert_eq!(
+            position(t, t.find('🦀').unwrap_or(0) + 2, Encoding::Utf16),
+            (1, 7)
+        );
     }
 }

@@ -101,7 +101,12 @@ pub fn build(
     top_k: usize,
     layers: &[usize],
 ) -> Report {
-    let pred = |id: u32, logit: f32, prob: f32| PredictionJson { id, text: backend.decode(id), prob, logit };
+    let pred = |id: u32, logit: f32, prob: f32| PredictionJson {
+        id,
+        text: backend.decode(id),
+        prob,
+        logit,
+    };
     let cell = |c: &Cell| CellJson {
         layer: match c.site {
             Site::Layer(l) | Site::MidBlock(l) => l,
@@ -109,7 +114,11 @@ pub fn build(
         top: c.top.iter().map(|p| pred(p.id, p.logit, p.prob)).collect(),
         entropy: c.entropy,
         kl_to_final: c.kl_to_final,
-        next: c.next.map(|n| NextJson { id: n.id, rank: n.rank, prob: n.prob }),
+        next: c.next.map(|n| NextJson {
+            id: n.id,
+            rank: n.rank,
+            prob: n.prob,
+        }),
         final_top1_rank: c.final_top1_rank,
     };
     Report {
@@ -137,7 +146,11 @@ pub fn build(
 /// directly and one that went through `serde_json::Value` (an `f64` inside) print alike:
 /// `0.1f32` is written `0.1`, never `0.10000000149011612`.
 pub fn f32_shortest<S: Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
-    let wide = if v.is_finite() { v.to_string().parse::<f64>().unwrap_or(f64::from(*v)) } else { f64::from(*v) };
+    let wide = if v.is_finite() {
+        v.to_string().parse::<f64>().unwrap_or(f64::from(*v))
+    } else {
+        f64::from(*v)
+    };
     s.serialize_f64(wide)
 }
 
@@ -146,7 +159,13 @@ pub fn token_json(tokens: &[Token]) -> Vec<TokenJson> {
     tokens
         .iter()
         .enumerate()
-        .map(|(index, t)| TokenJson { index, id: t.id, text: t.text.clone(), start: t.start, end: t.end })
+        .map(|(index, t)| TokenJson {
+            index,
+            id: t.id,
+            text: t.text.clone(),
+            start: t.start,
+            end: t.end,
+        })
         .collect()
 }
 
@@ -172,7 +191,8 @@ mod tests {
         #[derive(Serialize)]
         struct W(#[serde(serialize_with = "f32_shortest")] f32);
         let direct = serde_json::to_string(&W(v)).expect("serialize");
-        let via_value = serde_json::to_string(&serde_json::to_value(W(v)).expect("to value")).expect("serialize");
+        let via_value = serde_json::to_string(&serde_json::to_value(W(v)).expect("to value"))
+            .expect("serialize");
         assert_eq!(direct, expect);
         assert_eq!(via_value, expect);
     }

@@ -84,17 +84,34 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let t = Instant::now();
     let backend = load_path(&path, args.model.precision)?;
     let info = backend.info().clone();
-    writeln!(out, "model: {} ({}), {} threads, load {:.2} s", info.name, info.precision, rayon_threads(), t.elapsed().as_secs_f64())?;
+    writeln!(
+        out,
+        "model: {} ({}), {} threads, load {:.2} s",
+        info.name,
+        info.precision,
+        rayon_threads(),
+        t.elapsed().as_secs_f64()
+    )?;
     let all = backend.tokenize(&TEXT.repeat(8))?;
     let mut rows = Vec::new();
     for &n in &args.sizes {
         let ids: Vec<u32> = all.iter().take(n).map(|t| t.id).collect();
-        let (fwd, states) = time(args.repeats, || Ok(backend.forward(&ids, CaptureOptions::default())?))?;
+        let (fwd, states) = time(args.repeats, || {
+            Ok(backend.forward(&ids, CaptureOptions::default())?)
+        })?;
         let lens = Lens::new(&backend, &states, LensKind::Norm, 5);
         let sites = lens.all_layers();
         let (full, _) = time(args.repeats, || Ok(lens.grid(&sites)?))?;
-        let (one, _) = time(args.repeats.max(5), || Ok(lens.position(ids.len() - 1, &sites)?))?;
-        rows.push((ids.len(), fwd, full, one, peak_rss_mib().unwrap_or(f64::NAN)));
+        let (one, _) = time(args.repeats.max(5), || {
+            Ok(lens.position(ids.len() - 1, &sites)?)
+        })?;
+        rows.push((
+            ids.len(),
+            fwd,
+            full,
+            one,
+            peak_rss_mib().unwrap_or(f64::NAN),
+        ));
     }
 
     let hf = match &args.python {
@@ -112,12 +129,31 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
 
     writeln!(out)?;
-    writeln!(out, "{:>6} {:>11} {:>11} {:>11} {:>9} | {:>11} {:>11} {:>11} | {:>8} {:>8}", "tokens", "forward ms", "full ms", "1-pos ms", "peak MiB", "HF fwd ms", "HF full ms", "HF 1-pos ms", "full ×", "1-pos ×")?;
+    writeln!(
+        out,
+        "{:>6} {:>11} {:>11} {:>11} {:>9} | {:>11} {:>11} {:>11} | {:>8} {:>8}",
+        "tokens",
+        "forward ms",
+        "full ms",
+        "1-pos ms",
+        "peak MiB",
+        "HF fwd ms",
+        "HF full ms",
+        "HF 1-pos ms",
+        "full ×",
+        "1-pos ×"
+    )?;
     for (n, fwd, full, one, mem) in &rows {
         let h = hf.as_ref().and_then(|v| v.iter().find(|r| r.n == *n));
         let ms = |x: f64| format!("{:.1}", x * 1e3);
         let (hf_fwd, hf_full, hf_one, r_full, r_one) = match h {
-            Some(h) => (ms(h.forward_s), ms(h.full_lens_s), ms(h.one_position_s), format!("{:.2}", h.full_lens_s / full), format!("{:.2}", h.one_position_s / one)),
+            Some(h) => (
+                ms(h.forward_s),
+                ms(h.full_lens_s),
+                ms(h.one_position_s),
+                format!("{:.2}", h.full_lens_s / full),
+                format!("{:.2}", h.one_position_s / one),
+            ),
             None => ("—".into(), "—".into(), "—".into(), "—".into(), "—".into()),
         };
         writeln!(out, "{n:>6} {:>11} {:>11} {:>11} {:>9.0} | {hf_fwd:>11} {hf_full:>11} {hf_one:>11} | {r_full:>8} {r_one:>8}", ms(*fwd), ms(*full), ms(*one), mem)?;
@@ -139,12 +175,21 @@ fn rayon_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-fn run_hf(python: &PathBuf, model: &PathBuf, backend: &dyn Backend, args: &BenchArgs) -> Result<Vec<HfResult>> {
+fn run_hf(
+    python: &PathBuf,
+    model: &PathBuf,
+    backend: &dyn Backend,
+    args: &BenchArgs,
+) -> Result<Vec<HfResult>> {
     let dir = tempfile_dir()?;
     let script = dir.join("hf_lens.py");
     std::fs::write(&script, HF_SCRIPT)?;
     let all = backend.tokenize(&TEXT.repeat(8))?;
-    let prompts: Vec<Vec<u32>> = args.sizes.iter().map(|&n| all.iter().take(n).map(|t| t.id).collect()).collect();
+    let prompts: Vec<Vec<u32>> = args
+        .sizes
+        .iter()
+        .map(|&n| all.iter().take(n).map(|t| t.id).collect())
+        .collect();
     let input = serde_json::json!({ "model": model, "prompts": prompts, "repeats": args.repeats });
     let mut child = Command::new(python)
         .arg(&script)
@@ -158,7 +203,11 @@ fn run_hf(python: &PathBuf, model: &PathBuf, backend: &dyn Backend, args: &Bench
     }
     let output = child.wait_with_output()?;
     let _ = std::fs::remove_dir_all(&dir);
-    anyhow::ensure!(output.status.success(), "the reference script failed ({})", output.status);
+    anyhow::ensure!(
+        output.status.success(),
+        "the reference script failed ({})",
+        output.status
+    );
     serde_json::from_slice(&output.stdout).context("unreadable output from the reference script")
 }
 

@@ -58,9 +58,14 @@ fn document(backend: &dyn Backend, n: usize) -> Result<String> {
 
 fn hover_end(engine: &Engine, text: &str, opts: &HoverOptions) -> Result<Duration> {
     let t = Instant::now();
-    let out = engine.hover(text, text.len().saturating_sub(1), opts).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let out = engine
+        .hover(text, text.len().saturating_sub(1), opts)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let took = t.elapsed();
-    anyhow::ensure!(out.is_some_and(|h| h.markdown.contains("| layer |")), "no hover");
+    anyhow::ensure!(
+        out.is_some_and(|h| h.markdown.contains("| layer |")),
+        "no hover"
+    );
     Ok(took)
 }
 
@@ -73,12 +78,22 @@ pub fn run(a: BenchServerArgs) -> Result<()> {
     let opts = HoverOptions::default();
     let mut out = anstream::stdout();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    writeln!(out, "model precision {precision}, {threads} threads, cache budget {} MiB", a.cache_mb)?;
+    writeln!(
+        out,
+        "model precision {precision}, {threads} threads, cache budget {} MiB",
+        a.cache_mb
+    )?;
 
     let doc = document(&*backend, a.tokens)?;
     let t = Instant::now();
     let report = engine
-        .analyze(&AnalyzeParams { text: doc.clone(), layers: None, positions: None, top_k: None, lens: None })
+        .analyze(&AnalyzeParams {
+            text: doc.clone(),
+            layers: None,
+            positions: None,
+            top_k: None,
+            lens: None,
+        })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let cold = t.elapsed();
     writeln!(
@@ -98,7 +113,11 @@ pub fn run(a: BenchServerArgs) -> Result<()> {
         times.push(hover_end(&engine, &text, &opts)?);
     }
     let (p50, p95) = (percentile(&mut times, 0.5), percentile(&mut times, 0.95));
-    writeln!(out, "hover after a one-char edit at the end: p50 {p50:.1} ms, p95 {p95:.1} ms ({} edits)", a.edits)?;
+    writeln!(
+        out,
+        "hover after a one-char edit at the end: p50 {p50:.1} ms, p95 {p95:.1} ms ({} edits)",
+        a.edits
+    )?;
 
     // Where an end-edit hover's time goes: the forward pass reusing the prefix, and the lens
     // at the hovered position (all layers); the previous position's readout is cached while
@@ -129,12 +148,18 @@ pub fn run(a: BenchServerArgs) -> Result<()> {
     let mut text = doc.clone();
     for i in 0..a.edits.min(20) {
         let mid = text.len() / 2;
-        let mid = (mid..text.len()).find(|&b| text.is_char_boundary(b)).unwrap_or(text.len());
+        let mid = (mid..text.len())
+            .find(|&b| text.is_char_boundary(b))
+            .unwrap_or(text.len());
         text.insert(mid, char::from(b'a' + (i % 26) as u8));
         times.push(hover_end(&engine, &text, &opts)?);
     }
     let (p50m, p95m) = (percentile(&mut times, 0.5), percentile(&mut times, 0.95));
-    writeln!(out, "hover after an edit in the middle: p50 {p50m:.1} ms, p95 {p95m:.1} ms ({} edits)", times.len())?;
+    writeln!(
+        out,
+        "hover after an edit in the middle: p50 {p50m:.1} ms, p95 {p95m:.1} ms ({} edits)",
+        times.len()
+    )?;
 
     // Warm: the same hover again.
     let mut times = Vec::with_capacity(a.edits);
@@ -160,7 +185,11 @@ pub fn run(a: BenchServerArgs) -> Result<()> {
         s.bytes as f64 / 1048576.0,
         peak as f64 / 1048576.0,
         a.cache_mb,
-        if peak <= budget { "" } else { " -- OVER BUDGET" }
+        if peak <= budget {
+            ""
+        } else {
+            " -- OVER BUDGET"
+        }
     )?;
     writeln!(
         out,

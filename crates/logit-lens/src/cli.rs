@@ -12,7 +12,11 @@ use crate::layers::LayerSpec;
 use crate::{bench, bench_server, render, report, serve};
 
 #[derive(Parser)]
-#[command(name = "logit-lens", version, about = "See what every layer of a language model predicts")]
+#[command(
+    name = "logit-lens",
+    version,
+    about = "See what every layer of a language model predicts"
+)]
 pub struct Args {
     /// More logging on stderr (-v info, -vv debug); LOGIT_LENS_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -122,7 +126,11 @@ pub fn run(args: Args) -> Result<()> {
             let mut out = anstream::stdout();
             writeln!(out, "name:         {}", i.name)?;
             writeln!(out, "architecture: {}", i.architecture)?;
-            writeln!(out, "blocks:       {} (lens layers 0..={})", i.n_layers, i.n_layers)?;
+            writeln!(
+                out,
+                "blocks:       {} (lens layers 0..={})",
+                i.n_layers, i.n_layers
+            )?;
             writeln!(out, "hidden size:  {}", i.hidden_size)?;
             writeln!(out, "vocabulary:   {}", i.vocab_size)?;
             writeln!(out, "context:      {}", i.context_length)?;
@@ -135,7 +143,11 @@ pub fn run(args: Args) -> Result<()> {
             let tokens = backend.tokenize(&text)?;
             let mut out = anstream::stdout();
             for (i, t) in tokens.iter().enumerate() {
-                writeln!(out, "{i:>5} {:>7} {:>5}..{:<5} {:?}", t.id, t.start, t.end, t.text)?;
+                writeln!(
+                    out,
+                    "{i:>5} {:>7} {:>5}..{:<5} {:?}",
+                    t.id, t.start, t.end, t.text
+                )?;
             }
             Ok(())
         }
@@ -166,7 +178,8 @@ pub fn load(m: &ModelArgs) -> Result<CandleBackend> {
 }
 
 pub fn load_path(path: &Path, precision: Precision) -> Result<CandleBackend> {
-    CandleBackend::load(path, precision).with_context(|| format!("cannot load the model {}", path.display()))
+    CandleBackend::load(path, precision)
+        .with_context(|| format!("cannot load the model {}", path.display()))
 }
 
 pub(crate) fn read_prompt(p: &PromptArgs) -> Result<String> {
@@ -179,11 +192,18 @@ pub(crate) fn read_prompt(p: &PromptArgs) -> Result<String> {
                 bail!("no prompt: pass it as an argument, with --file, or on standard input");
             }
             let mut buf = Vec::new();
-            stdin.read_to_end(&mut buf).context("cannot read standard input")?;
+            stdin
+                .read_to_end(&mut buf)
+                .context("cannot read standard input")?;
             buf
         }
     };
-    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("the prompt is not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to()))
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "the prompt is not valid UTF-8 (at byte {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
 }
 
 fn run_lens(a: RunArgs) -> Result<()> {
@@ -204,7 +224,10 @@ fn run_lens(a: RunArgs) -> Result<()> {
             info.context_length
         );
     }
-    let layers = a.layers.resolve(info.n_layers).map_err(anyhow::Error::msg)?;
+    let layers = a
+        .layers
+        .resolve(info.n_layers)
+        .map_err(anyhow::Error::msg)?;
     let kind = match a.lens {
         LensArg::Norm => LensKind::Norm,
         LensArg::Raw => LensKind::Raw,
@@ -232,7 +255,14 @@ fn run_lens(a: RunArgs) -> Result<()> {
     let mut out = anstream::stdout();
     match a.format {
         Format::Json => {
-            let report = report::build(&backend, &tokens, &views, kind, usize::from(a.top_k), &layers);
+            let report = report::build(
+                &backend,
+                &tokens,
+                &views,
+                kind,
+                usize::from(a.top_k),
+                &layers,
+            );
             serde_json::to_writer(&mut out, &report)?;
             writeln!(out)?;
         }

@@ -48,7 +48,9 @@ fn init_tracing(verbose: u8, log_file: Option<&std::path::Path>) -> anyhow::Resu
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("LOGIT_LENS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     match log_file {
         None => builder.with_writer(std::io::stderr).init(),
         Some(path) => {
@@ -58,7 +60,10 @@ fn init_tracing(verbose: u8, log_file: Option<&std::path::Path>) -> anyhow::Resu
                 .append(true)
                 .open(path)
                 .with_context(|| format!("cannot open the log file {}", path.display()))?;
-            builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
         }
     }
     Ok(())

@@ -94,13 +94,21 @@ impl FromStr for TokenRange {
             if t.is_empty() {
                 return Ok(None);
             }
-            t.parse().map(Some).map_err(|_| format!("`{t}` is not a token position in `{s}`"))
+            t.parse()
+                .map(Some)
+                .map_err(|_| format!("`{t}` is not a token position in `{s}`"))
         };
         match s.split_once("..") {
-            Some((a, b)) => Ok(TokenRange { start: num(a)?, end: num(b)? }),
+            Some((a, b)) => Ok(TokenRange {
+                start: num(a)?,
+                end: num(b)?,
+            }),
             None => {
                 let p = num(s)?.ok_or("expected `A..B`, `A..`, `..B` or a position")?;
-                Ok(TokenRange { start: Some(p), end: Some(p) })
+                Ok(TokenRange {
+                    start: Some(p),
+                    end: Some(p),
+                })
             }
         }
     }
@@ -113,7 +121,9 @@ impl TokenRange {
         let at = |p: i64| -> Result<usize, String> {
             let idx = if p < 0 { n_i + p } else { p };
             if idx < 0 || idx >= n_i {
-                Err(format!("token position {p} is outside the prompt of {n} tokens"))
+                Err(format!(
+                    "token position {p} is outside the prompt of {n} tokens"
+                ))
             } else {
                 Ok(idx as usize)
             }
@@ -131,12 +141,18 @@ fn format_of(out: &Path, format: Option<PlotFormat>) -> Result<PlotFormat> {
     if let Some(f) = format {
         return Ok(f);
     }
-    let ext = out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    let ext = out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
     match ext.as_deref() {
         Some("svg") => Ok(PlotFormat::Svg),
         Some("png") => Ok(PlotFormat::Png),
         Some("html" | "htm") => Ok(PlotFormat::Html),
-        _ => bail!("cannot tell the format of {}: use a .svg, .png or .html name, or --format", out.display()),
+        _ => bail!(
+            "cannot tell the format of {}: use a .svg, .png or .html name, or --format",
+            out.display()
+        ),
     }
 }
 
@@ -156,9 +172,16 @@ pub fn run(a: PlotArgs) -> Result<()> {
         bail!("the prompt is empty after tokenization");
     }
     if tokens.len() > info.context_length {
-        bail!("the prompt has {} tokens, more than the model's context of {}", tokens.len(), info.context_length);
+        bail!(
+            "the prompt has {} tokens, more than the model's context of {}",
+            tokens.len(),
+            info.context_length
+        );
     }
-    let layers = a.layers.resolve(info.n_layers).map_err(anyhow::Error::msg)?;
+    let layers = a
+        .layers
+        .resolve(info.n_layers)
+        .map_err(anyhow::Error::msg)?;
     let positions: Vec<usize> = match a.tokens {
         Some(r) => r.resolve(tokens.len()).map_err(anyhow::Error::msg)?,
         None => (0..tokens.len()).collect(),
@@ -187,7 +210,11 @@ pub fn run(a: PlotArgs) -> Result<()> {
         lens: kind,
         tracks: &tracks,
     };
-    let options = Options { metric: a.metric.into(), flip: a.flip, max_columns: usize::from(a.max_columns) };
+    let options = Options {
+        metric: a.metric.into(),
+        flip: a.flip,
+        max_columns: usize::from(a.max_columns),
+    };
     let bytes = match format {
         PlotFormat::Svg => lens_plot::svg(&plot, &options).into_bytes(),
         PlotFormat::Png => lens_plot::png(&plot, &options, a.scale)?,
@@ -219,16 +246,29 @@ mod tests {
         check("-2..", 5, "[3, 4]");
         check("2", 5, "[2]");
         check("..", 3, "[0, 1, 2]");
-        check("0..5", 5, "error: token position 5 is outside the prompt of 5 tokens");
+        check(
+            "0..5",
+            5,
+            "error: token position 5 is outside the prompt of 5 tokens",
+        );
         check("3..1", 5, "error: empty token range 3..1");
         check("a..", 5, "error: `a` is not a token position in `a..`");
     }
 
     #[test]
     fn formats_follow_the_extension() {
-        assert_eq!(format_of(Path::new("a.SVG"), None).ok(), Some(PlotFormat::Svg));
-        assert_eq!(format_of(Path::new("a.htm"), None).ok(), Some(PlotFormat::Html));
-        assert_eq!(format_of(Path::new("a.out"), Some(PlotFormat::Png)).ok(), Some(PlotFormat::Png));
+        assert_eq!(
+            format_of(Path::new("a.SVG"), None).ok(),
+            Some(PlotFormat::Svg)
+        );
+        assert_eq!(
+            format_of(Path::new("a.htm"), None).ok(),
+            Some(PlotFormat::Html)
+        );
+        assert_eq!(
+            format_of(Path::new("a.out"), Some(PlotFormat::Png)).ok(),
+            Some(PlotFormat::Png)
+        );
         assert!(format_of(Path::new("a.jpg"), None).is_err());
     }
 }

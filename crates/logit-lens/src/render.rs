@@ -39,8 +39,14 @@ pub fn viridis(t: f32) -> (u8, u8, u8) {
 fn cell_style(prob: f32) -> Style {
     let (r, g, b) = viridis(prob);
     let luminance = 0.2126 * f32::from(r) + 0.7152 * f32::from(g) + 0.0722 * f32::from(b);
-    let fg = if luminance > 140.0 { RgbColor(0, 0, 0) } else { RgbColor(255, 255, 255) };
-    Style::new().bg_color(Some(Color::Rgb(RgbColor(r, g, b)))).fg_color(Some(Color::Rgb(fg)))
+    let fg = if luminance > 140.0 {
+        RgbColor(0, 0, 0)
+    } else {
+        RgbColor(255, 255, 255)
+    };
+    Style::new()
+        .bg_color(Some(Color::Rgb(RgbColor(r, g, b))))
+        .fg_color(Some(Color::Rgb(fg)))
 }
 
 /// A token's text with whitespace made visible.
@@ -64,7 +70,11 @@ pub fn fit(s: &str, width: usize) -> String {
     let total = s.width();
     for c in s.chars() {
         let cw = c.width().unwrap_or(0);
-        let room = if total > width { width.saturating_sub(1) } else { width };
+        let room = if total > width {
+            width.saturating_sub(1)
+        } else {
+            width
+        };
         if w + cw > room {
             out.push('…');
             w += 1;
@@ -112,24 +122,36 @@ pub fn grid(
         writeln!(out)?;
         write!(out, "{}", fit("", LABEL))?;
         for v in panel {
-            write!(out, "{bold}{}{bold:#}", fit(&visible(&tokens[v.position].text), CELL))?;
+            write!(
+                out,
+                "{bold}{}{bold:#}",
+                fit(&visible(&tokens[v.position].text), CELL)
+            )?;
         }
         writeln!(out)?;
         for (row, &layer) in layers.iter().enumerate().rev() {
             write!(out, "{dim}{}{dim:#}", fit(&format!("L{layer}"), LABEL))?;
             for v in panel {
                 let cell = &v.cells[row];
-                let Some(top) = cell.top.first() else { continue };
+                let Some(top) = cell.top.first() else {
+                    continue;
+                };
                 let hit = cell.next.is_some_and(|n| n.id == top.id);
                 let text = fit(&visible(&backend.decode(top.id)), CELL - 2);
                 let style = cell_style(top.prob);
-                write!(out, "{style}{text}{}{style:#} ", if hit { '*' } else { ' ' })?;
+                write!(
+                    out,
+                    "{style}{text}{}{style:#} ",
+                    if hit { '*' } else { ' ' }
+                )?;
             }
             writeln!(out)?;
         }
         write!(out, "{dim}{}{dim:#}", fit("next", LABEL))?;
         for v in panel {
-            let next = tokens.get(v.position + 1).map_or(String::from("—"), |t| visible(&t.text));
+            let next = tokens
+                .get(v.position + 1)
+                .map_or(String::from("—"), |t| visible(&t.text));
             write!(out, "{dim}{}{dim:#}", fit(&next, CELL))?;
         }
         writeln!(out)?;
@@ -191,11 +213,23 @@ pub fn position_table(
             lens_core::Site::Layer(l) => format!("{l}"),
             lens_core::Site::MidBlock(l) => format!("{l}.5"),
         };
-        let mark = if view.decided_at.is_some_and(|d| cell.site == lens_core::Site::Layer(d)) { "▸" } else { " " };
+        let mark = if view
+            .decided_at
+            .is_some_and(|d| cell.site == lens_core::Site::Layer(d))
+        {
+            "▸"
+        } else {
+            " "
+        };
         write!(out, "{mark}{layer:>4}  ")?;
         for t in &cell.top {
             let style = cell_style(t.prob);
-            write!(out, "{style}{}{style:#} {:.3} ", fit(&visible(&backend.decode(t.id)), 10), t.prob)?;
+            write!(
+                out,
+                "{style}{}{style:#} {:.3} ",
+                fit(&visible(&backend.decode(t.id)), 10),
+                t.prob
+            )?;
         }
         match cell.next {
             Some(n) => write!(out, " {:>7} {:>9.3e}", n.rank, n.prob)?,

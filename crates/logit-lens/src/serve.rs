@@ -70,8 +70,15 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if let Door::Listen(addr) = &config.door {
         lens_server::check_listen(addr, config.allow_remote, config.token.as_deref())?;
     }
-    let backend = cli::load(&ModelArgs { model: a.model, precision: a.precision })?;
-    tracing::info!("model loaded: {} ({})", backend.info().name, backend.info().precision);
+    let backend = cli::load(&ModelArgs {
+        model: a.model,
+        precision: a.precision,
+    })?;
+    tracing::info!(
+        "model loaded: {} ({})",
+        backend.info().name,
+        backend.info().precision
+    );
     let backend: Arc<dyn Backend> = Arc::new(backend);
     lens_server::run(backend, state_bytes(), config).context("the server stopped")
 }

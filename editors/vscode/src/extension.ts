@@ -19,7 +19,7 @@ import {
   State,
 } from 'vscode-languageclient/node';
 import { assessServer, findServer, type ProbeResult } from './discovery';
-import { heatmapPage, infoDetail, reportToHtmlTable, statusText, type CacheStats, type DaemonState, type ModelInfo, type RunReport } from './render';
+import { heatmapPage, infoDetail, isFullPage, reportToHtmlTable, statusText, type CacheStats, type DaemonState, type ModelInfo, type RunReport } from './render';
 import { isLensEnabled, needsRestart, serverArgs, toServerOptions, validateSettings, type LensSettings } from './settings';
 
 const MAX_RESTARTS = 3;
@@ -317,7 +317,10 @@ class Lens implements vscode.Disposable {
         { location: vscode.ProgressLocation.Window, title: 'Logit Lens: heatmap' },
         () => this.heatmapFragment(text),
       );
-      const panel = vscode.window.createWebviewPanel('logitLens.heatmap', title, vscode.ViewColumn.Beside, { enableScripts: false });
+      // The daemon's page (lens/heatmap) is interactive: its own inline script draws the cells,
+      // hovers and trajectories, and loads nothing. The fallback table needs no script.
+      const interactive = isFullPage(fragment);
+      const panel = vscode.window.createWebviewPanel('logitLens.heatmap', title, vscode.ViewColumn.Beside, { enableScripts: interactive });
       panel.webview.html = heatmapPage(fragment, title);
     } catch (err) {
       void vscode.window.showErrorMessage(`Logit Lens: heatmap failed: ${err instanceof Error ? err.message : String(err)}`);

@@ -95,9 +95,18 @@ export function reportToHtmlTable(report: RunReport): string {
   );
 }
 
+/** Whether `html` is a whole document rather than a fragment. */
+export function isFullPage(html: string): boolean {
+  return /^\s*(<!doctype|<html)/i.test(html);
+}
+
 /** A whole webview page around a heatmap fragment (SVG or HTML), with a strict CSP. */
 export function heatmapPage(fragment: string, title: string): string {
-  if (/^\s*(<!doctype|<html)/i.test(fragment)) return fragment;
+  if (isFullPage(fragment)) {
+    // A whole page (the daemon's interactive heatmap): keep it, with the title on top.
+    const heading = `<h3 style="font-family: sans-serif">${escapeHtml(title)}</h3>`;
+    return /<body[^>]*>/i.test(fragment) ? fragment.replace(/<body[^>]*>/i, (m) => m + heading) : fragment;
+  }
   return `<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline';">

@@ -15,7 +15,11 @@ fn check(path: &Path, expect: &str) {
         Ok(_) => "loaded".to_string(),
         Err(e) => e.to_string(),
     };
-    assert!(msg.contains(expect), "loading {}: got {msg:?}, expected it to contain {expect:?}", path.display());
+    assert!(
+        msg.contains(expect),
+        "loading {}: got {msg:?}, expected it to contain {expect:?}",
+        path.display()
+    );
 }
 
 #[test]
@@ -27,22 +31,40 @@ fn bad_model_files_are_reported_clearly() {
         p
     };
     check(&dir.path().join("missing.gguf"), "no such file or folder");
-    check(&write("empty.gguf", b""), "is not a GGUF file or an HF model folder");
-    check(&write("picture.png", b"\x89PNG\r\n\x1a\n0000000000000000"), "is not a GGUF file or an HF model folder");
+    check(
+        &write("empty.gguf", b""),
+        "is not a GGUF file or an HF model folder",
+    );
+    check(
+        &write("picture.png", b"\x89PNG\r\n\x1a\n0000000000000000"),
+        "is not a GGUF file or an HF model folder",
+    );
     check(dir.path(), "is not a GGUF file or an HF model folder");
 
     let gguf = tiny_gguf();
     check(&write("cut-header.gguf", &gguf[..100]), "is truncated");
-    check(&write("cut-data.gguf", &gguf[..gguf.len() - 1000]), "is truncated");
+    check(
+        &write("cut-data.gguf", &gguf[..gguf.len() - 1000]),
+        "is truncated",
+    );
     check(&write("magic-only.gguf", b"GGUF"), "is truncated");
 
     // Same-length rename of the architecture: a model family the backend does not know.
     let mut foreign = gguf.clone();
     let key = b"general.architecture";
-    let at = foreign.windows(key.len()).position(|w| w == key).expect("key") + key.len() + 4 + 8;
+    let at = foreign
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("key")
+        + key.len()
+        + 4
+        + 8;
     assert_eq!(&foreign[at..at + 5], b"llama");
     foreign[at..at + 5].copy_from_slice(b"bloom");
-    check(&write("bloom.gguf", &foreign), "unsupported architecture `bloom`");
+    check(
+        &write("bloom.gguf", &foreign),
+        "unsupported architecture `bloom`",
+    );
 
     // A header that declares absurd sizes.
     let mut absurd = b"GGUF".to_vec();
@@ -62,12 +84,22 @@ fn bad_model_files_are_reported_clearly() {
 
 #[test]
 fn bad_prompts_are_errors() {
-    let backend = CandleBackend::load(&crate::data_dir().join("oracle/tiny-llama"), Precision::F32).expect("load");
+    let backend = CandleBackend::load(&crate::data_dir().join("oracle/tiny-llama"), Precision::F32)
+        .expect("load");
     let opts = CaptureOptions::default();
-    assert!(matches!(backend.forward(&[], opts), Err(lens_core::Error::EmptyPrompt)));
+    assert!(matches!(
+        backend.forward(&[], opts),
+        Err(lens_core::Error::EmptyPrompt)
+    ));
     let long = vec![42u32; backend.info().context_length + 1];
-    assert!(matches!(backend.forward(&long, opts), Err(lens_core::Error::PromptTooLong { .. })));
-    assert!(matches!(backend.forward(&[1, 99_999], opts), Err(lens_core::Error::TokenOutOfRange { id: 99_999, .. })));
+    assert!(matches!(
+        backend.forward(&long, opts),
+        Err(lens_core::Error::PromptTooLong { .. })
+    ));
+    assert!(matches!(
+        backend.forward(&[1, 99_999], opts),
+        Err(lens_core::Error::TokenOutOfRange { id: 99_999, .. })
+    ));
     assert!(backend.readout(&[1.0; 65], LensKind::Norm).is_err());
     assert!(backend.tokenize("").expect("tokenize").is_empty());
     let _: &Error = &Error::Unsupported(String::new());

@@ -22,7 +22,8 @@ pub fn data_dir() -> PathBuf {
 /// The default model, fetched into the cache by the same code the CLI uses.
 pub fn default_model_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| lens_models::ensure_default_model(false).expect("fetch the default model")).clone()
+    PATH.get_or_init(|| lens_models::ensure_default_model(false).expect("fetch the default model"))
+        .clone()
 }
 
 pub fn smollm2(precision: Precision) -> Arc<CandleBackend> {
@@ -32,5 +33,8 @@ pub fn smollm2(precision: Precision) -> Arc<CandleBackend> {
         Precision::F32 => &F32,
         Precision::Fast => &FAST,
     };
-    cell.get_or_init(|| Arc::new(CandleBackend::load(&default_model_path(), precision).expect("load SmolLM2"))).clone()
+    cell.get_or_init(|| {
+        Arc::new(CandleBackend::load(&default_model_path(), precision).expect("load SmolLM2"))
+    })
+    .clone()
 }

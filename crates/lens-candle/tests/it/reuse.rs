@@ -4,7 +4,12 @@ use lens_candle::Precision;
 use lens_core::{Backend, CaptureOptions, HiddenStates, Site};
 
 fn ids(backend: &dyn Backend, text: &str) -> Vec<u32> {
-    backend.tokenize(text).expect("tokenize").iter().map(|t| t.id).collect()
+    backend
+        .tokenize(text)
+        .expect("tokenize")
+        .iter()
+        .map(|t| t.id)
+        .collect()
 }
 
 fn max_diff(a: &HiddenStates, b: &HiddenStates) -> f32 {
@@ -12,7 +17,10 @@ fn max_diff(a: &HiddenStates, b: &HiddenStates) -> f32 {
     let mut worst = 0f32;
     for l in 0..=a.n_layers() {
         for p in 0..a.n_positions() {
-            let (x, y) = (a.row(Site::Layer(l), p).expect("row"), b.row(Site::Layer(l), p).expect("row"));
+            let (x, y) = (
+                a.row(Site::Layer(l), p).expect("row"),
+                b.row(Site::Layer(l), p).expect("row"),
+            );
             for (u, v) in x.iter().zip(y) {
                 // Relative to the row's scale: position 0 carries activations in the thousands.
                 worst = worst.max((u - v).abs() / (1.0 + u.abs()));
@@ -26,22 +34,40 @@ fn max_diff(a: &HiddenStates, b: &HiddenStates) -> f32 {
 fn extending_and_editing_reuse_the_prefix_exactly() {
     let backend = crate::smollm2(Precision::F32);
     let opts = CaptureOptions { mid_block: true };
-    let base = ids(&*backend, "The capital of France is Paris. The capital of Poland is");
+    let base = ids(
+        &*backend,
+        "The capital of France is Paris. The capital of Poland is",
+    );
     let first = backend.forward(&base, opts).expect("forward");
 
     // Append tokens.
-    let longer = ids(&*backend, "The capital of France is Paris. The capital of Poland is Warsaw, and");
+    let longer = ids(
+        &*backend,
+        "The capital of France is Paris. The capital of Poland is Warsaw, and",
+    );
     assert!(longer.starts_with(&base));
-    let reused = backend.forward_reusing(&first, &longer, opts).expect("extend");
+    let reused = backend
+        .forward_reusing(&first, &longer, opts)
+        .expect("extend");
     let fresh = backend.forward(&longer, opts).expect("forward");
     let d = max_diff(&reused, &fresh);
     assert!(d < 1e-4, "extension differs by {d}");
     assert!(reused.has_mid_block());
-    assert_eq!(reused.row(Site::MidBlock(3), longer.len() - 1).map(<[f32]>::len), Some(576));
+    assert_eq!(
+        reused
+            .row(Site::MidBlock(3), longer.len() - 1)
+            .map(<[f32]>::len),
+        Some(576)
+    );
 
     // Edit in the middle: only the shared prefix is reused.
-    let edited = ids(&*backend, "The capital of Germany is Paris. The capital of Poland is");
-    let reused = backend.forward_reusing(&first, &edited, opts).expect("edit");
+    let edited = ids(
+        &*backend,
+        "The capital of Germany is Paris. The capital of Poland is",
+    );
+    let reused = backend
+        .forward_reusing(&first, &edited, opts)
+        .expect("edit");
     let fresh = backend.forward(&edited, opts).expect("forward");
     let d = max_diff(&reused, &fresh);
     assert!(d < 1e-4, "edit differs by {d}");

@@ -8,13 +8,23 @@ use crate::smollm2;
 
 #[test]
 fn f32_norm_lens_matches_hf_transformers() {
-    let dev = oracle::check_golden(&*smollm2(Precision::F32), "golden_smollm2.json", LensKind::Norm, oracle::F32);
+    let dev = oracle::check_golden(
+        &*smollm2(Precision::F32),
+        "golden_smollm2.json",
+        LensKind::Norm,
+        oracle::F32,
+    );
     assert!(dev.cells >= 31 * (20 + 5 + 18 + 14));
 }
 
 #[test]
 fn f32_raw_lens_matches_hf_transformers() {
-    oracle::check_golden(&*smollm2(Precision::F32), "golden_smollm2_nonorm.json", LensKind::Raw, oracle::F32_RAW);
+    oracle::check_golden(
+        &*smollm2(Precision::F32),
+        "golden_smollm2_nonorm.json",
+        LensKind::Raw,
+        oracle::F32_RAW,
+    );
 }
 
 #[test]
@@ -35,7 +45,11 @@ fn fast_path_agrees_on_clear_top1() {
         dev.rank_off
     );
     assert!(dev.clear_cells > 1000);
-    assert!(dev.top1_agreement() >= 0.99, "top-1 agreement {}", dev.top1_agreement());
+    assert!(
+        dev.top1_agreement() >= 0.99,
+        "top-1 agreement {}",
+        dev.top1_agreement()
+    );
 }
 
 #[test]
@@ -46,16 +60,43 @@ fn final_layer_lands_near_llama_cpp() {
         let mut worst = 0f64;
         for prompt in golden["prompts"].as_array().expect("prompts") {
             for run in prompt["runs"].as_array().expect("runs") {
-                let ids: Vec<u32> = run["token_ids"].as_array().expect("ids").iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect();
-                let states = backend.forward(&ids, CaptureOptions::default()).expect("forward");
+                let ids: Vec<u32> = run["token_ids"]
+                    .as_array()
+                    .expect("ids")
+                    .iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|v| v as u32)
+                    .collect();
+                let states = backend
+                    .forward(&ids, CaptureOptions::default())
+                    .expect("forward");
                 let lens = Lens::new(&*backend, &states, LensKind::Norm, 10);
-                let grid = lens.grid(&[Site::Layer(backend.info().n_layers)]).expect("grid");
-                for (view, pos) in grid.iter().zip(run["positions"].as_array().expect("positions")) {
-                    let top_ids: Vec<u64> = pos["top10_ids"].as_array().expect("ids").iter().filter_map(|v| v.as_u64()).collect();
-                    let top_probs: Vec<f64> = pos["top10_probs"].as_array().expect("p").iter().filter_map(|v| v.as_f64()).collect();
+                let grid = lens
+                    .grid(&[Site::Layer(backend.info().n_layers)])
+                    .expect("grid");
+                for (view, pos) in grid
+                    .iter()
+                    .zip(run["positions"].as_array().expect("positions"))
+                {
+                    let top_ids: Vec<u64> = pos["top10_ids"]
+                        .as_array()
+                        .expect("ids")
+                        .iter()
+                        .filter_map(|v| v.as_u64())
+                        .collect();
+                    let top_probs: Vec<f64> = pos["top10_probs"]
+                        .as_array()
+                        .expect("p")
+                        .iter()
+                        .filter_map(|v| v.as_f64())
+                        .collect();
                     let cell = &view.cells[0];
                     if top_probs[0] - top_probs[1] > 0.05 {
-                        assert_eq!(u64::from(cell.top[0].id), top_ids[0], "{precision:?} top-1 at {pos}");
+                        assert_eq!(
+                            u64::from(cell.top[0].id),
+                            top_ids[0],
+                            "{precision:?} top-1 at {pos}"
+                        );
                     }
                     worst = worst.max((f64::from(cell.top[0].prob) - top_probs[0]).abs());
                 }
@@ -77,10 +118,17 @@ fn the_seeds_example_completes_autoregressive() {
     let text = "We train GPT-3, an autoregressive language model with 175 billion parameters";
     let tokens = backend.tokenize(text).expect("tokenize");
     let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-    let states = backend.forward(&ids, CaptureOptions::default()).expect("forward");
+    let states = backend
+        .forward(&ids, CaptureOptions::default())
+        .expect("forward");
     let lens = Lens::new(&*backend, &states, LensKind::Norm, 5);
     let grid = lens.grid(&lens.all_layers()).expect("grid");
-    let at = |piece: &str| tokens.iter().position(|t| t.text == piece).expect("token present");
+    let at = |piece: &str| {
+        tokens
+            .iter()
+            .position(|t| t.text == piece)
+            .expect("token present")
+    };
     // After " aut" the model predicts "oreg", after "oreg" it predicts "ressive" (as in the oracle).
     for (after, want) in [(" aut", "oreg"), ("oreg", "ressive")] {
         let view = &grid[at(after)];
@@ -105,8 +153,14 @@ fn tokens_round_trip_and_cover_the_text() {
         assert!(!tokens.is_empty());
         let mut end = 0;
         for t in &tokens {
-            assert!(t.start >= end.min(t.start) && t.end >= t.start && t.end <= text.len(), "{t:?} in {text:?}");
-            assert!(text.is_char_boundary(t.start) && text.is_char_boundary(t.end), "{t:?} splits a character of {text:?}");
+            assert!(
+                t.start >= end.min(t.start) && t.end >= t.start && t.end <= text.len(),
+                "{t:?} in {text:?}"
+            );
+            assert!(
+                text.is_char_boundary(t.start) && text.is_char_boundary(t.end),
+                "{t:?} splits a character of {text:?}"
+            );
             end = t.end;
         }
         assert_eq!(tokens.last().map(|t| t.end), Some(text.len()), "{text:?}");

@@ -16,10 +16,20 @@ fn check_golden(path: &std::path::Path, golden: &str, n_layers: usize, cells: us
     let golden = oracle::load_data(golden);
     let mut dev = Deviations::default();
     for prompt in golden["prompts"].as_array().expect("prompts") {
-        oracle::compare_prompt(&backend, prompt, LensKind::Norm, Some(oracle::F32), &mut dev);
+        oracle::compare_prompt(
+            &backend,
+            prompt,
+            LensKind::Norm,
+            Some(oracle::F32),
+            &mut dev,
+        );
     }
     eprintln!("{}: {dev:?}", path.display());
-    assert!(dev.failures.is_empty(), "{:#?}", &dev.failures[..dev.failures.len().min(20)]);
+    assert!(
+        dev.failures.is_empty(),
+        "{:#?}",
+        &dev.failures[..dev.failures.len().min(20)]
+    );
     assert_eq!(dev.cells, cells);
 }
 
@@ -37,5 +47,10 @@ fn f32_gguf_matches_hf() {
 /// tests/data/fixtures/make_tiny_qwen2.py with HF transformers).
 #[test]
 fn qwen2_safetensors_folder_matches_hf() {
-    check_golden(&crate::data_dir().join("fixtures/tiny-qwen2"), "fixtures/tiny-qwen2/golden.json", 3, 4 * (8 + 26));
+    check_golden(
+        &crate::data_dir().join("fixtures/tiny-qwen2"),
+        "fixtures/tiny-qwen2/golden.json",
+        3,
+        4 * (8 + 26),
+    );
 }

@@ -20,7 +20,8 @@ pub fn data_dir() -> PathBuf {
 pub fn backend() -> &'static CandleBackend {
     static B: OnceLock<CandleBackend> = OnceLock::new();
     B.get_or_init(|| {
-        CandleBackend::load(&data_dir().join("oracle/tiny-llama"), Precision::F32).expect("load tiny-llama")
+        CandleBackend::load(&data_dir().join("oracle/tiny-llama"), Precision::F32)
+            .expect("load tiny-llama")
     })
 }
 
@@ -40,9 +41,17 @@ pub fn run(prompt: &str, top_k: usize) -> Run {
     let states = b.forward(&ids, CaptureOptions::default()).expect("forward");
     let layers: Vec<usize> = (0..=b.info().n_layers).collect();
     let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
-    let views = Lens::new(b, &states, LensKind::Norm, top_k).grid(&sites).expect("lens");
+    let views = Lens::new(b, &states, LensKind::Norm, top_k)
+        .grid(&sites)
+        .expect("lens");
     let tracks = lens_plot::tracks(b, &states, LensKind::Norm, &views, &layers).expect("tracks");
-    Run { tokens, states, views, layers, tracks }
+    Run {
+        tokens,
+        states,
+        views,
+        layers,
+        tracks,
+    }
 }
 
 pub fn decode(id: u32) -> String {

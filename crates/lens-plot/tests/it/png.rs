@@ -4,7 +4,9 @@ use std::collections::HashSet;
 
 /// (width, height, RGBA pixels) of a PNG.
 fn decode(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
-    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().expect("PNG header");
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .expect("PNG header");
     let mut buf = vec![0; reader.output_buffer_size().expect("size")];
     let info = reader.next_frame(&mut buf).expect("PNG data");
     assert_eq!(info.color_type, png::ColorType::Rgba);
@@ -16,7 +18,11 @@ fn decode(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
 fn svg_size(svg: &str) -> (f32, f32) {
     let attr = |name: &str| -> f32 {
         let start = svg.find(&format!(" {name}=\"")).expect("size attribute") + name.len() + 3;
-        svg[start..].split('"').next().and_then(|v| v.parse().ok()).expect("number")
+        svg[start..]
+            .split('"')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("number")
     };
     (attr("width"), attr("height"))
 }
@@ -32,7 +38,10 @@ fn first_cell(svg: &str) -> ((u32, u32, u32, u32), [u8; 3]) {
     let n = |name: &str| attr(name).parse::<u32>().expect("integer");
     let fill = attr("fill");
     let hex = |i: usize| u8::from_str_radix(&fill[i..i + 2], 16).expect("hex");
-    ((n("x"), n("y"), n("width"), n("height")), [hex(1), hex(3), hex(5)])
+    (
+        (n("x"), n("y"), n("width"), n("height")),
+        [hex(1), hex(3), hex(5)],
+    )
 }
 
 #[test]
@@ -45,7 +54,11 @@ fn png_has_the_expected_size_colours_and_text() {
     for scale in [1.0_f32, 1.5] {
         let bytes = lens_plot::png(&plot, &options, scale).expect("png");
         let (pw, ph, px) = decode(&bytes);
-        assert_eq!((pw, ph), ((w * scale).ceil() as u32, (h * scale).ceil() as u32), "scale {scale}");
+        assert_eq!(
+            (pw, ph),
+            ((w * scale).ceil() as u32, (h * scale).ceil() as u32),
+            "scale {scale}"
+        );
         let at = |x: u32, y: u32| -> [u8; 3] {
             let i = ((y * pw + x) * 4) as usize;
             [px[i], px[i + 1], px[i + 2]]
@@ -61,7 +74,11 @@ fn png_has_the_expected_size_colours_and_text() {
                 colours.insert(at(x, y));
             }
         }
-        assert!(colours.len() > 30, "only {} colours in the cell area", colours.len());
+        assert!(
+            colours.len() > 30,
+            "only {} colours in the cell area",
+            colours.len()
+        );
         // A cell's corner (away from its label and any outline) has the cell's own colour.
         assert_eq!(at(s(cx) + s(4), s(cy) + s(ch) / 2), fill, "scale {scale}");
         // The embedded font drew the title: dark pixels in its line.
@@ -69,7 +86,10 @@ fn png_has_the_expected_size_colours_and_text() {
             .flat_map(|y| (s(70)..s(300)).map(move |x| (x, y)))
             .filter(|&(x, y)| at(x, y).iter().all(|&c| c < 80))
             .count();
-        assert!(dark > 100, "the title has only {dark} dark pixels: was the font loaded?");
+        assert!(
+            dark > 100,
+            "the title has only {dark} dark pixels: was the font loaded?"
+        );
     }
 }
 
@@ -92,5 +112,8 @@ fn bad_scales_are_errors() {
     let err = lens_plot::rasterize(wide, 10.0).expect_err("too large");
     assert!(err.to_string().contains("20000×100 pixels"), "{err}");
     let err = lens_plot::rasterize("<svg", 1.0).expect_err("not SVG");
-    assert!(err.to_string().contains("cannot read the generated SVG"), "{err}");
+    assert!(
+        err.to_string().contains("cannot read the generated SVG"),
+        "{err}"
+    );
 }

@@ -11,7 +11,9 @@ fn normalize(svg: &str) -> String {
     let b = svg.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i].is_ascii_digit() && (i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'#')) {
+        if b[i].is_ascii_digit()
+            && (i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'#'))
+        {
             let start = i;
             while i < b.len() && (b[i].is_ascii_digit() || b[i] == b'.') {
                 i += 1;
@@ -37,31 +39,52 @@ fn check(prompt: &str, options: Options, expect: ExpectFile) {
     let run = crate::run(prompt, 5);
     let svg = lens_plot::svg(&run.plot(), &options);
     // Every (layer, position) has a cell, and the document is well-formed enough for resvg.
-    assert_eq!(svg.matches("<title>").count(), run.layers.len() * run.tokens.len());
+    assert_eq!(
+        svg.matches("<title>").count(),
+        run.layers.len() * run.tokens.len()
+    );
     lens_plot::rasterize(&svg, 0.25).expect("the SVG parses");
     expect.assert_eq(&normalize(&svg));
 }
 
 #[test]
 fn normalize_rounds_only_long_decimals() {
-    assert_eq!(normalize(r##"x="1.75" p=0.12345 fill="#3b528b" 12.5 L30"##), r##"x="1.75" p=0.12 fill="#3b528b" 12.5 L30"##);
+    assert_eq!(
+        normalize(r##"x="1.75" p=0.12345 fill="#3b528b" 12.5 L30"##),
+        r##"x="1.75" p=0.12 fill="#3b528b" 12.5 L30"##
+    );
 }
 
 #[test]
 fn capital_of_france_top1_probability() {
-    check("The capital of France is", Options::default(), expect_file!["../snapshots/tiny-prob.svg"]);
+    check(
+        "The capital of France is",
+        Options::default(),
+        expect_file!["../snapshots/tiny-prob.svg"],
+    );
 }
 
 #[test]
 fn code_with_markup_and_whitespace_flipped_wrapped_by_entropy() {
     check(
         "if a < b && c > 'd':\n\treturn  x",
-        Options { metric: Metric::Entropy, flip: true, max_columns: 6 },
+        Options {
+            metric: Metric::Entropy,
+            flip: true,
+            max_columns: 6,
+        },
         expect_file!["../snapshots/tiny-entropy-flip-wrap.svg"],
     );
 }
 
 #[test]
 fn next_token_rank() {
-    check("Hello, world!", Options { metric: Metric::Rank, ..Options::default() }, expect_file!["../snapshots/tiny-rank.svg"]);
+    check(
+        "Hello, world!",
+        Options {
+            metric: Metric::Rank,
+            ..Options::default()
+        },
+        expect_file!["../snapshots/tiny-rank.svg"],
+    );
 }

@@ -1,8 +1,8 @@
 //! End-to-end tests of the `logit-lens` binary: real process, real default model.
 
 mod bad_input;
-mod plot;
 mod nvim;
+mod plot;
 mod run;
 mod serve;
 mod vscode;
@@ -48,12 +48,20 @@ pub fn logit_lens_stdin(args: &[&str], stdin: Option<&[u8]>) -> Run {
             pipe.write_all(bytes).expect("write stdin");
         }
     }
-    let Output { status, stdout, stderr } = child.wait_with_output().expect("wait");
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().expect("wait");
     let run = Run {
         code: status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
     };
-    assert!(!run.stderr.contains("panicked"), "logit-lens {args:?} panicked:\n{}", run.stderr);
+    assert!(
+        !run.stderr.contains("panicked"),
+        "logit-lens {args:?} panicked:\n{}",
+        run.stderr
+    );
     run
 }

@@ -23,15 +23,27 @@ fn nvim() -> PathBuf {
 fn neovim_hovers_and_edits() {
     ensure_model();
     let nvim = nvim();
-    assert!(nvim.exists(), "{} is missing: run scripts/deps/neovim.sh", nvim.display());
+    assert!(
+        nvim.exists(),
+        "{} is missing: run scripts/deps/neovim.sh",
+        nvim.display()
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("note.txt");
     std::fs::write(&file, "Zażółć gęślą jaźń 🦀 日本\nOne two three four\n").expect("write");
     let out_json = dir.path().join("out.json");
     let lua = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/nvim/hover.lua");
     let mut cmd = Command::new("timeout");
-    cmd.arg("300").arg(&nvim).args(["--headless", "-i", "NONE", "-n", "-u"]).arg(&lua);
-    for var in ["XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME"] {
+    cmd.arg("300")
+        .arg(&nvim)
+        .args(["--headless", "-i", "NONE", "-n", "-u"])
+        .arg(&lua);
+    for var in [
+        "XDG_CONFIG_HOME",
+        "XDG_DATA_HOME",
+        "XDG_STATE_HOME",
+        "XDG_CACHE_HOME",
+    ] {
         let d = dir.path().join(var);
         std::fs::create_dir_all(&d).expect("mkdir");
         cmd.env(var, d);
@@ -42,12 +54,21 @@ fn neovim_hovers_and_edits() {
         .env_remove("LOGIT_LENS_MODEL")
         .current_dir(dir.path());
     let out = cmd.output().expect("run nvim");
-    let results: Value = serde_json::from_str(&std::fs::read_to_string(&out_json).unwrap_or_else(|e| {
-        panic!("no results from nvim ({e}); status {}; stderr {}", out.status, String::from_utf8_lossy(&out.stderr))
-    }))
-    .expect("results JSON");
-    let failed: Vec<&Value> =
-        results["checks"].as_array().expect("checks").iter().filter(|c| c["ok"] != Value::Bool(true)).collect();
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(&out_json).unwrap_or_else(|e| {
+            panic!(
+                "no results from nvim ({e}); status {}; stderr {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        }))
+        .expect("results JSON");
+    let failed: Vec<&Value> = results["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter(|c| c["ok"] != Value::Bool(true))
+        .collect();
     assert!(failed.is_empty(), "failed checks: {failed:#?}\n{results:#}");
     assert!(out.status.success(), "nvim exited with {}", out.status);
     assert_eq!(results["position_encoding"], "utf-8");
@@ -56,13 +77,32 @@ fn neovim_hovers_and_edits() {
     // The hover on the `ę` of gęślą names the token there.
     let md = hovers[0]["markdown"].as_str().expect("md");
     let first_line = md.lines().next().unwrap_or("");
-    assert!(first_line.contains('ę') || first_line.contains('�'), "{first_line}");
-    let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| layer")).collect();
+    assert!(
+        first_line.contains('ę') || first_line.contains('�'),
+        "{first_line}"
+    );
+    let rows: Vec<&str> = md
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| layer"))
+        .collect();
     assert_eq!(rows.len(), 4, "layers 30, 20, 10, 0: {md}");
     assert!(rows[0].starts_with("| 30"), "{md}");
-    assert!(hovers[1]["markdown"].as_str().expect("md").starts_with("**␣Paris**"));
+    assert!(hovers[1]["markdown"]
+        .as_str()
+        .expect("md")
+        .starts_with("**␣Paris**"));
     let float = results["float"].as_array().expect("float lines");
-    assert!(float.iter().any(|l| l.as_str().is_some_and(|l| l.contains("p(written)"))), "{float:?}");
+    assert!(
+        float
+            .iter()
+            .any(|l| l.as_str().is_some_and(|l| l.contains("p(written)"))),
+        "{float:?}"
+    );
     let hints = results["inlay_hints"].as_array().expect("hints");
-    assert!(hints.iter().all(|h| h["label"].as_str().is_some_and(|l| l.starts_with("→ "))), "{hints:?}");
+    assert!(
+        hints
+            .iter()
+            .all(|h| h["label"].as_str().is_some_and(|l| l.starts_with("→ "))),
+        "{hints:?}"
+    );
 }

@@ -53,14 +53,25 @@ impl Server {
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(120)).expect("the server announces its address");
-        Server { child, addr, stderr: log }
+        let addr = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the server announces its address");
+        Server {
+            child,
+            addr,
+            stderr: log,
+        }
     }
 
     pub fn connect(&self) -> Conn {
         let s = TcpStream::connect(&self.addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(300))).expect("timeout");
-        Conn { reader: BufReader::new(s.try_clone().expect("clone")), stream: s, next_id: 1 }
+        s.set_read_timeout(Some(Duration::from_secs(300)))
+            .expect("timeout");
+        Conn {
+            reader: BufReader::new(s.try_clone().expect("clone")),
+            stream: s,
+            next_id: 1,
+        }
     }
 
     pub fn port(&self) -> &str {
@@ -151,9 +162,18 @@ fn analyze_over_tcp_equals_the_cli_json_byte_for_byte() {
     let server = Server::tcp(&[]);
     let mut c = server.connect();
     let cases: [(Value, &[&str]); 3] = [
-        (json!({ "text": TEXT, "layers": "0..30:10", "topK": 3 }), &["--layers", "0..30:10", "-k", "3"]),
-        (json!({ "text": TEXT, "positions": [-1], "lens": "raw", "layers": [0, 15, 30] }), &["--position", "-1", "--lens", "raw", "--layers", "0,15,30"]),
-        (json!({ "text": "Zażółć gęślą jaźń 🦀 日本", "topK": 2, "layers": ":15" }), &["-k", "2", "--layers", ":15"]),
+        (
+            json!({ "text": TEXT, "layers": "0..30:10", "topK": 3 }),
+            &["--layers", "0..30:10", "-k", "3"],
+        ),
+        (
+            json!({ "text": TEXT, "positions": [-1], "lens": "raw", "layers": [0, 15, 30] }),
+            &["--position", "-1", "--lens", "raw", "--layers", "0,15,30"],
+        ),
+        (
+            json!({ "text": "Zażółć gęślą jaźń 🦀 日本", "topK": 2, "layers": ":15" }),
+            &["-k", "2", "--layers", ":15"],
+        ),
     ];
     for (params, args) in cases {
         let text = params["text"].as_str().expect("text").to_string();
@@ -163,13 +183,35 @@ fn analyze_over_tcp_equals_the_cli_json_byte_for_byte() {
         assert_eq!(cli.code, 0, "{}", cli.stderr);
         let body = c.request_raw("lens/analyze", params.clone());
         let prefix = format!(r#"{{"jsonrpc":"2.0","id":{},"result":"#, c.next_id - 1);
-        let result = body.strip_prefix(&prefix).and_then(|b| b.strip_suffix('}')).unwrap_or_else(|| panic!("unexpected response {body}"));
-        assert_eq!(result, cli.stdout.trim_end(), "lens/analyze {params} differs from logit-lens {args:?}");
+        let result = body
+            .strip_prefix(&prefix)
+            .and_then(|b| b.strip_suffix('}'))
+            .unwrap_or_else(|| panic!("unexpected response {body}"));
+        assert_eq!(
+            result,
+            cli.stdout.trim_end(),
+            "lens/analyze {params} differs from logit-lens {args:?}"
+        );
     }
     // lens/position is the same report with one position.
-    let pos = c.ok("lens/position", json!({ "text": TEXT, "position": -2, "topK": 3 }));
-    let cli = logit_lens(&["run", TEXT, "--format", "json", "--position", "-2", "-k", "3"]);
-    assert_eq!(pos, serde_json::from_str::<Value>(&cli.stdout).expect("json"));
+    let pos = c.ok(
+        "lens/position",
+        json!({ "text": TEXT, "position": -2, "topK": 3 }),
+    );
+    let cli = logit_lens(&[
+        "run",
+        TEXT,
+        "--format",
+        "json",
+        "--position",
+        "-2",
+        "-k",
+        "3",
+    ]);
+    assert_eq!(
+        pos,
+        serde_json::from_str::<Value>(&cli.stdout).expect("json")
+    );
 }
 
 #[test]
@@ -184,10 +226,19 @@ fn tcp_methods_cache_and_prefix_reuse() {
     let toks = toks["tokens"].as_array().expect("tokens");
     // Byte offsets cover the text in order and cut it at character boundaries.
     assert_eq!(toks.first().map(|t| t["start"].clone()), Some(json!(0)));
-    assert_eq!(toks.last().map(|t| t["end"].clone()), Some(json!(text.len())));
+    assert_eq!(
+        toks.last().map(|t| t["end"].clone()),
+        Some(json!(text.len()))
+    );
     for t in toks {
-        let (s, e) = (t["start"].as_u64().expect("s") as usize, t["end"].as_u64().expect("e") as usize);
-        assert!(text.is_char_boundary(s) && text.is_char_boundary(e) && s < e, "{t}");
+        let (s, e) = (
+            t["start"].as_u64().expect("s") as usize,
+            t["end"].as_u64().expect("e") as usize,
+        );
+        assert!(
+            text.is_char_boundary(s) && text.is_char_boundary(e) && s < e,
+            "{t}"
+        );
     }
     let s0 = c.ok("lens/cacheStats", json!({}));
     assert_eq!(s0["budgetBytes"], json!(256u64 << 20));
@@ -203,20 +254,47 @@ fn tcp_methods_cache_and_prefix_reuse() {
     let n = a["tokens"].as_array().expect("tokens").len() as u64;
     assert_eq!(s1["tokensComputed"], json!(n));
     let appended = format!("{base} with God, and the word was God.");
-    let b = c.ok("lens/analyze", json!({ "text": appended, "layers": [0, 30], "topK": 3 }));
+    let b = c.ok(
+        "lens/analyze",
+        json!({ "text": appended, "layers": [0, 30], "topK": 3 }),
+    );
     let s2 = c.ok("lens/cacheStats", json!({}));
-    assert!(s2["tokensReused"].as_u64().expect("reused") >= n - 1, "{s2}");
+    assert!(
+        s2["tokensReused"].as_u64().expect("reused") >= n - 1,
+        "{s2}"
+    );
     assert_eq!(s2["entries"], 2, "{s2}");
-    assert!(s2["bytes"].as_u64().expect("bytes") > 0 && s2["bytes"].as_u64() <= s2["budgetBytes"].as_u64(), "{s2}");
+    assert!(
+        s2["bytes"].as_u64().expect("bytes") > 0
+            && s2["bytes"].as_u64() <= s2["budgetBytes"].as_u64(),
+        "{s2}"
+    );
     // Reusing the prefix gives the numbers of a fresh forward pass (the CLI, another process).
-    let cli = logit_lens(&["run", &appended, "--format", "json", "--layers", "0,30", "-k", "3"]);
+    let cli = logit_lens(&[
+        "run", &appended, "--format", "json", "--layers", "0,30", "-k", "3",
+    ]);
     let fresh: Value = serde_json::from_str(&cli.stdout).expect("json");
-    let (bp, fp) = (b["positions"].as_array().expect("p"), fresh["positions"].as_array().expect("p"));
+    let (bp, fp) = (
+        b["positions"].as_array().expect("p"),
+        fresh["positions"].as_array().expect("p"),
+    );
     assert_eq!(bp.len(), fp.len());
     for (x, y) in bp.iter().zip(fp) {
-        for (cx, cy) in x["cells"].as_array().expect("c").iter().zip(y["cells"].as_array().expect("c")) {
-            assert_eq!(cx["top"][0]["id"], cy["top"][0]["id"], "position {}", x["position"]);
-            let (px, py) = (cx["top"][0]["prob"].as_f64().expect("p"), cy["top"][0]["prob"].as_f64().expect("p"));
+        for (cx, cy) in x["cells"]
+            .as_array()
+            .expect("c")
+            .iter()
+            .zip(y["cells"].as_array().expect("c"))
+        {
+            assert_eq!(
+                cx["top"][0]["id"], cy["top"][0]["id"],
+                "position {}",
+                x["position"]
+            );
+            let (px, py) = (
+                cx["top"][0]["prob"].as_f64().expect("p"),
+                cy["top"][0]["prob"].as_f64().expect("p"),
+            );
             assert!((px - py).abs() < 1e-3, "{px} vs {py}");
         }
     }
@@ -225,7 +303,12 @@ fn tcp_methods_cache_and_prefix_reuse() {
 #[test]
 fn concurrent_clients_and_single_flight() {
     let server = Server::tcp(&[]);
-    let texts = ["One fish, two fish,", "Red fish, blue fish.", "The same prompt for two clients at once", "The same prompt for two clients at once"];
+    let texts = [
+        "One fish, two fish,",
+        "Red fish, blue fish.",
+        "The same prompt for two clients at once",
+        "The same prompt for two clients at once",
+    ];
     let before = server.connect().ok("lens/cacheStats", json!({}));
     let answers: Vec<Value> = std::thread::scope(|s| {
         let handles: Vec<_> = texts
@@ -238,11 +321,17 @@ fn concurrent_clients_and_single_flight() {
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("client thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
     });
     for (t, a) in texts.iter().zip(&answers) {
         let ids = a["tokens"].as_array().expect("tokens");
-        let text: String = ids.iter().map(|t| t["text"].as_str().expect("text")).collect();
+        let text: String = ids
+            .iter()
+            .map(|t| t["text"].as_str().expect("text"))
+            .collect();
         assert_eq!(&text, t);
     }
     assert_eq!(answers[2], answers[3]);
@@ -282,17 +371,72 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
         ("textDocument/hover", json!({}), -32601, None),
         ("lens/analyze", json!({ "text": 5 }), -32602, None),
         ("lens/analyze", json!({}), -32602, None),
-        ("lens/analyze", json!({ "text": "a", "topK": 0 }), -32602, None),
-        ("lens/analyze", json!({ "text": "a", "topK": 101 }), -32602, None),
-        ("lens/analyze", json!({ "text": "a", "layers": "0..99" }), -32602, None),
-        ("lens/analyze", json!({ "text": "a", "layers": "x..y" }), -32602, None),
-        ("lens/analyze", json!({ "text": "a", "lens": "tuned" }), -32602, None),
-        ("lens/analyze", json!({ "text": "" }), -32010, Some("empty_text")),
-        ("lens/analyze", json!({ "text": long }), -32011, Some("prompt_too_long")),
-        ("lens/analyze", json!({ "text": "a b c", "positions": [3] }), -32013, Some("out_of_range")),
-        ("lens/position", json!({ "text": "a b c", "position": -4 }), -32013, Some("out_of_range")),
-        ("lens/position", json!({ "text": "a b c", "position": 1.5 }), -32602, None),
-        ("lens/tokenize", json!({ "path": "/etc/passwd" }), -32602, None),
+        (
+            "lens/analyze",
+            json!({ "text": "a", "topK": 0 }),
+            -32602,
+            None,
+        ),
+        (
+            "lens/analyze",
+            json!({ "text": "a", "topK": 101 }),
+            -32602,
+            None,
+        ),
+        (
+            "lens/analyze",
+            json!({ "text": "a", "layers": "0..99" }),
+            -32602,
+            None,
+        ),
+        (
+            "lens/analyze",
+            json!({ "text": "a", "layers": "x..y" }),
+            -32602,
+            None,
+        ),
+        (
+            "lens/analyze",
+            json!({ "text": "a", "lens": "tuned" }),
+            -32602,
+            None,
+        ),
+        (
+            "lens/analyze",
+            json!({ "text": "" }),
+            -32010,
+            Some("empty_text"),
+        ),
+        (
+            "lens/analyze",
+            json!({ "text": long }),
+            -32011,
+            Some("prompt_too_long"),
+        ),
+        (
+            "lens/analyze",
+            json!({ "text": "a b c", "positions": [3] }),
+            -32013,
+            Some("out_of_range"),
+        ),
+        (
+            "lens/position",
+            json!({ "text": "a b c", "position": -4 }),
+            -32013,
+            Some("out_of_range"),
+        ),
+        (
+            "lens/position",
+            json!({ "text": "a b c", "position": 1.5 }),
+            -32602,
+            None,
+        ),
+        (
+            "lens/tokenize",
+            json!({ "path": "/etc/passwd" }),
+            -32602,
+            None,
+        ),
     ];
     for (method, params, code, kind) in cases {
         let r = c.request(method, params);
@@ -302,7 +446,8 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
     }
     // Broken framing closes that connection only.
     c.send_raw(b"Content-Type: nothing\r\n\r\n{}");
-    let r: Value = serde_json::from_str(&c.read().expect("an answer before closing")).expect("json");
+    let r: Value =
+        serde_json::from_str(&c.read().expect("an answer before closing")).expect("json");
     assert_error(&r, -32700, None);
     assert!(c.read().is_none(), "the broken connection is closed");
     good(&mut other);
@@ -313,33 +458,58 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
 fn tokens_and_remote_addresses() {
     let refused = logit_lens(&["serve", "--listen", "0.0.0.0:0"]);
     assert_ne!(refused.code, 0);
-    assert!(refused.stderr.contains("refusing to listen on the non-loopback address"), "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .contains("refusing to listen on the non-loopback address"),
+        "{}",
+        refused.stderr
+    );
     let no_token = logit_lens(&["serve", "--listen", "0.0.0.0:0", "--allow-remote"]);
     assert_ne!(no_token.code, 0);
     assert!(no_token.stderr.contains("--token"), "{}", no_token.stderr);
 
     let server = Server::tcp(&["--token", "s3cret"]);
     let mut c = server.connect();
-    assert_error(&c.request("lens/modelInfo", json!({})), -32015, Some("unauthorized"));
-    assert_error(&c.request("lens/modelInfo", json!({ "token": "wrong" })), -32015, Some("unauthorized"));
-    let ok = c.ok("lens/tokenize", json!({ "text": "hello", "token": "s3cret" }));
+    assert_error(
+        &c.request("lens/modelInfo", json!({})),
+        -32015,
+        Some("unauthorized"),
+    );
+    assert_error(
+        &c.request("lens/modelInfo", json!({ "token": "wrong" })),
+        -32015,
+        Some("unauthorized"),
+    );
+    let ok = c.ok(
+        "lens/tokenize",
+        json!({ "text": "hello", "token": "s3cret" }),
+    );
     assert_eq!(ok["tokens"][0]["text"], "hello");
 }
 
 #[test]
 fn the_python_client_talks_to_the_server() {
     let server = Server::tcp(&[]);
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../editors/python/lens_client.py");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../editors/python/lens_client.py");
     let out = Command::new("python3")
         .arg(&script)
         .arg(format!("127.0.0.1:{}", server.port()))
         .args(["position", TEXT, "-1"])
         .output()
         .expect("run python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got: Value = serde_json::from_slice(&out.stdout).expect("json");
     let cli = logit_lens(&["run", TEXT, "--format", "json", "--position", "-1"]);
-    assert_eq!(got, serde_json::from_str::<Value>(&cli.stdout).expect("json"));
+    assert_eq!(
+        got,
+        serde_json::from_str::<Value>(&cli.stdout).expect("json")
+    );
     let out = Command::new("python3")
         .arg(&script)
         .arg(format!("127.0.0.1:{}", server.port()))
@@ -388,11 +558,19 @@ impl Lsp {
                     Ok(v) => {
                         let _ = tx.send(v);
                     }
-                    Err(e) => panic!("the server wrote something that is not JSON on stdout: {e}: {body}"),
+                    Err(e) => {
+                        panic!("the server wrote something that is not JSON on stdout: {e}: {body}")
+                    }
                 }
             }
         });
-        Lsp { child, stdin, rx, next_id: 1, raw }
+        Lsp {
+            child,
+            stdin,
+            rx,
+            next_id: 1,
+            raw,
+        }
     }
 
     pub fn send(&mut self, v: &Value) {
@@ -426,7 +604,10 @@ impl Lsp {
     /// The response with `id` (server notifications and requests are skipped).
     pub fn response(&mut self, id: &Value) -> Value {
         loop {
-            let v = self.rx.recv_timeout(Duration::from_secs(300)).expect("a response");
+            let v = self
+                .rx
+                .recv_timeout(Duration::from_secs(300))
+                .expect("a response");
             if &v["id"] == id && v.get("method").is_none() {
                 return v;
             }
@@ -460,7 +641,12 @@ fn hover(lsp: &mut Lsp, uri: &str, line: u32, character: u32) -> Value {
 fn rows(md: &str) -> Vec<Vec<String>> {
     md.lines()
         .filter(|l| l.starts_with("| ") && !l.starts_with("| layer"))
-        .map(|l| l.trim_matches('|').split(" | ").map(|c| c.trim().to_string()).collect())
+        .map(|l| {
+            l.trim_matches('|')
+                .split(" | ")
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
         .collect()
 }
 
@@ -479,7 +665,10 @@ fn lsp_session_over_stdio() {
     assert_eq!(caps["positionEncoding"], "utf-16");
     assert_eq!(caps["textDocumentSync"], 2);
     assert_eq!(caps["hoverProvider"], true);
-    assert!(caps.get("inlayHintProvider").is_none_or(Value::is_null), "inlay hints are opt-in: {caps}");
+    assert!(
+        caps.get("inlayHintProvider").is_none_or(Value::is_null),
+        "inlay hints are opt-in: {caps}"
+    );
     lsp.notify("initialized", json!({}));
 
     let uri = "file:///tmp/lens-test.txt";
@@ -493,7 +682,10 @@ fn lsp_session_over_stdio() {
     let tokens = lsp.ok("lens/tokenize", json!({ "text": text }));
     let tokens = tokens["tokens"].as_array().expect("tokens").clone();
     let token_at = |byte: usize| -> usize {
-        tokens.iter().rposition(|t| t["start"].as_u64().expect("s") as usize <= byte).expect("a token")
+        tokens
+            .iter()
+            .rposition(|t| t["start"].as_u64().expect("s") as usize <= byte)
+            .expect("a token")
     };
 
     // Hover on the `ę` of `gęślą`, on the crab, on `本`: the token under the cursor.
@@ -507,39 +699,80 @@ fn lsp_session_over_stdio() {
         assert_eq!(h["contents"]["kind"], "markdown");
         let t = token_at(byte);
         let want = lens_server::hover::escape(tokens[t]["text"].as_str().expect("text"));
-        assert!(md.starts_with(&format!("**{want}** · token {t} ·")), "hover on {needle}: {md}");
+        assert!(
+            md.starts_with(&format!("**{want}** · token {t} ·")),
+            "hover on {needle}: {md}"
+        );
         let range = &h["range"];
         assert_eq!(range["start"]["line"], 0);
-        let (s, e) = (range["start"]["character"].as_u64().expect("s"), range["end"]["character"].as_u64().expect("e"));
-        assert!(s <= u64::from(col) && u64::from(col) < e, "range {range} covers column {col} ({needle})");
+        let (s, e) = (
+            range["start"]["character"].as_u64().expect("s"),
+            range["end"]["character"].as_u64().expect("e"),
+        );
+        assert!(
+            s <= u64::from(col) && u64::from(col) < e,
+            "range {range} covers column {col} ({needle})"
+        );
         let rows = rows(md);
         // Layers 30, 25, ..., 0 with stride 5, the last layer first.
-        let layers: Vec<String> = rows.iter().map(|r| r[0].split(' ').next().unwrap_or("").to_string()).collect();
+        let layers: Vec<String> = rows
+            .iter()
+            .map(|r| r[0].split(' ').next().unwrap_or("").to_string())
+            .collect();
         assert_eq!(layers, ["30", "25", "20", "15", "10", "5", "0"]);
-        assert_eq!(rows.iter().filter(|r| r[0].contains("◀ decided")).count(), 1, "{md}");
+        assert_eq!(
+            rows.iter().filter(|r| r[0].contains("◀ decided")).count(),
+            1,
+            "{md}"
+        );
         assert!(rows.iter().all(|r| r[1].split(" · ").count() == 3), "{md}");
     }
 
     // ` Paris`: the written token's probability and rank match lens/position at the position before it.
     let byte = text.find(" Paris").expect("Paris") + 1;
-    let r = hover(&mut lsp, uri, 1, utf16_col(line1, line1.find(" Paris").expect("P") + 1));
-    let md = r["result"]["contents"]["value"].as_str().expect("markdown").to_string();
+    let r = hover(
+        &mut lsp,
+        uri,
+        1,
+        utf16_col(line1, line1.find(" Paris").expect("P") + 1),
+    );
+    let md = r["result"]["contents"]["value"]
+        .as_str()
+        .expect("markdown")
+        .to_string();
     assert!(md.starts_with("**␣Paris**"), "{md}");
     let t = token_at(byte);
     let prefix_end = tokens[t]["end"].as_u64().expect("end") as usize;
-    let report = lsp.ok("lens/position", json!({ "text": &text[..prefix_end], "position": -2, "layers": ":5", "topK": 3 }));
+    let report = lsp.ok(
+        "lens/position",
+        json!({ "text": &text[..prefix_end], "position": -2, "layers": ":5", "topK": 3 }),
+    );
     let cells = report["positions"][0]["cells"].as_array().expect("cells");
     let rows_paris = rows(&md);
     for (row, cell) in rows_paris.iter().zip(cells.iter().rev()) {
-        assert_eq!(row[0].split(' ').next(), Some(cell["layer"].to_string().as_str()));
-        assert_eq!(row[3], (cell["next"]["rank"].as_u64().expect("rank") + 1).to_string(), "{md}");
+        assert_eq!(
+            row[0].split(' ').next(),
+            Some(cell["layer"].to_string().as_str())
+        );
+        assert_eq!(
+            row[3],
+            (cell["next"]["rank"].as_u64().expect("rank") + 1).to_string(),
+            "{md}"
+        );
         let p = cell["next"]["prob"].as_f64().expect("prob");
         let shown: f64 = row[2].parse().expect("a number");
-        assert!((shown - p).abs() <= 0.005 + p * 0.5, "p(written) {shown} vs {p}\n{md}");
+        assert!(
+            (shown - p).abs() <= 0.005 + p * 0.5,
+            "p(written) {shown} vs {p}\n{md}"
+        );
     }
     // The first token has no previous position.
     let first = hover(&mut lsp, uri, 0, 0);
-    assert!(rows(first["result"]["contents"]["value"].as_str().expect("md")).iter().all(|r| r[2] == "—"));
+    assert!(
+        rows(first["result"]["contents"]["value"].as_str().expect("md"))
+            .iter()
+            .all(|r| r[2] == "—")
+    );
 
     // Incremental edit: append " and Berlin" to line 1, then hover on "Berlin".
     lsp.notify(
@@ -562,18 +795,37 @@ fn lsp_session_over_stdio() {
         }),
     );
     let r = hover(&mut lsp, uri, 1, 0);
-    assert!(r["result"]["contents"]["value"].as_str().expect("md").contains("| 30"), "{r}");
+    assert!(
+        r["result"]["contents"]["value"]
+            .as_str()
+            .expect("md")
+            .contains("| 30"),
+        "{r}"
+    );
     let stats = lsp.ok("lens/cacheStats", json!({}));
-    assert!(stats["tokensReused"].as_u64().expect("reused") > 0, "{stats}");
+    assert!(
+        stats["tokensReused"].as_u64().expect("reused") > 0,
+        "{stats}"
+    );
 
     // Bad input over LSP: each followed by a good request.
     assert_error(&hover(&mut lsp, uri, 7, 0), -32013, Some("out_of_range"));
     assert_error(&hover(&mut lsp, uri, 0, 400), -32013, Some("out_of_range"));
-    assert_error(&hover(&mut lsp, "file:///never-opened.txt", 0, 0), -32012, Some("document_not_open"));
+    assert_error(
+        &hover(&mut lsp, "file:///never-opened.txt", 0, 0),
+        -32012,
+        Some("document_not_open"),
+    );
     lsp.send_raw(&frame(b"{oops"));
-    assert_error(&lsp.request("lens/analyze", json!({ "text": "" })), -32010, Some("empty_text"));
+    assert_error(
+        &lsp.request("lens/analyze", json!({ "text": "" })),
+        -32010,
+        Some("empty_text"),
+    );
     assert_error(&lsp.request("lens/unknown", json!({})), -32601, None);
-    assert!(hover(&mut lsp, uri, 1, 2)["result"]["contents"]["value"].as_str().is_some());
+    assert!(hover(&mut lsp, uri, 1, 2)["result"]["contents"]["value"]
+        .as_str()
+        .is_some());
 
     // Nothing but protocol messages on stdout; then a clean exit.
     lsp.ok("shutdown", json!(null));
@@ -588,24 +840,39 @@ fn lsp_session_over_stdio() {
 #[test]
 fn a_newer_edit_supersedes_a_hover() {
     let mut lsp = Lsp::start();
-    lsp.ok("initialize", json!({ "processId": null, "rootUri": null, "capabilities": {} }));
+    lsp.ok(
+        "initialize",
+        json!({ "processId": null, "rootUri": null, "capabilities": {} }),
+    );
     lsp.notify("initialized", json!({}));
     let uri = "file:///tmp/edits.txt";
     lsp.notify("textDocument/didOpen", json!({ "textDocument": { "uri": uri, "languageId": "plaintext", "version": 1, "text": "Hello world" } }));
     // A hover, immediately followed by an edit: the hover waits for the document to settle and
     // is answered ContentModified.
-    let id = lsp.send_request("textDocument/hover", json!({ "textDocument": { "uri": uri }, "position": { "line": 0, "character": 2 } }));
+    let id = lsp.send_request(
+        "textDocument/hover",
+        json!({ "textDocument": { "uri": uri }, "position": { "line": 0, "character": 2 } }),
+    );
     lsp.notify(
         "textDocument/didChange",
         json!({ "textDocument": { "uri": uri, "version": 2 }, "contentChanges": [{ "text": "Hello there world" }] }),
     );
     assert_error(&lsp.response(&json!(id)), -32801, None);
     // A cancelled request is answered -32800.
-    let id = lsp.send_request("lens/analyze", json!({ "text": "A long enough text to take a moment. ".repeat(40) }));
+    let id = lsp.send_request(
+        "lens/analyze",
+        json!({ "text": "A long enough text to take a moment. ".repeat(40) }),
+    );
     lsp.notify("$/cancelRequest", json!({ "id": id }));
     assert_error(&lsp.response(&json!(id)), -32800, None);
     let r = hover(&mut lsp, uri, 0, 7);
-    assert!(r["result"]["contents"]["value"].as_str().expect("md").starts_with("**␣there**"), "{r}");
+    assert!(
+        r["result"]["contents"]["value"]
+            .as_str()
+            .expect("md")
+            .starts_with("**␣there**"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -614,22 +881,63 @@ fn heatmap_over_tcp_equals_the_plot_command() {
     let mut c = server.connect();
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("map.svg");
-    let plot = logit_lens(&["plot", TEXT, "--layers", ":10", "--metric", "entropy", "--out", out.to_str().expect("utf8")]);
+    let plot = logit_lens(&[
+        "plot",
+        TEXT,
+        "--layers",
+        ":10",
+        "--metric",
+        "entropy",
+        "--out",
+        out.to_str().expect("utf8"),
+    ]);
     assert_eq!(plot.code, 0, "{}", plot.stderr);
     let want = std::fs::read_to_string(&out).expect("svg");
-    let got = c.ok("lens/heatmap", json!({ "text": TEXT, "format": "svg", "layers": ":10", "metric": "entropy" }));
+    let got = c.ok(
+        "lens/heatmap",
+        json!({ "text": TEXT, "format": "svg", "layers": ":10", "metric": "entropy" }),
+    );
     assert_eq!(got["format"], "svg");
-    assert_eq!(got["content"].as_str(), Some(want.as_str()), "lens/heatmap differs from logit-lens plot");
+    assert_eq!(
+        got["content"].as_str(),
+        Some(want.as_str()),
+        "lens/heatmap differs from logit-lens plot"
+    );
 
-    let page = c.ok("lens/heatmap", json!({ "text": TEXT, "format": "html", "layers": [0, 30] }));
+    let page = c.ok(
+        "lens/heatmap",
+        json!({ "text": TEXT, "format": "html", "layers": [0, 30] }),
+    );
     let html = page["content"].as_str().expect("html");
-    assert!(html.starts_with("<!DOCTYPE html>") || html.starts_with("<!doctype html>"), "{}", &html[..80.min(html.len())]);
-    assert!(!html.contains("<script src") && !html.contains("<link"), "the page must be self-contained");
+    assert!(
+        html.starts_with("<!DOCTYPE html>") || html.starts_with("<!doctype html>"),
+        "{}",
+        &html[..80.min(html.len())]
+    );
+    assert!(
+        !html.contains("<script src") && !html.contains("<link"),
+        "the page must be self-contained"
+    );
     assert!(html.contains("Paris"), "the page carries the tokens");
 
-    assert_error(&c.request("lens/heatmap", json!({ "text": TEXT, "format": "gif" })), -32602, None);
-    assert_error(&c.request("lens/heatmap", json!({ "text": TEXT, "format": "svg", "metric": "colour" })), -32602, None);
-    assert_error(&c.request("lens/heatmap", json!({ "text": "", "format": "svg" })), -32010, Some("empty_text"));
+    assert_error(
+        &c.request("lens/heatmap", json!({ "text": TEXT, "format": "gif" })),
+        -32602,
+        None,
+    );
+    assert_error(
+        &c.request(
+            "lens/heatmap",
+            json!({ "text": TEXT, "format": "svg", "metric": "colour" }),
+        ),
+        -32602,
+        None,
+    );
+    assert_error(
+        &c.request("lens/heatmap", json!({ "text": "", "format": "svg" })),
+        -32010,
+        Some("empty_text"),
+    );
     // Still serving.
     assert_eq!(c.ok("lens/modelInfo", json!({}))["n_layers"], 30);
 }

@@ -53,6 +53,10 @@ test('page around a fragment has a CSP and no scripts; a whole document passes t
   assert.match(page, /<title>T &lt;1&gt;<\/title>/);
   assert.ok(page.includes('<svg></svg>'));
   assert.equal(heatmapPage('<!DOCTYPE html><html></html>', 'x'), '<!DOCTYPE html><html></html>');
+  assert.equal(
+    heatmapPage('<!DOCTYPE html><html><body class="b"><p>x</p></body></html>', 'T <1>'),
+    '<!DOCTYPE html><html><body class="b"><h3 style="font-family: sans-serif">T &lt;1&gt;</h3><p>x</p></body></html>',
+  );
 });
 
 test('status text', () => {
