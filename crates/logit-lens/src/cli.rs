@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lens_candle::{CandleBackend, Precision};
-use lens_core::{Backend, CaptureOptions, Lens, LensKind, Site};
+use lens_core::{Backend, CaptureOptions, Lens, LensKind, Site, Token};
 
 use crate::layers::LayerSpec;
 use crate::{bench, bench_server, render, report, serve};
@@ -206,32 +206,47 @@ pub(crate) fn read_prompt(p: &PromptArgs) -> Result<String> {
     })
 }
 
-fn run_lens(a: RunArgs) -> Result<()> {
-    let text = read_prompt(&a.prompt)?;
+/// Read the prompt, load the model and tokenize: the start of every lens command.
+pub(crate) fn load_prompt(
+    prompt: &PromptArgs,
+    model: &ModelArgs,
+) -> Result<(CandleBackend, Vec<Token>)> {
+    let text = read_prompt(prompt)?;
     if text.is_empty() {
         bail!("the prompt is empty");
     }
-    let backend = load(&a.model)?;
-    let info = backend.info().clone();
+    let backend = load(model)?;
     let tokens = backend.tokenize(&text)?;
     if tokens.is_empty() {
         bail!("the prompt is empty after tokenization");
     }
-    if tokens.len() > info.context_length {
+    let context = backend.info().context_length;
+    if tokens.len() > context {
         bail!(
-            "the prompt has {} tokens, more than the model's context of {}",
-            tokens.len(),
-            info.context_length
+            "the prompt has {} tokens, more than the model's context of {context}",
+            tokens.len()
         );
     }
+    Ok((backend, tokens))
+}
+
+impl From<LensArg> for LensKind {
+    fn from(l: LensArg) -> Self {
+        match l {
+            LensArg::Norm => LensKind::Norm,
+            LensArg::Raw => LensKind::Raw,
+        }
+    }
+}
+
+fn run_lens(a: RunArgs) -> Result<()> {
+    let (backend, tokens) = load_prompt(&a.prompt, &a.model)?;
+    let info = backend.info().clone();
     let layers = a
         .layers
         .resolve(info.n_layers)
         .map_err(anyhow::Error::msg)?;
-    let kind = match a.lens {
-        LensArg::Norm => LensKind::Norm,
-        LensArg::Raw => LensKind::Raw,
-    };
+    let kind = LensKind::from(a.lens);
     let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
     let states = backend.forward(&ids, CaptureOptions::default())?;
     let lens = Lens::new(&backend, &states, kind, usize::from(a.top_k));

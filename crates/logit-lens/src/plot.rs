@@ -161,23 +161,8 @@ pub fn run(a: PlotArgs) -> Result<()> {
     if format == PlotFormat::Png && !(a.scale.is_finite() && a.scale > 0.0 && a.scale <= 16.0) {
         bail!("--scale must be in (0, 16], not {}", a.scale);
     }
-    let text = cli::read_prompt(&a.prompt)?;
-    if text.is_empty() {
-        bail!("the prompt is empty");
-    }
-    let backend = cli::load(&a.model)?;
+    let (backend, tokens) = cli::load_prompt(&a.prompt, &a.model)?;
     let info = backend.info().clone();
-    let tokens = backend.tokenize(&text)?;
-    if tokens.is_empty() {
-        bail!("the prompt is empty after tokenization");
-    }
-    if tokens.len() > info.context_length {
-        bail!(
-            "the prompt has {} tokens, more than the model's context of {}",
-            tokens.len(),
-            info.context_length
-        );
-    }
     let layers = a
         .layers
         .resolve(info.n_layers)
@@ -186,10 +171,7 @@ pub fn run(a: PlotArgs) -> Result<()> {
         Some(r) => r.resolve(tokens.len()).map_err(anyhow::Error::msg)?,
         None => (0..tokens.len()).collect(),
     };
-    let kind = match a.lens {
-        LensArg::Norm => LensKind::Norm,
-        LensArg::Raw => LensKind::Raw,
-    };
+    let kind = LensKind::from(a.lens);
     let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
     let states = backend.forward(&ids, CaptureOptions::default())?;
     let lens = Lens::new(&backend, &states, kind, usize::from(a.top_k));
