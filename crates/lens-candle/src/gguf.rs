@@ -120,13 +120,13 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         device,
     };
     let dense = precision == Precision::F32;
-    let embed_q = r.qtensor("token_embd.weight")?;
-    let embed = embed_q.dequantize(device)?;
+    let embed = r.dense("token_embd.weight")?;
+    // The unembedding is dense on both paths: the lens reads out up to hundreds of rows at a
+    // time, where f32 GEMM beats candle's row-by-row quantized kernel, and the readout then adds
+    // no error of its own. Tied embeddings share the dequantized matrix.
     let unembed = match content.tensor_infos.contains_key("output.weight") {
-        true => r.matmul("output.weight", dense)?,
-        // Tied embeddings: the dense path shares the dequantized matrix instead of a second copy.
-        false if dense => QMatMul::Tensor(embed.clone()),
-        false => matmul_from(Arc::new(embed_q), dense)?,
+        true => r.matmul("output.weight", true)?,
+        false => QMatMul::Tensor(embed.clone()),
     };
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {

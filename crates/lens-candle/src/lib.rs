@@ -29,8 +29,9 @@ pub enum Precision {
     /// numbers match HF transformers on the same dequantized weights.
     #[default]
     F32,
-    /// Quantized weights multiplied by candle's quantized kernels (activations quantized to
-    /// 8 bits inside the products, as llama.cpp does): less memory, faster single tokens.
+    /// The blocks' weights multiplied by candle's quantized kernels (activations quantized to
+    /// 8 bits inside the products, as llama.cpp does): faster single tokens. The lens readout
+    /// (final norm + unembedding) stays f32 on both paths.
     Fast,
 }
 
