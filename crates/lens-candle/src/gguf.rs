@@ -9,6 +9,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 
+use crate::kernels::Matrix;
 use crate::model::{Block, Config, Linear, Model, RopeLayout};
 use crate::tokenizer::ModelTokenizer;
 use crate::{Error, Precision};
@@ -120,23 +121,28 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         device,
     };
     let dense = precision == Precision::F32;
-    let embed = r.dense("token_embd.weight")?;
+    let embed_q = r.qtensor("token_embd.weight")?;
+    let embed = embed_q.dequantize(device)?;
     // The unembedding is dense on both paths: the lens reads out up to hundreds of rows at a
     // time, where f32 GEMM beats candle's row-by-row quantized kernel, and the readout then adds
     // no error of its own. Tied embeddings share the dequantized matrix.
-    let unembed = match content.tensor_infos.contains_key("output.weight") {
-        true => r.matmul("output.weight", true)?,
-        false => QMatMul::Tensor(embed.clone()),
+    let (unembed, unembed_small) = match content.tensor_infos.contains_key("output.weight") {
+        true => {
+            let q = r.qtensor("output.weight")?;
+            let small = small_matrix(&q);
+            (matmul_from(Arc::new(q), true)?, small)
+        }
+        false => (QMatMul::Tensor(embed.clone()), small_matrix(&embed_q)),
     };
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
         let p = format!("blk.{i}");
         let lin = |r: &mut TensorReader<'_, _>, n: &str| -> Result<Linear, Error> {
             let bias = r.optional(&format!("{p}.{n}.bias"))?;
-            Ok(Linear::new(
-                r.matmul(&format!("{p}.{n}.weight"), dense)?,
-                bias,
-            ))
+            let q = r.qtensor(&format!("{p}.{n}.weight"))?;
+            // The f32 path multiplies the few rows of an edit straight from the blocks.
+            let small = if dense { small_matrix(&q) } else { None };
+            Ok(Linear::new(matmul_from(Arc::new(q), dense)?, bias).with_small(small))
         };
         blocks.push(Block {
             attn_norm: r.dense(&format!("{p}.attn_norm.weight"))?,
@@ -164,7 +170,8 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         Precision::Fast => format!("quantized matmuls ({types})"),
     };
     Ok(Loaded {
-        model: Model::new(cfg, embed, blocks, final_norm, unembed, device.clone())?,
+        model: Model::new(cfg, embed, blocks, final_norm, unembed, device.clone())?
+            .with_small_unembed(unembed_small),
         tokenizer,
         name,
         precision,
@@ -219,6 +226,20 @@ fn matmul_from(q: Arc<QTensor>, dense: bool) -> Result<QMatMul, Error> {
     }
 }
 
+/// The exact small-batch kernel's copy of a quantized weight (the types it reads in place).
+fn small_matrix(q: &QTensor) -> Option<Matrix> {
+    if !q.device().is_cpu() {
+        return None;
+    }
+    let (n, k) = q.shape().dims2().ok()?;
+    let raw = q.data().ok()?;
+    match q.dtype() {
+        GgmlDType::Q4_1 => Matrix::from_q4_1(n, k, &raw),
+        GgmlDType::Q8_0 => Matrix::from_q8_0(n, k, &raw),
+        _ => None,
+    }
+}
+
 struct TensorReader<'a, R> {
     content: &'a Content,
     reader: &'a mut R,
@@ -242,9 +263,5 @@ impl<R: Read + Seek> TensorReader<'_, R> {
             true => self.dense(name).map(Some),
             false => Ok(None),
         }
-    }
-
-    fn matmul(&mut self, name: &str, dense: bool) -> Result<QMatMul, Error> {
-        matmul_from(Arc::new(self.qtensor(name)?), dense)
     }
 }

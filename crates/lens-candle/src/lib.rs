@@ -7,6 +7,7 @@
 mod error;
 mod gguf;
 mod hf;
+mod kernels;
 mod model;
 mod tokenizer;
 
@@ -210,6 +211,28 @@ impl Backend for CandleBackend {
         tokens: &[u32],
         options: CaptureOptions,
     ) -> Result<HiddenStates, lens_core::Error> {
+        self.run_reusing(prefix, tokens, options)
+    }
+
+    fn readout(&self, rows: &[f32], lens: LensKind) -> Result<Vec<f32>, lens_core::Error> {
+        if !rows.len().is_multiple_of(self.info.hidden_size) {
+            return Err(lens_core::Error::Shape(format!(
+                "{} values is not a whole number of rows of {}",
+                rows.len(),
+                self.info.hidden_size
+            )));
+        }
+        Ok(self.model.readout(rows, lens == LensKind::Norm)?)
+    }
+}
+
+impl CandleBackend {
+    fn run_reusing(
+        &self,
+        prefix: &HiddenStates,
+        tokens: &[u32],
+        options: CaptureOptions,
+    ) -> Result<HiddenStates, lens_core::Error> {
         let kv = prefix
             .backend_state()
             .and_then(|s| s.downcast_ref::<KvCache>());
@@ -246,17 +269,6 @@ impl Backend for CandleBackend {
                 .map_err(Error::from)?,
         };
         self.run(tokens, Some((prefix, &trimmed)), options)
-    }
-
-    fn readout(&self, rows: &[f32], lens: LensKind) -> Result<Vec<f32>, lens_core::Error> {
-        if !rows.len().is_multiple_of(self.info.hidden_size) {
-            return Err(lens_core::Error::Shape(format!(
-                "{} values is not a whole number of rows of {}",
-                rows.len(),
-                self.info.hidden_size
-            )));
-        }
-        Ok(self.model.readout(rows, lens == LensKind::Norm)?)
     }
 }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
+use crate::kernels::Matrix;
 use crate::Error;
 
 /// How q/k rows are laid out for rotary embeddings.
@@ -50,24 +51,55 @@ impl Config {
     }
 }
 
-/// A linear map without bias, quantized or dense.
+/// Products of at most this many rows go through [`Matrix`] when a linear map has one.
+const SMALL_ROWS: usize = 8;
+
+/// A linear map, quantized or dense, with an optional bias.
 pub(crate) struct Linear {
     w: QMatMul,
+    /// The same weights for the exact small-batch kernel (the one or two tokens of an edit).
+    small: Option<Matrix>,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     pub(crate) fn new(w: QMatMul, bias: Option<Tensor>) -> Self {
-        Linear { w, bias }
+        Linear {
+            w,
+            small: None,
+            bias,
+        }
+    }
+
+    pub(crate) fn with_small(mut self, small: Option<Matrix>) -> Self {
+        self.small = small;
+        self
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.w.forward(x)?;
+        let y = match small_product(self.small.as_ref(), x)? {
+            Some(y) => y,
+            None => self.w.forward(x)?,
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
+}
+
+/// `x · Wᵀ` through the small-batch kernel, when `x` (`[t, k]`) has few rows.
+fn small_product(m: Option<&Matrix>, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let Some(m) = m else { return Ok(None) };
+    let (t, k) = x.dims2()?;
+    if t > SMALL_ROWS || k != m.k || !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let rows = x.flatten_all()?.to_vec1::<f32>()?;
+    Ok(match m.matmul_nt(&rows) {
+        Some(y) => Some(Tensor::from_vec(y, (t, m.n), x.device())?),
+        None => None,
+    })
 }
 
 pub(crate) struct Block {
@@ -92,6 +124,8 @@ pub(crate) struct Model {
     pub unembed: QMatMul,
     /// `W_Uᵀ`, `[hidden, vocab]` contiguous, when the unembedding is dense.
     pub unembed_t: Option<Tensor>,
+    /// The unembedding for the small-batch kernel (readouts of fewer than 128 rows).
+    pub unembed_small: Option<Matrix>,
     pub device: Device,
 }
 
@@ -133,6 +167,11 @@ impl Model {
             QMatMul::Tensor(w) => Some(w.t()?.contiguous()?),
             _ => None,
         };
+        // Dense weights are read in place by the small-batch kernel (no copy).
+        let unembed_small = match &unembed {
+            QMatMul::Tensor(w) => Matrix::from_f32(w),
+            _ => None,
+        };
         Ok(Model {
             cfg,
             embed,
@@ -140,8 +179,18 @@ impl Model {
             final_norm,
             unembed,
             unembed_t,
+            unembed_small,
             device,
         })
+    }
+
+    /// Use `m` (e.g. the file's Q8_0 blocks: a quarter of the bytes to stream) for small
+    /// readouts.
+    pub(crate) fn with_small_unembed(mut self, m: Option<Matrix>) -> Self {
+        if m.is_some() {
+            self.unembed_small = m;
+        }
+        self
     }
 
     /// Run `tokens[start..]` after a cached prefix of `start` tokens, capturing the residual
@@ -304,6 +353,15 @@ impl Model {
         } else {
             x
         };
+        if n < 128 {
+            if let Some(y) = self
+                .unembed_small
+                .as_ref()
+                .and_then(|m| m.matmul_nt(&rows_of(&x)?))
+            {
+                return Ok(y);
+            }
+        }
         let logits = match &self.unembed {
             // Dense: multiply by the pre-transposed copy `[hidden, vocab]`, which the gemm
             // kernels stream through faster for large batches (measured: 4.4 s instead of
@@ -319,6 +377,10 @@ impl Model {
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?)
     }
+}
+
+fn rows_of(x: &Tensor) -> Option<Vec<f32>> {
+    x.flatten_all().ok()?.to_vec1::<f32>().ok()
 }
 
 /// Additive mask for `t` new queries after `start` cached positions, repeated for the `rep`

@@ -250,9 +250,7 @@ impl LensLsp {
         let options = self.config().hover();
         let t = doc.text.clone();
         let out: Option<HoverOut> =
-            tokio::task::spawn_blocking(move || engine.hover(&t, byte, &options))
-                .await
-                .map_err(|e| RpcError::internal(format!("worker failed: {e}")))??;
+            crate::compute(move || engine.hover(&t, byte, &options)).await??;
         if self.doc(&uri)?.generation != doc.generation {
             return Err(RpcError::content_modified());
         }
@@ -303,9 +301,7 @@ impl LensLsp {
         let context = config.context_tokens;
         let t = text.clone();
         let hints =
-            tokio::task::spawn_blocking(move || engine.line_end_predictions(&t, &ends, context))
-                .await
-                .map_err(|e| RpcError::internal(format!("worker failed: {e}")))??;
+            crate::compute(move || engine.line_end_predictions(&t, &ends, context)).await??;
         if self.doc(&uri)?.generation != doc.generation {
             return Err(RpcError::content_modified());
         }

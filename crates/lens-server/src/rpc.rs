@@ -25,9 +25,7 @@ fn params<T: DeserializeOwned>(params: Value) -> Result<T, RpcError> {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, RpcError> + Send + 'static,
 ) -> Result<T, RpcError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| RpcError::internal(format!("worker failed: {e}")))?
+    crate::compute(f).await?
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, RpcError> {

@@ -51,7 +51,8 @@ pub struct Tolerance {
     pub rank_rel: f64,
 }
 
-/// The bounds for the f32 path: 1e-4 on probabilities and entropy, rank ±1.
+/// The bounds for the f32 path: 1e-4 on probabilities and entropy (`prob` bounds
+/// both), rank ±1.
 pub const F32: Tolerance = Tolerance {
     prob: 1e-4,
     rank_abs: 1,
@@ -60,7 +61,7 @@ pub const F32: Tolerance = Tolerance {
 
 /// The raw lens has no final norm, so its logits scale with the residual stream (hundreds):
 /// float32 rounding in *either* implementation moves them about 100× more than the norm lens's.
-/// Same bounds, with 2e-4 on probabilities and ranks above 10 within 1e-4 relative.
+/// Same bounds, with 2e-4 on probabilities and entropy and ranks above 10 within 1e-4 relative.
 pub const F32_RAW: Tolerance = Tolerance {
     prob: 2e-4,
     rank_abs: 1,
@@ -136,7 +137,7 @@ pub fn compare_prompt(
             }
             let (ent, want_ent) = (cell.entropy, f(&layer["entropy"][p]));
             dev.entropy = dev.entropy.max((ent - want_ent).abs());
-            if strict && (ent - want_ent).abs() > 1e-4 {
+            if strict && (ent - want_ent).abs() > tol.prob {
                 dev.failures
                     .push(format!("{at}: entropy {ent} vs {want_ent}"));
             }

@@ -21,9 +21,12 @@ fn max_diff(a: &HiddenStates, b: &HiddenStates) -> f32 {
                 a.row(Site::Layer(l), p).expect("row"),
                 b.row(Site::Layer(l), p).expect("row"),
             );
+            // Relative to the row's scale: position 0 carries activations in the thousands, and
+            // the few new tokens go through another kernel (another order of f32 sums), so
+            // equal means equal up to f32 rounding at the row's largest value.
+            let scale = 1.0 + x.iter().fold(0f32, |m, u| m.max(u.abs()));
             for (u, v) in x.iter().zip(y) {
-                // Relative to the row's scale: position 0 carries activations in the thousands.
-                worst = worst.max((u - v).abs() / (1.0 + u.abs()));
+                worst = worst.max((u - v).abs() / scale);
             }
         }
     }
@@ -51,7 +54,7 @@ fn extending_and_editing_reuse_the_prefix_exactly() {
         .expect("extend");
     let fresh = backend.forward(&longer, opts).expect("forward");
     let d = max_diff(&reused, &fresh);
-    assert!(d < 1e-4, "extension differs by {d}");
+    assert!(d < 1e-5, "extension differs by {d}");
     assert!(reused.has_mid_block());
     assert_eq!(
         reused
@@ -70,7 +73,7 @@ fn extending_and_editing_reuse_the_prefix_exactly() {
         .expect("edit");
     let fresh = backend.forward(&edited, opts).expect("forward");
     let d = max_diff(&reused, &fresh);
-    assert!(d < 1e-4, "edit differs by {d}");
+    assert!(d < 1e-5, "edit differs by {d}");
 
     // The same prompt again still recomputes the last token and equals the original.
     let same = backend.forward_reusing(&first, &base, opts).expect("same");

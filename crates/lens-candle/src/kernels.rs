@@ -1,0 +1,537 @@
+//! Exact f32 products of a few activation rows with a weight matrix, read in its own layout.
+//!
+//! candle multiplies through `gemm`, which packs its operands first: for the one or two new
+//! tokens of an edit, or the 31 rows of a one-position lens, the packing of a weight matrix costs
+//! more than the product. These kernels take the weights as stored (`[n, k]` row-major, f32 or
+//! ggml blocks) and the rows as `[m, k]`, and produce `[m, n]` with every product and sum in
+//! f32: quantized weights are dequantized on the fly to exactly the values candle's
+//! `dequantize` gives (Q4_1: `q·d + m` with one rounding; Q8_0: `q·d`, exact), so the results
+//! differ from the dense path only in the order of the sums.
+//!
+//! The code is plain safe Rust over `[f32; 8]` lanes, which LLVM turns into AVX2/FMA
+//! instructions under the workspace's `target-cpu=x86-64-v3` (and into correct, slower code
+//! elsewhere).
+
+use candle_core::{Storage, Tensor};
+use rayon::prelude::*;
+
+/// Weight rows per parallel task.
+const TILE: usize = 64;
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PARALLEL_MIN: usize = 1 << 17;
+
+/// A weight matrix `[n, k]` in a layout the kernels read directly.
+pub(crate) enum Weights {
+    /// f32, row-major: a dense candle tensor, read in place.
+    F32(Tensor),
+    /// ggml Q4_1, repacked: per block of 32 a scale, a minimum and 16 bytes of nibbles (low
+    /// nibbles are elements 0..16, high nibbles 16..32).
+    Q4_1 {
+        scale: Vec<f32>,
+        min: Vec<f32>,
+        qs: Vec<[u8; 16]>,
+    },
+    /// ggml Q8_0, repacked: per block of 32 a scale and 32 signed bytes.
+    Q8_0 { scale: Vec<f32>, qs: Vec<[i8; 32]> },
+}
+
+/// A weight matrix and its shape.
+pub(crate) struct Matrix {
+    pub n: usize,
+    pub k: usize,
+    pub w: Weights,
+}
+
+const QK: usize = 32;
+
+impl Matrix {
+    /// Repack raw ggml Q4_1 blocks (`d: f16, m: f16, qs: [u8; 16]`) of an `[n, k]` matrix.
+    pub(crate) fn from_q4_1(n: usize, k: usize, raw: &[u8]) -> Option<Matrix> {
+        let blocks = blocks(n, k, raw, 20)?;
+        let mut scale = Vec::with_capacity(blocks.len());
+        let mut min = Vec::with_capacity(blocks.len());
+        let mut qs = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            scale.push(f16(b[0], b[1]));
+            min.push(f16(b[2], b[3]));
+            qs.push(b[4..20].try_into().ok()?);
+        }
+        Some(Matrix {
+            n,
+            k,
+            w: Weights::Q4_1 { scale, min, qs },
+        })
+    }
+
+    /// Repack raw ggml Q8_0 blocks (`d: f16, qs: [i8; 32]`) of an `[n, k]` matrix.
+    pub(crate) fn from_q8_0(n: usize, k: usize, raw: &[u8]) -> Option<Matrix> {
+        let blocks = blocks(n, k, raw, 34)?;
+        let mut scale = Vec::with_capacity(blocks.len());
+        let mut qs = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            scale.push(f16(b[0], b[1]));
+            qs.push(std::array::from_fn(|i| b[2 + i] as i8));
+        }
+        Some(Matrix {
+            n,
+            k,
+            w: Weights::Q8_0 { scale, qs },
+        })
+    }
+
+    /// A dense `[n, k]` f32 tensor on the CPU, used in place.
+    pub(crate) fn from_f32(w: &Tensor) -> Option<Matrix> {
+        let (n, k) = w.dims2().ok()?;
+        let m = Matrix {
+            n,
+            k,
+            w: Weights::F32(w.clone()),
+        };
+        (n > 0 && k > 0 && m.with_dense(|s| s.len() == n * k) == Some(true)).then_some(m)
+    }
+
+    /// `f` of the contiguous f32 data of a dense matrix.
+    fn with_dense<T>(&self, f: impl FnOnce(&[f32]) -> T) -> Option<T> {
+        let Weights::F32(t) = &self.w else {
+            return None;
+        };
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            return None;
+        };
+        let (start, end) = layout.contiguous_offsets()?;
+        let data = cpu.as_slice::<f32>().ok()?.get(start..end)?;
+        Some(f(data))
+    }
+
+    /// `x · Wᵀ` for `x = [m, k]` row-major: `[m, n]` row-major. `None` when `x` is not whole
+    /// rows or the weights are not readable on the CPU.
+    pub(crate) fn matmul_nt(&self, x: &[f32]) -> Option<Vec<f32>> {
+        match &self.w {
+            Weights::F32(_) => self.with_dense(|w| self.product(x, w))?,
+            _ => self.product(x, &[]),
+        }
+    }
+
+    fn product(&self, x: &[f32], dense: &[f32]) -> Option<Vec<f32>> {
+        let (n, k) = (self.n, self.k);
+        if !x.len().is_multiple_of(k) {
+            return None;
+        }
+        let m = x.len() / k;
+        let mut out = vec![0f32; m * n];
+        if m == 0 {
+            return Some(out);
+        }
+        let rows: Vec<&[f32]> = x.chunks_exact(k).collect();
+        let tiles = n.div_ceil(TILE);
+        // The output columns of tile `t` in every row, so each task writes its own cells.
+        let mut pieces: Vec<Vec<&mut [f32]>> = (0..tiles).map(|_| Vec::with_capacity(m)).collect();
+        for row in out.chunks_mut(n) {
+            for (t, piece) in row.chunks_mut(TILE).enumerate() {
+                pieces[t].push(piece);
+            }
+        }
+        let work = |(t, mut cols): (usize, Vec<&mut [f32]>)| {
+            let j0 = t * TILE;
+            let j1 = (j0 + TILE).min(n);
+            match &self.w {
+                Weights::F32(_) => dense_tile(&rows, &dense[j0 * k..j1 * k], k, &mut cols),
+                Weights::Q4_1 { scale, min, qs } => {
+                    let nb = k / QK;
+                    let r = j0 * nb..j1 * nb;
+                    q4_1_tile(
+                        &rows,
+                        &scale[r.clone()],
+                        &min[r.clone()],
+                        &qs[r],
+                        nb,
+                        &mut cols,
+                    )
+                }
+                Weights::Q8_0 { scale, qs } => {
+                    let nb = k / QK;
+                    let r = j0 * nb..j1 * nb;
+                    q8_0_tile(&rows, &scale[r.clone()], &qs[r], nb, &mut cols)
+                }
+            }
+        };
+        if m * n * k >= PARALLEL_MIN {
+            pieces.into_par_iter().enumerate().for_each(work);
+        } else {
+            pieces.into_iter().enumerate().for_each(work);
+        }
+        Some(out)
+    }
+}
+
+fn f16(lo: u8, hi: u8) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([lo, hi])).to_f32()
+}
+
+/// The `bytes`-sized blocks of an `[n, k]` matrix in blocks of 32, if `raw` holds exactly them.
+fn blocks(n: usize, k: usize, raw: &[u8], bytes: usize) -> Option<std::slice::ChunksExact<'_, u8>> {
+    let ok = n > 0 && k > 0 && k.is_multiple_of(QK) && raw.len() == n * (k / QK) * bytes;
+    ok.then(|| raw.chunks_exact(bytes))
+}
+
+/// Weight rows dequantized (and multiplied) together.
+const C: usize = 8;
+
+/// `cols[r][j] = rows[r] · w[j]` for the weight rows `w` (`[n, k]`), `j` from 0.
+fn dense_tile(rows: &[&[f32]], w: &[f32], k: usize, cols: &mut [&mut [f32]]) {
+    pulp::Arch::new().dispatch(DenseTile {
+        rows,
+        w,
+        k,
+        cols,
+        j0: 0,
+    });
+}
+
+/// The same for quantized weights: each group of [`C`] rows is dequantized by `dequant(j, out)`
+/// (weight row `j` into `out`, `k` values) and multiplied as dense rows.
+fn quant_tile(
+    rows: &[&[f32]],
+    n: usize,
+    k: usize,
+    cols: &mut [&mut [f32]],
+    dequant: impl Fn(usize, &mut [f32]),
+) {
+    let mut scratch = vec![0f32; C * k];
+    let arch = pulp::Arch::new();
+    let mut j = 0;
+    while j < n {
+        let c = (n - j).min(C);
+        for (i, out) in scratch.chunks_exact_mut(k).take(c).enumerate() {
+            dequant(j + i, out);
+        }
+        arch.dispatch(DenseTile {
+            rows,
+            w: &scratch[..c * k],
+            k,
+            cols,
+            j0: j,
+        });
+        j += c;
+    }
+}
+
+fn q4_1_tile(
+    rows: &[&[f32]],
+    scale: &[f32],
+    min: &[f32],
+    qs: &[[u8; 16]],
+    nb: usize,
+    cols: &mut [&mut [f32]],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if rows.len() <= 2 {
+        if let Some(simd) = pulp::x86::V3::try_new() {
+            let n = scale.len() / nb;
+            simd.vectorize(|| match rows.len() {
+                2 => x86::q4_1::<2>(simd, rows, scale, min, qs, nb, n, cols),
+                _ => x86::q4_1::<1>(simd, rows, scale, min, qs, nb, n, cols),
+            });
+            return;
+        }
+    }
+    quant_tile(rows, scale.len() / nb, nb * QK, cols, |j, out| {
+        let (out, _) = out.as_chunks_mut::<QK>();
+        for (b, o) in (j * nb..(j + 1) * nb).zip(out) {
+            // Exactly candle's dequantization: `q·d` is exact in f32, one rounding in `+ m`.
+            let (d, m, q) = (scale[b], min[b], &qs[b]);
+            let lo: [f32; 16] = std::array::from_fn(|i| f32::from(q[i] & 0x0f) * d + m);
+            let hi: [f32; 16] = std::array::from_fn(|i| f32::from(q[i] >> 4) * d + m);
+            o[..16].copy_from_slice(&lo);
+            o[16..].copy_from_slice(&hi);
+        }
+    });
+}
+
+fn q8_0_tile(rows: &[&[f32]], scale: &[f32], qs: &[[i8; 32]], nb: usize, cols: &mut [&mut [f32]]) {
+    quant_tile(rows, scale.len() / nb, nb * QK, cols, |j, out| {
+        let (out, _) = out.as_chunks_mut::<QK>();
+        for (b, o) in (j * nb..(j + 1) * nb).zip(out) {
+            let (d, q) = (scale[b], &qs[b]);
+            *o = std::array::from_fn(|i| f32::from(q[i]) * d);
+        }
+    });
+}
+
+/// AVX2 kernels for one or two rows, where dequantizing through memory would cost more than
+/// the product: the blocks are dequantized in registers.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use pulp::bytemuck::cast;
+    use pulp::x86::V3;
+    use std::arch::x86_64::{__m128i, __m256};
+
+    /// `cols[r][j] = rows[r] · dequant(weight row j)` for `j < n`, Q4_1 weights.
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    #[inline(always)]
+    pub(super) fn q4_1<const R: usize>(
+        simd: V3,
+        rows: &[&[f32]],
+        scale: &[f32],
+        min: &[f32],
+        qs: &[[u8; 16]],
+        nb: usize,
+        n: usize,
+        cols: &mut [&mut [f32]],
+    ) {
+        let x: [&[[[f32; 8]; 4]]; R] =
+            std::array::from_fn(|r| rows[r].as_chunks::<8>().0.as_chunks::<4>().0);
+        let mask = simd.sse2._mm_set1_epi8(0x0f);
+        let zero = simd.avx._mm256_setzero_ps();
+        for j in 0..n {
+            let mut acc = [[zero; 4]; R];
+            for b in 0..nb {
+                let i = j * nb + b;
+                let q: __m128i = cast(qs[i]);
+                let (d, m) = (
+                    simd.avx._mm256_set1_ps(scale[i]),
+                    simd.avx._mm256_set1_ps(min[i]),
+                );
+                let lo = simd.sse2._mm_and_si128(q, mask);
+                let hi = simd
+                    .sse2
+                    ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(q), mask);
+                let parts = [
+                    lo,
+                    simd.sse2._mm_srli_si128::<8>(lo),
+                    hi,
+                    simd.sse2._mm_srli_si128::<8>(hi),
+                ];
+                // `q·d + m` with one rounding: the same f32 as candle's dequantization.
+                let w: [__m256; 4] = parts.map(|p| {
+                    let qf = simd
+                        .avx
+                        ._mm256_cvtepi32_ps(simd.avx2._mm256_cvtepu8_epi32(p));
+                    simd.fma._mm256_fmadd_ps(qf, d, m)
+                });
+                for r in 0..R {
+                    let xb = &x[r][b];
+                    for v in 0..4 {
+                        acc[r][v] = simd.fma._mm256_fmadd_ps(cast(xb[v]), w[v], acc[r][v]);
+                    }
+                }
+            }
+            for r in 0..R {
+                let a = &acc[r];
+                let s = simd.avx._mm256_add_ps(
+                    simd.avx._mm256_add_ps(a[0], a[1]),
+                    simd.avx._mm256_add_ps(a[2], a[3]),
+                );
+                let s: [f32; 8] = cast(s);
+                cols[r][j] = ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+            }
+        }
+    }
+}
+
+struct DenseTile<'a, 'b> {
+    rows: &'a [&'a [f32]],
+    w: &'a [f32],
+    k: usize,
+    cols: &'a mut [&'b mut [f32]],
+    /// Column of `cols` that weight row 0 of `w` writes.
+    j0: usize,
+}
+
+impl pulp::WithSimd for DenseTile<'_, '_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        // Register blocking for AVX2's 16 registers: two rows against four weight rows (8
+        // accumulators), or one row against eight (8 independent FMA chains).
+        let DenseTile {
+            rows,
+            w,
+            k,
+            cols,
+            j0,
+        } = self;
+        let mut r = 0;
+        while r < rows.len() {
+            if rows.len() - r >= 2 {
+                let (x, out) = (&rows[r..r + 2], &mut cols[r..r + 2]);
+                let done = block::<S, 2, 4>(simd, x, w, k, out, j0, 0);
+                block::<S, 2, 1>(simd, x, w, k, out, j0, done);
+                r += 2;
+            } else {
+                let (x, out) = (&rows[r..r + 1], &mut cols[r..r + 1]);
+                let done = block::<S, 1, 8>(simd, x, w, k, out, j0, 0);
+                block::<S, 1, 1>(simd, x, w, k, out, j0, done);
+                r += 1;
+            }
+        }
+    }
+}
+
+/// `RR` activation rows against the weight rows `from..` of `ws`, `CC` at a time, written from
+/// column `j` of `cols`. Returns the first weight row not done (fewer than `CC` remain).
+#[inline(always)]
+fn block<S: pulp::Simd, const RR: usize, const CC: usize>(
+    simd: S,
+    rows: &[&[f32]],
+    ws: &[f32],
+    k: usize,
+    cols: &mut [&mut [f32]],
+    j: usize,
+    from: usize,
+) -> usize {
+    let n = ws.len() / k;
+    let mut c0 = from;
+    while c0 + CC <= n {
+        let w: [(&[S::f32s], &[f32]); CC] =
+            std::array::from_fn(|c| S::as_simd_f32s(&ws[(c0 + c) * k..(c0 + c + 1) * k]));
+        let x: [(&[S::f32s], &[f32]); RR] = std::array::from_fn(|r| S::as_simd_f32s(rows[r]));
+        let len = w[0].0.len();
+        let zero = simd.splat_f32s(0.0);
+        let mut acc = [[zero; CC]; RR];
+        for i in 0..len {
+            let wi: [S::f32s; CC] = std::array::from_fn(|c| w[c].0[i]);
+            for r in 0..RR {
+                let xi = x[r].0[i];
+                for c in 0..CC {
+                    acc[r][c] = simd.mul_add_f32s(xi, wi[c], acc[r][c]);
+                }
+            }
+        }
+        for r in 0..RR {
+            for c in 0..CC {
+                let mut s = simd.reduce_sum_f32s(acc[r][c]);
+                for (a, b) in x[r].1.iter().zip(w[c].1) {
+                    s = a.mul_add(*b, s);
+                }
+                cols[r][j + c0 + c] = s;
+            }
+        }
+        c0 += CC;
+    }
+    c0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], w: &[f32], k: usize) -> Vec<f32> {
+        let (m, n) = (x.len() / k, w.len() / k);
+        let mut out = vec![0f32; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k)
+                    .map(|i| f64::from(x[r * k + i]) * f64::from(w[j * k + i]))
+                    .sum();
+                out[r * n + j] = s as f32;
+            }
+        }
+        out
+    }
+
+    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn check_close(got: &[f32], want: &[f32], k: usize) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * (k as f32).sqrt() * (1.0 + w.abs()),
+                "cell {i}: {g} vs {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn dense_matches_f64_reference_for_every_tile_shape() {
+        // k with a remainder past the lanes, n past a tile with a partial group of 4.
+        for (m, n, k) in [
+            (1, 7, 19),
+            (2, 130, 64),
+            (3, 5, 8),
+            (5, 67, 576),
+            (31, 70, 100),
+        ] {
+            let x = pseudo(m * k, 1);
+            let w = pseudo(n * k, 2);
+            let t = Tensor::from_slice(&w, (n, k), &candle_core::Device::Cpu).ok();
+            let got = t
+                .as_ref()
+                .and_then(Matrix::from_f32)
+                .and_then(|mm| mm.matmul_nt(&x));
+            check_close(&got.unwrap_or_default(), &naive(&x, &w, k), k);
+        }
+    }
+
+    fn q4_1_raw(n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+        let mut raw = Vec::new();
+        let mut dense = Vec::new();
+        let vals = pseudo(n * k / 2, 3);
+        for (b, chunk) in vals.chunks(16).enumerate() {
+            let d = half::f16::from_f32(0.01 + b as f32 * 1e-4);
+            let m = half::f16::from_f32(-0.08 + (b % 5) as f32 * 0.01);
+            raw.extend(d.to_bits().to_le_bytes());
+            raw.extend(m.to_bits().to_le_bytes());
+            let q: Vec<u8> = chunk.iter().map(|v| ((v + 1.0) * 120.0) as u8).collect();
+            raw.extend(q.iter().copied());
+            let (d, m) = (d.to_f32(), m.to_f32());
+            dense.extend(q.iter().map(|q| f32::from(q & 15) * d + m));
+            dense.extend(q.iter().map(|q| f32::from(q >> 4) * d + m));
+        }
+        (raw, dense)
+    }
+
+    #[test]
+    fn q4_1_dequantizes_like_candle_and_multiplies_in_f32() {
+        for (m, n, k) in [(1, 3, 32), (2, 65, 64), (3, 130, 576)] {
+            let (raw, dense) = q4_1_raw(n, k);
+            let x = pseudo(m * k, 4);
+            let got = Matrix::from_q4_1(n, k, &raw).and_then(|mm| mm.matmul_nt(&x));
+            check_close(&got.unwrap_or_default(), &naive(&x, &dense, k), k);
+        }
+    }
+
+    #[test]
+    fn q8_0_multiplies_in_f32() {
+        let (n, k, m) = (70, 96, 3);
+        let mut raw = Vec::new();
+        let mut dense = Vec::new();
+        for b in 0..n * k / 32 {
+            let d = half::f16::from_f32(0.002 * (1 + b % 7) as f32);
+            raw.extend(d.to_bits().to_le_bytes());
+            for i in 0..32 {
+                let q = ((b * 31 + i * 17) % 255) as i32 - 127;
+                raw.push(q as i8 as u8);
+                dense.push(q as f32 * d.to_f32());
+            }
+        }
+        let x = pseudo(m * k, 5);
+        let got = Matrix::from_q8_0(n, k, &raw).and_then(|mm| mm.matmul_nt(&x));
+        check_close(&got.unwrap_or_default(), &naive(&x, &dense, k), k);
+    }
+
+    #[test]
+    fn rejects_raw_data_of_the_wrong_size() {
+        assert!(Matrix::from_q4_1(2, 32, &[0; 39]).is_none());
+        assert!(Matrix::from_q4_1(2, 30, &[0; 40]).is_none());
+        assert!(Matrix::from_q8_0(1, 32, &[0; 35]).is_none());
+        let t = Tensor::zeros((3, 2), candle_core::DType::F32, &candle_core::Device::Cpu);
+        assert!(t
+            .ok()
+            .and_then(|t| Matrix::from_f32(&t.t().ok()?))
+            .is_none());
+    }
+}
