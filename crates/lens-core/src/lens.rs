@@ -52,6 +52,29 @@ pub struct PositionView {
     pub cells: Vec<Cell>,
 }
 
+/// The logits behind a [`PositionView`]: one row of the vocabulary per site, in the order of
+/// the sites, and each row's `ln Σ exp`.
+#[derive(Debug, Clone)]
+pub struct SiteLogits {
+    pub vocab: usize,
+    pub logits: Vec<f32>,
+    pub log_z: Vec<f32>,
+}
+
+impl SiteLogits {
+    /// Row `i` of the logits.
+    pub fn row(&self, i: usize) -> Option<&[f32]> {
+        self.logits.get(i * self.vocab..(i + 1) * self.vocab)
+    }
+
+    /// (probability, 0-based rank) of token `id` in row `i`.
+    pub fn prob_and_rank(&self, i: usize, id: u32) -> Option<(f32, usize)> {
+        let row = self.row(i)?;
+        let x = *row.get(id as usize)?;
+        Some((math::exp(x - self.log_z.get(i)?), math::rank_of(row, x)))
+    }
+}
+
 /// The logit lens over one prompt's captured hidden states.
 ///
 /// Logits are computed on demand, in bounded batches, and reduced to [`Cell`]s at once: a
@@ -96,6 +119,35 @@ impl<'a> Lens<'a> {
         })
     }
 
+    /// [`Lens::position`], also returning the logits it read (for callers that keep them, e.g.
+    /// to look up the probability of whatever token is written next).
+    pub fn position_with_logits(
+        &self,
+        position: usize,
+        sites: &[Site],
+    ) -> Result<(PositionView, SiteLogits), Error> {
+        let final_in_sites = self.check(&[position], sites)?;
+        let (logits, final_logits) = self.read_group(&[position], sites, final_in_sites)?;
+        let vocab = self.backend.info().vocab_size;
+        let final_row = match &final_logits {
+            Some(f) => &f[..],
+            None => {
+                let last = Site::Layer(self.states.n_layers());
+                let i = sites.iter().position(|s| *s == last).unwrap_or(0);
+                &logits[i * vocab..(i + 1) * vocab]
+            }
+        };
+        let (view, log_z) = self.view(position, sites, &logits, final_row);
+        Ok((
+            view,
+            SiteLogits {
+                vocab,
+                logits,
+                log_z,
+            },
+        ))
+    }
+
     /// The lens at `sites` for every position of the prompt.
     pub fn grid(&self, sites: &[Site]) -> Result<Vec<PositionView>, Error> {
         let positions: Vec<usize> = (0..self.states.n_positions()).collect();
@@ -108,25 +160,8 @@ impl<'a> Lens<'a> {
         positions: &[usize],
         sites: &[Site],
     ) -> Result<Vec<PositionView>, Error> {
-        let st = self.states;
-        if let Some(&position) = positions.iter().find(|&&p| p >= st.n_positions()) {
-            return Err(Error::PositionOutOfRange {
-                position,
-                len: st.n_positions(),
-            });
-        }
-        if let Some(site) = sites.iter().find(|s| !st.contains(**s)) {
-            let layer = match *site {
-                Site::Layer(l) | Site::MidBlock(l) => l,
-            };
-            return Err(Error::LayerOutOfRange {
-                layer,
-                max: st.n_layers(),
-            });
-        }
-        let last = Site::Layer(st.n_layers());
-        // With the norm lens, the last layer's row *is* the model output; reuse it.
-        let final_in_sites = self.kind == LensKind::Norm && sites.contains(&last);
+        let final_in_sites = self.check(positions, sites)?;
+        let last = Site::Layer(self.states.n_layers());
         let per_position = sites.len() + usize::from(!final_in_sites);
         let chunk = (ROWS_PER_READOUT / per_position.max(1)).max(1);
 
@@ -147,12 +182,34 @@ impl<'a> Lens<'a> {
                         }
                     };
                     let rows = &site_logits[g * sites.len() * vocab..(g + 1) * sites.len() * vocab];
-                    self.view(position, sites, rows, final_row)
+                    self.view(position, sites, rows, final_row).0
                 })
                 .collect();
             views.extend(group_views);
         }
         Ok(views)
+    }
+
+    /// Validate positions and sites; whether the model output is among the sites' rows.
+    fn check(&self, positions: &[usize], sites: &[Site]) -> Result<bool, Error> {
+        let st = self.states;
+        if let Some(&position) = positions.iter().find(|&&p| p >= st.n_positions()) {
+            return Err(Error::PositionOutOfRange {
+                position,
+                len: st.n_positions(),
+            });
+        }
+        if let Some(site) = sites.iter().find(|s| !st.contains(**s)) {
+            let layer = match *site {
+                Site::Layer(l) | Site::MidBlock(l) => l,
+            };
+            return Err(Error::LayerOutOfRange {
+                layer,
+                max: st.n_layers(),
+            });
+        }
+        // With the norm lens, the last layer's row *is* the model output; reuse it.
+        Ok(self.kind == LensKind::Norm && sites.contains(&Site::Layer(st.n_layers())))
     }
 
     /// Logits of every site at each position of `group` (position-major), and, unless the
@@ -202,7 +259,7 @@ impl<'a> Lens<'a> {
         sites: &[Site],
         rows: &[f32],
         final_row: &[f32],
-    ) -> PositionView {
+    ) -> (PositionView, Vec<f32>) {
         let vocab = final_row.len();
         let reference = Reference::new(final_row);
         let final_top = math::top_k(final_row, 1);
@@ -216,15 +273,18 @@ impl<'a> Lens<'a> {
         let tokens = self.states.tokens();
         let next_id = tokens.get(position + 1).copied();
 
-        let cells: Vec<Cell> = sites
+        let (cells, log_z): (Vec<Cell>, Vec<f32>) = sites
             .par_iter()
             .enumerate()
             .map(|(i, &site)| {
                 let row = &rows[i * vocab..(i + 1) * vocab];
                 let stats = math::row_stats(row, self.top_k, Some(&reference));
-                self.cell(site, row, &stats, next_id, final_top1.id)
+                (
+                    self.cell(site, row, &stats, next_id, final_top1.id),
+                    stats.log_z,
+                )
             })
-            .collect();
+            .unzip();
 
         // Walk down from the last layer while the final top-1 stays top-1.
         let mut decided_at = None;
@@ -241,7 +301,7 @@ impl<'a> Lens<'a> {
                 decided_at = Some(l);
             }
         }
-        PositionView {
+        let view = PositionView {
             position,
             token: tokens.get(position).copied().unwrap_or(0),
             final_top1: Prediction {
@@ -251,7 +311,8 @@ impl<'a> Lens<'a> {
             },
             decided_at,
             cells,
-        }
+        };
+        (view, log_z)
     }
 
     fn cell(

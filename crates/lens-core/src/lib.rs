@@ -15,4 +15,4 @@ pub mod math;
 
 pub use backend::{Backend, CaptureOptions, Error, LensKind, ModelInfo, Token};
 pub use hidden::{HiddenStates, Site};
-pub use lens::{Cell, Lens, NextToken, PositionView, Prediction};
+pub use lens::{Cell, Lens, NextToken, PositionView, Prediction, SiteLogits};

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use lens_core::{Backend, HiddenStates, Lens, LensKind, Site, Token};
+use lens_core::{Backend, HiddenStates, Lens, LensKind, Site, SiteLogits, Token};
 use serde::Deserialize;
 
 use crate::cache::{ActivationCache, CacheStats, StateBytes};
@@ -133,23 +133,10 @@ const PREVIOUS_ROWS_ENTRIES: usize = 4;
 
 /// The lens logits at a hover's previous position, per shown layer, with each row's
 /// log-sum-exp: the probability and rank of whatever token is written next is then a lookup.
-/// While a user types at the end of a line, the previous position stays the same and only
-/// the hovered token changes, so this halves the readout work of such hovers.
-struct PreviousRows {
-    vocab: usize,
-    logits: Vec<f32>,
-    lse: Vec<f64>,
-}
-
-impl PreviousRows {
-    /// (probability, 0-based rank) of token `id` in row `i`.
-    fn written(&self, i: usize, id: u32) -> Option<(f32, usize)> {
-        let row = self.logits.get(i * self.vocab..(i + 1) * self.vocab)?;
-        let x = *row.get(id as usize)?;
-        let rank = row.iter().filter(|&&v| v > x).count();
-        Some(((f64::from(x) - self.lse.get(i)?).exp() as f32, rank))
-    }
-}
+/// Every hover keeps its own position's rows here, so the next hover (the same position after
+/// the last token grew, or the next position after a new token) finds its previous position's
+/// rows without a second readout.
+type PreviousRows = SiteLogits;
 
 /// (tokens up to the previous position, the layers shown).
 type PreviousKey = (Arc<[u32]>, Vec<usize>);
@@ -425,7 +412,7 @@ impl Engine {
             LensKind::Norm,
             options.top_k.clamp(1, 100),
         );
-        let here = lens.position(pos, &sites)?;
+        let (here, here_logits) = lens.position_with_logits(pos, &sites)?;
         let written = if pos == 0 {
             None
         } else {
@@ -433,7 +420,7 @@ impl Engine {
             let id = ids[pos];
             Some(
                 (0..layers.len())
-                    .map(|i| prev.written(i, id))
+                    .map(|i| prev.prob_and_rank(i, id))
                     .collect::<Vec<_>>(),
             )
         };
@@ -444,6 +431,7 @@ impl Engine {
             &here,
             written.as_deref(),
         );
+        self.remember_previous((ids.clone(), layers), stamp, Arc::new(here_logits));
         self.remember_hover(key, stamp, Arc::new(markdown.clone()));
         Ok(Some(HoverOut {
             markdown,
@@ -477,16 +465,21 @@ impl Engine {
         }
         let logits = self.backend.readout(&rows, LensKind::Norm)?;
         let vocab = self.backend.info().vocab_size;
-        let lse = logits
+        let log_z = logits
             .chunks(vocab.max(1))
-            .map(|row| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
-                f64::from(max) + sum.ln()
-            })
+            .map(lens_core::math::log_sum_exp)
             .collect();
-        let value = Arc::new(PreviousRows { vocab, logits, lse });
-        if self.previous.len() >= PREVIOUS_ROWS_ENTRIES {
+        let value = Arc::new(PreviousRows {
+            vocab,
+            logits,
+            log_z,
+        });
+        self.remember_previous(key, stamp, value.clone());
+        Ok(value)
+    }
+
+    fn remember_previous(&self, key: PreviousKey, stamp: u64, value: Arc<PreviousRows>) {
+        if self.previous.len() >= PREVIOUS_ROWS_ENTRIES && !self.previous.contains_key(&key) {
             let oldest = self
                 .previous
                 .iter()
@@ -496,8 +489,7 @@ impl Engine {
                 self.previous.remove(&k);
             }
         }
-        self.previous.insert(key, (stamp, value.clone()));
-        Ok(value)
+        self.previous.insert(key, (stamp, value));
     }
 
     fn remember_hover(&self, key: HoverKey, stamp: u64, markdown: Arc<String>) {

@@ -178,3 +178,39 @@ fn tokens_round_trip_and_cover_the_text() {
     let ids: Vec<u32> = t.iter().map(|t| t.id).collect();
     assert_eq!(ids, [216, 33, 39, 37]);
 }
+
+#[test]
+fn position_with_logits_returns_the_rows_behind_the_view() {
+    let backend = smollm2(Precision::F32);
+    let ids: Vec<u32> = backend
+        .tokenize("The capital of France is")
+        .expect("tokenize")
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    let states = backend
+        .forward(&ids, CaptureOptions::default())
+        .expect("forward");
+    let lens = Lens::new(&*backend, &states, LensKind::Norm, 3);
+    let sites: Vec<Site> = [0, 7, 30].map(Site::Layer).to_vec();
+    let p = ids.len() - 1;
+    let (view, logits) = lens.position_with_logits(p, &sites).expect("lens");
+    assert_eq!(view, lens.position(p, &sites).expect("lens"));
+    let vocab = backend.info().vocab_size;
+    assert_eq!(logits.logits.len(), sites.len() * vocab);
+    assert_eq!(logits.log_z.len(), sites.len());
+    for (i, cell) in view.cells.iter().enumerate() {
+        let row = logits.row(i).expect("row");
+        let top = &cell.top[0];
+        assert_eq!(row[top.id as usize], top.logit);
+        assert_eq!(logits.prob_and_rank(i, top.id), Some((top.prob, 0)));
+        let lse = lens_core::math::log_sum_exp(row);
+        assert!(
+            (lse - logits.log_z[i]).abs() < 1e-5,
+            "{lse} vs {}",
+            logits.log_z[i]
+        );
+        let second = &cell.top[1];
+        assert_eq!(logits.prob_and_rank(i, second.id), Some((second.prob, 1)));
+    }
+}
