@@ -142,7 +142,13 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
             let q = r.qtensor(&format!("{p}.{n}.weight"))?;
             // The f32 path multiplies the few rows of an edit straight from the blocks.
             let small = if dense { small_matrix(&q) } else { None };
-            Ok(Linear::new(matmul_from(Arc::new(q), dense)?, bias).with_small(small))
+            let w = matmul_from(Arc::new(q), dense)?;
+            // Other types (f32, f16, k-quants) are read from their dense f32 copy.
+            let small = match (&w, small) {
+                (QMatMul::Tensor(t), None) => Matrix::from_f32(t),
+                (_, small) => small,
+            };
+            Ok(Linear::new(w, bias).with_small(small))
         };
         blocks.push(Block {
             attn_norm: r.dense(&format!("{p}.attn_norm.weight"))?,

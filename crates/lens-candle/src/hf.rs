@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::QMatMul;
+
+use crate::kernels::Matrix;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
@@ -157,7 +159,9 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
         let mut lin = |n: &str| -> Result<Linear, Error> {
             let w = take(&format!("{p}.{n}.weight"))?;
             let bias = take(&format!("{p}.{n}.bias")).ok();
-            Ok(Linear::new(QMatMul::Tensor(w), bias))
+            // The small-batch kernel reads the dense weights in place.
+            let small = Matrix::from_f32(&w);
+            Ok(Linear::new(QMatMul::Tensor(w), bias).with_small(small))
         };
         let (q, k, v, o) = (
             lin("self_attn.q_proj")?,

@@ -143,45 +143,28 @@ impl CandleBackend {
         let capture = self
             .model
             .forward(tokens, prefix.map(|(_, kv)| kv), options.mid_block)?;
-        let (resid, mid) = match prefix {
-            None => (capture.resid, capture.mid),
-            Some((states, kv)) => {
-                let keep = kv.tokens.len();
-                let resid = splice(states, keep, &capture.resid, tokens.len(), false);
-                let mid = capture
-                    .mid
-                    .map(|m| splice(states, keep, &m, tokens.len(), true));
-                (resid, mid)
-            }
+        // The prefix's positions are shared, not copied.
+        let keep = prefix.map_or(0, |(_, kv)| kv.tokens.len());
+        let join = |old: Option<&[Arc<[f32]>]>, new: Vec<Arc<[f32]>>| {
+            let mut all = Vec::with_capacity(tokens.len());
+            all.extend_from_slice(&old.unwrap_or(&[])[..keep.min(old.map_or(0, <[_]>::len))]);
+            all.extend(new);
+            all
         };
-        let cache: Arc<KvCache> = capture.cache;
-        Ok(HiddenStates::new(&self.info, tokens.to_vec(), resid, mid)?.with_backend_state(cache))
+        let resid = join(prefix.map(|(s, _)| s.position_rows()), capture.resid);
+        let mid = capture
+            .mid
+            .map(|m| join(prefix.and_then(|(s, _)| s.mid_position_rows()), m));
+        let kv = join(prefix.map(|(_, kv)| &kv.positions[..]), capture.kv);
+        let cache = Arc::new(KvCache {
+            tokens: tokens.to_vec(),
+            positions: kv,
+        });
+        Ok(
+            HiddenStates::from_positions(&self.info, tokens.to_vec(), resid, mid)?
+                .with_backend_state(cache),
+        )
     }
-}
-
-/// Interleave the first `keep` positions of `prefix` with the freshly computed rows of the
-/// remaining positions, layer by layer.
-fn splice(prefix: &HiddenStates, keep: usize, fresh: &[f32], total: usize, mid: bool) -> Vec<f32> {
-    let hidden = prefix.hidden_size();
-    let new = total - keep;
-    let layers = if mid {
-        prefix.n_layers()
-    } else {
-        prefix.n_layers() + 1
-    };
-    let mut out = Vec::with_capacity(layers * total * hidden);
-    for l in 0..layers {
-        let site = if mid {
-            lens_core::Site::MidBlock(l + 1)
-        } else {
-            lens_core::Site::Layer(l)
-        };
-        for p in 0..keep {
-            out.extend_from_slice(prefix.row(site, p).unwrap_or(&[]));
-        }
-        out.extend_from_slice(&fresh[l * new * hidden..(l + 1) * new * hidden]);
-    }
-    out
 }
 
 impl Backend for CandleBackend {
@@ -253,21 +236,7 @@ impl CandleBackend {
         if keep == 0 {
             return self.run(tokens, None, options);
         }
-        let trimmed = KvCache {
-            tokens: tokens[..keep].to_vec(),
-            k: kv
-                .k
-                .iter()
-                .map(|t| t.narrow(2, 0, keep))
-                .collect::<Result<_, _>>()
-                .map_err(Error::from)?,
-            v: kv
-                .v
-                .iter()
-                .map(|t| t.narrow(2, 0, keep))
-                .collect::<Result<_, _>>()
-                .map_err(Error::from)?,
-        };
+        let trimmed = kv.prefix(keep);
         self.run(tokens, Some((prefix, &trimmed)), options)
     }
 }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
+use rayon::prelude::*;
 
 use crate::kernels::Matrix;
 use crate::Error;
@@ -60,15 +61,34 @@ pub(crate) struct Linear {
     /// The same weights for the exact small-batch kernel (the one or two tokens of an edit).
     small: Option<Matrix>,
     bias: Option<Tensor>,
+    /// The bias as plain values, for the small-batch forward pass.
+    bias_v: Option<Vec<f32>>,
 }
 
 impl Linear {
     pub(crate) fn new(w: QMatMul, bias: Option<Tensor>) -> Self {
+        let bias_v = bias
+            .as_ref()
+            .and_then(|b| b.to_dtype(DType::F32).ok()?.to_vec1::<f32>().ok());
         Linear {
             w,
             small: None,
             bias,
+            bias_v,
         }
+    }
+
+    /// `x · Wᵀ + b` for a few rows, without candle. `None` without a small-batch matrix.
+    fn apply_small(&self, x: &[f32]) -> Option<Vec<f32>> {
+        let mut y = self.small.as_ref()?.matmul_nt(x)?;
+        if let Some(b) = &self.bias_v {
+            for row in y.chunks_mut(b.len()) {
+                for (v, b) in row.iter_mut().zip(b) {
+                    *v += b;
+                }
+            }
+        }
+        Some(y)
     }
 
     pub(crate) fn with_small(mut self, small: Option<Matrix>) -> Self {
@@ -114,6 +134,22 @@ pub(crate) struct Block {
     pub down: Linear,
 }
 
+impl Block {
+    fn small_ready(&self) -> bool {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+        .iter()
+        .all(|l| l.small.is_some())
+    }
+}
+
+/// A block's norm weights as plain values, for the small-batch forward pass.
+struct Norms {
+    attn: Vec<f32>,
+    ffn: Vec<f32>,
+}
+
 pub(crate) struct Model {
     pub cfg: Config,
     /// Token embeddings, dequantized: `[vocab, hidden]`.
@@ -126,32 +162,55 @@ pub(crate) struct Model {
     pub unembed_t: Option<Tensor>,
     /// The unembedding for the small-batch kernel (readouts of fewer than 128 rows).
     pub unembed_small: Option<Matrix>,
+    /// Per block, when every weight has a small-batch matrix: the norms as plain values.
+    small_norms: Option<Vec<Norms>>,
     pub device: Device,
 }
 
-/// Keys and values of every block for the first `len` tokens of a prompt.
+/// Keys and values of every block for the tokens of a prompt, per position (shared, like the
+/// hidden states, between a prompt and its extensions): `positions[p]` holds, for each block,
+/// the keys then the values of its KV heads (`[layer][k | v][kv_head][head_dim]`, after RoPE).
 pub(crate) struct KvCache {
     pub tokens: Vec<u32>,
-    pub k: Vec<Tensor>,
-    pub v: Vec<Tensor>,
+    pub positions: Vec<Arc<[f32]>>,
 }
 
 impl KvCache {
     pub(crate) fn bytes(&self) -> usize {
-        self.k
-            .iter()
-            .chain(&self.v)
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        self.positions.iter().map(|p| p.len() * 4).sum()
+    }
+
+    /// The first `keep` positions.
+    pub(crate) fn prefix(&self, keep: usize) -> KvCache {
+        KvCache {
+            tokens: self.tokens[..keep].to_vec(),
+            positions: self.positions[..keep].to_vec(),
+        }
     }
 }
 
-/// What one forward pass produced.
+/// What one forward pass produced for its new positions.
 pub(crate) struct Capture {
-    /// `[layer][position][hidden]` for layers `0..=N`.
-    pub resid: Vec<f32>,
-    pub mid: Option<Vec<f32>>,
-    pub cache: Arc<KvCache>,
+    /// Per new position: `[layer][hidden]` for layers `0..=N`.
+    pub resid: Vec<Arc<[f32]>>,
+    /// Per new position: `[block - 1][hidden]`.
+    pub mid: Option<Vec<Arc<[f32]>>>,
+    /// Per new position, see [`KvCache`].
+    pub kv: Vec<Arc<[f32]>>,
+}
+
+/// Per-position rows of `layers` (each `[t, width]`, in order).
+fn per_position(layers: &[Vec<f32>], t: usize) -> Vec<Arc<[f32]>> {
+    (0..t)
+        .map(|p| {
+            let mut row = Vec::with_capacity(layers.iter().map(Vec::len).sum::<usize>() / t.max(1));
+            for l in layers {
+                let w = l.len() / t;
+                row.extend_from_slice(&l[p * w..(p + 1) * w]);
+            }
+            Arc::from(row)
+        })
+        .collect()
 }
 
 impl Model {
@@ -172,6 +231,16 @@ impl Model {
             QMatMul::Tensor(w) => Matrix::from_f32(w),
             _ => None,
         };
+        let norms = |b: &Block| -> Option<Norms> {
+            Some(Norms {
+                attn: b.attn_norm.to_dtype(DType::F32).ok()?.to_vec1().ok()?,
+                ffn: b.ffn_norm.to_dtype(DType::F32).ok()?.to_vec1().ok()?,
+            })
+        };
+        let small_norms = match device.is_cpu() && blocks.iter().all(Block::small_ready) {
+            true => blocks.iter().map(norms).collect(),
+            false => None,
+        };
         Ok(Model {
             cfg,
             embed,
@@ -180,6 +249,7 @@ impl Model {
             unembed,
             unembed_t,
             unembed_small,
+            small_norms,
             device,
         })
     }
@@ -204,6 +274,23 @@ impl Model {
         let _span = tracing::debug_span!("forward", tokens = tokens.len()).entered();
         let start = prefix.map_or(0, |p| p.tokens.len());
         let new = &tokens[start..];
+        let past = prefix.map_or(&[][..], |p| &p.positions[..]);
+        if new.len() <= SMALL_ROWS {
+            if let Some(norms) = &self.small_norms {
+                return self.forward_small(new, past, norms, mid_block);
+            }
+        }
+        self.forward_candle(new, past, mid_block)
+    }
+
+    /// The forward pass on candle's tensors (prompts, and edits far from the end).
+    fn forward_candle(
+        &self,
+        new: &[u32],
+        past: &[Arc<[f32]>],
+        mid_block: bool,
+    ) -> Result<Capture, Error> {
+        let start = past.len();
         let t = new.len();
         let cfg = &self.cfg;
         let ids = Tensor::new(new, &self.device)?;
@@ -211,14 +298,21 @@ impl Model {
 
         let mut layers: Vec<Vec<f32>> = Vec::with_capacity(cfg.n_layers + 1);
         let mut mids: Vec<Vec<f32>> = Vec::new();
+        let mut kvs: Vec<Vec<f32>> = Vec::with_capacity(2 * cfg.n_layers);
         layers.push(x.flatten_all()?.to_vec1::<f32>()?);
 
         let (cos, sin) = self.rope_tables(start, t)?;
         let mask = causal_mask(start, t, cfg.n_heads / cfg.n_kv_heads, &self.device)?;
-        let mut ks = Vec::with_capacity(cfg.n_layers);
-        let mut vs = Vec::with_capacity(cfg.n_layers);
+        let (nkv, hd) = (cfg.n_kv_heads, cfg.head_dim);
         for (i, b) in self.blocks.iter().enumerate() {
             let _span = tracing::trace_span!("block", i).entered();
+            let cached = match start {
+                0 => None,
+                _ => Some((
+                    self.past_tensor(past, i, 0)?,
+                    self.past_tensor(past, i, nkv * hd)?,
+                )),
+            };
             let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, cfg.rms_eps as f32)?;
             let (att, k, v) = self.attention(
                 b,
@@ -226,10 +320,17 @@ impl Model {
                 &cos,
                 &sin,
                 mask.as_ref(),
-                prefix.map(|p| (&p.k[i], &p.v[i])),
+                cached.as_ref().map(|(k, v)| (k, v)),
             )?;
-            ks.push(k);
-            vs.push(v);
+            // New keys and values, position-major: [t, nkv * hd].
+            for kv in [k, v] {
+                kvs.push(
+                    kv.squeeze(0)?
+                        .transpose(0, 1)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                );
+            }
             x = (x + att)?;
             if mid_block {
                 mids.push(x.flatten_all()?.to_vec1::<f32>()?);
@@ -241,15 +342,152 @@ impl Model {
             x = (x + mlp)?;
             layers.push(x.flatten_all()?.to_vec1::<f32>()?);
         }
-        let cache = Arc::new(KvCache {
-            tokens: tokens.to_vec(),
-            k: ks,
-            v: vs,
-        });
         Ok(Capture {
-            resid: layers.concat(),
-            mid: mid_block.then(|| mids.concat()),
-            cache,
+            resid: per_position(&layers, t),
+            mid: mid_block.then(|| per_position(&mids, t)),
+            kv: per_position(&kvs, t),
+        })
+    }
+
+    /// The cached keys (`offset` 0) or values (`offset` = kv width) of block `layer` as a tensor
+    /// `[1, kv_heads, positions, head_dim]`.
+    fn past_tensor(
+        &self,
+        past: &[Arc<[f32]>],
+        layer: usize,
+        offset: usize,
+    ) -> Result<Tensor, Error> {
+        let (nkv, hd) = (self.cfg.n_kv_heads, self.cfg.head_dim);
+        let base = layer * 2 * nkv * hd + offset;
+        let mut data = Vec::with_capacity(nkv * past.len() * hd);
+        for h in 0..nkv {
+            for p in past {
+                let at = base + h * hd;
+                data.extend_from_slice(p.get(at..at + hd).ok_or_else(|| {
+                    Error::Format("a cached key/value row is shorter than the model's".into())
+                })?);
+            }
+        }
+        Ok(Tensor::from_vec(
+            data,
+            (1, nkv, past.len(), hd),
+            &self.device,
+        )?)
+    }
+
+    /// The forward pass for a few new tokens, on plain slices and the small-batch kernels: the
+    /// same arithmetic as [`Model::forward_candle`] (in f32, up to the order of sums), without
+    /// the per-operation overhead and copies of the tensor path, and attending straight to the
+    /// cached keys and values of each position.
+    fn forward_small(
+        &self,
+        new: &[u32],
+        past: &[Arc<[f32]>],
+        norms: &[Norms],
+        mid_block: bool,
+    ) -> Result<Capture, Error> {
+        let cfg = &self.cfg;
+        let (hidden, nh, nkv, hd) = (cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let (start, t) = (past.len(), new.len());
+        let kvw = nkv * hd;
+        let eps = cfg.rms_eps as f32;
+        let ids = Tensor::new(new, &self.device)?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+
+        let per = (cfg.n_layers + 1) * hidden;
+        let mut resid: Vec<Vec<f32>> = (0..t).map(|_| Vec::with_capacity(per)).collect();
+        let mut mids: Vec<Vec<f32>> = match mid_block {
+            true => (0..t)
+                .map(|_| Vec::with_capacity(cfg.n_layers * hidden))
+                .collect(),
+            false => Vec::new(),
+        };
+        let mut kv: Vec<Vec<f32>> = (0..t)
+            .map(|_| Vec::with_capacity(cfg.n_layers * 2 * kvw))
+            .collect();
+        let push = |rows: &mut [Vec<f32>], x: &[f32]| {
+            for (r, xr) in rows.iter_mut().zip(x.chunks(hidden)) {
+                r.extend_from_slice(xr);
+            }
+        };
+        push(&mut resid, &x);
+
+        let (cos, sin) = self.rope_values(start, t);
+        let half = hd / 2;
+        let missing = || Error::Format("a weight has no small-batch kernel".into());
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let rep = nh / nkv;
+        for (i, (b, n)) in self.blocks.iter().zip(norms).enumerate() {
+            let h = rms_norm_rows(&x, &n.attn, hidden, eps);
+            let mut q = b.q.apply_small(&h).ok_or_else(missing)?;
+            let mut k = b.k.apply_small(&h).ok_or_else(missing)?;
+            let v = b.v.apply_small(&h).ok_or_else(missing)?;
+            for p in 0..t {
+                let (c, s) = (
+                    &cos[p * half..(p + 1) * half],
+                    &sin[p * half..(p + 1) * half],
+                );
+                for head in q[p * nh * hd..(p + 1) * nh * hd].chunks_mut(hd) {
+                    rope(head, c, s, self.cfg.rope);
+                }
+                for head in k[p * kvw..(p + 1) * kvw].chunks_mut(hd) {
+                    rope(head, c, s, self.cfg.rope);
+                }
+                kv[p].extend_from_slice(&k[p * kvw..(p + 1) * kvw]);
+                kv[p].extend_from_slice(&v[p * kvw..(p + 1) * kvw]);
+            }
+            // Attention of each new position over the cached positions and the new ones up to
+            // itself.
+            let base = i * 2 * kvw;
+            let key = |j: usize, g: usize| -> &[f32] {
+                let row: &[f32] = if j < start { &past[j] } else { &kv[j - start] };
+                &row[base + g * hd..base + (g + 1) * hd]
+            };
+            let value = |j: usize, g: usize| -> &[f32] {
+                let row: &[f32] = if j < start { &past[j] } else { &kv[j - start] };
+                &row[base + kvw + g * hd..base + kvw + (g + 1) * hd]
+            };
+            let mut att = vec![0f32; t * nh * hd];
+            att.par_chunks_mut(hd).enumerate().for_each(|(at, out)| {
+                let (p, head) = (at / nh, at % nh);
+                let g = head / rep;
+                let qh = &q[at * hd..(at + 1) * hd];
+                let mut scores: Vec<f32> = (0..start + p + 1)
+                    .map(|j| dot(qh, key(j, g)) * scale)
+                    .collect();
+                softmax_in_place(&mut scores);
+                for (j, &w) in scores.iter().enumerate() {
+                    for (o, v) in out.iter_mut().zip(value(j, g)) {
+                        *o += w * v;
+                    }
+                }
+            });
+            let o = b.o.apply_small(&att).ok_or_else(missing)?;
+            add_in_place(&mut x, &o);
+            if mid_block {
+                push(&mut mids, &x);
+            }
+            let h = rms_norm_rows(&x, &n.ffn, hidden, eps);
+            let gate = b.gate.apply_small(&h).ok_or_else(missing)?;
+            let up = b.up.apply_small(&h).ok_or_else(missing)?;
+            let act: Vec<f32> = gate
+                .iter()
+                .zip(&up)
+                .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let down = b.down.apply_small(&act).ok_or_else(missing)?;
+            add_in_place(&mut x, &down);
+            push(&mut resid, &x);
+        }
+        let arcs = |v: Vec<Vec<f32>>| v.into_iter().map(Arc::from).collect::<Vec<_>>();
+        Ok(Capture {
+            resid: arcs(resid),
+            mid: mid_block.then(|| arcs(mids)),
+            kv: arcs(kv),
         })
     }
 
@@ -291,31 +529,30 @@ impl Model {
                 candle_nn::rotary_emb::rope(&k, cos, sin)?,
             ),
         };
-        let (k, v) = match past {
+        let (k_all, v_all) = match past {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-            None => (k, v),
+            None => (k.clone(), v.clone()),
         };
-        let s = k.dim(2)?;
         // Group the query heads that share a KV head: [1, nkv, rep * t, hd].
         let rep = nh / nkv;
         let qg = q.reshape((1, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (qg.matmul(&k.t()?)? * scale)?; // [1, nkv, rep*t, s]
+        let mut scores = (qg.matmul(&k_all.t()?)? * scale)?; // [1, nkv, rep*t, s]
         if let Some(mask) = mask {
             scores = scores.broadcast_add(mask)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?; // [1, nkv, rep*t, hd]
+        let out = probs.matmul(&v_all)?; // [1, nkv, rep*t, hd]
         let out = out
             .reshape((1, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((t, nh * hd))?;
-        debug_assert_eq!(s, k.dim(2)?);
         Ok((b.o.forward(&out)?, k, v))
     }
 
-    /// cos/sin for positions `start..start + t`, computed in f32 as HF transformers does.
-    fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor), Error> {
+    /// cos/sin for positions `start..start + t` (`[t][head_dim / 2]`), in f32 as HF
+    /// transformers computes them.
+    fn rope_values(&self, start: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
         let half = self.cfg.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
@@ -334,6 +571,12 @@ impl Model {
                 sin.push(a.sin());
             }
         }
+        (cos, sin)
+    }
+
+    fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor), Error> {
+        let half = self.cfg.head_dim / 2;
+        let (cos, sin) = self.rope_values(start, t);
         Ok((
             Tensor::from_vec(cos, (t, half), &self.device)?,
             Tensor::from_vec(sin, (t, half), &self.device)?,
@@ -376,6 +619,65 @@ impl Model {
             .flatten_all()?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?)
+    }
+}
+
+/// candle's `rms_norm` on each row of `x`: `x / sqrt(mean(x²) + eps) · w`.
+fn rms_norm_rows(x: &[f32], w: &[f32], hidden: usize, eps: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(hidden) {
+        let sum2: f32 = row.iter().map(|v| v * v).sum();
+        let m = (sum2 / hidden as f32 + eps).sqrt();
+        out.extend(row.iter().zip(w).map(|(v, w)| v / m * w));
+    }
+    out
+}
+
+/// Rotary embedding of one head in place, as candle's `rope_i` (adjacent pairs) or `rope`
+/// (halves) does it.
+fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], layout: RopeLayout) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let (a, b) = match layout {
+            RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+            RopeLayout::Halves => (i, i + half),
+        };
+        let (u, v) = (x[a], x[b]);
+        x[a] = u * cos[i] - v * sin[i];
+        x[b] = u * sin[i] + v * cos[i];
+    }
+}
+
+/// `Σ a·b` over eight independent lanes (vectorises).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, ar) = a.as_chunks::<8>();
+    let (bc, br) = b.as_chunks::<8>();
+    for (x, y) in ac.iter().zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// candle's `softmax_last_dim` on one row.
+fn softmax_in_place(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
     }
 }
 

@@ -15,17 +15,18 @@ pub enum Site {
 
 /// Residual-stream activations of one prompt, as captured by a backend.
 ///
-/// Layout: `resid[layer][position][hidden]`, `layer` in `0..=n_layers`, and optionally
-/// `mid[block - 1][position][hidden]` for blocks `1..=n_layers`. Shapes are checked once in
-/// [`HiddenStates::new`]; every accessor after that is infallible for in-range indices.
+/// Stored per position: `resid[position]` holds `[layer][hidden]` for layers `0..=n_layers`,
+/// and optionally `mid[position]` holds `[block - 1][hidden]` for blocks `1..=n_layers`. The
+/// rows of a position are shared (`Arc`), so a prompt extended from a cached prefix holds the
+/// prefix's positions without copying them. Shapes are checked once on construction; every
+/// accessor after that is infallible for in-range indices.
 #[derive(Clone)]
 pub struct HiddenStates {
     n_layers: usize,
-    n_positions: usize,
     hidden: usize,
     tokens: Vec<u32>,
-    resid: Vec<f32>,
-    mid: Option<Vec<f32>>,
+    resid: Vec<Arc<[f32]>>,
+    mid: Option<Vec<Arc<[f32]>>>,
     /// Opaque per-prompt state a backend keeps to extend this prompt cheaply (its KV cache).
     backend_state: Option<Arc<dyn Any + Send + Sync>>,
 }
@@ -34,7 +35,7 @@ impl fmt::Debug for HiddenStates {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HiddenStates")
             .field("n_layers", &self.n_layers)
-            .field("n_positions", &self.n_positions)
+            .field("n_positions", &self.tokens.len())
             .field("hidden", &self.hidden)
             .field("mid", &self.mid.is_some())
             .field("backend_state", &self.backend_state.is_some())
@@ -42,16 +43,65 @@ impl fmt::Debug for HiddenStates {
     }
 }
 
+/// Per-position rows of a layer-major `[rows][positions][hidden]` array.
+fn by_position(data: &[f32], rows: usize, positions: usize, hidden: usize) -> Vec<Arc<[f32]>> {
+    (0..positions)
+        .map(|p| {
+            let mut v = Vec::with_capacity(rows * hidden);
+            for r in 0..rows {
+                let start = (r * positions + p) * hidden;
+                v.extend_from_slice(&data[start..start + hidden]);
+            }
+            Arc::from(v)
+        })
+        .collect()
+}
+
 impl HiddenStates {
-    /// Validate and wrap captured activations.
+    /// Validate and wrap captured activations given layer-major:
+    /// `resid[layer][position][hidden]` and `mid[block - 1][position][hidden]`.
     pub fn new(
         info: &ModelInfo,
         tokens: Vec<u32>,
         resid: Vec<f32>,
         mid: Option<Vec<f32>>,
     ) -> Result<Self, Error> {
-        let (n_layers, hidden, n_positions) = (info.n_layers, info.hidden_size, tokens.len());
-        if n_positions == 0 {
+        let (n_layers, hidden, n) = (info.n_layers, info.hidden_size, tokens.len());
+        let want = (n_layers + 1) * n * hidden;
+        if resid.len() != want {
+            return Err(Error::Shape(format!(
+                "residual stream has {} values, expected {} layers x {} positions x {} = {want}",
+                resid.len(),
+                n_layers + 1,
+                n,
+                hidden
+            )));
+        }
+        if let Some(mid) = &mid {
+            let want = n_layers * n * hidden;
+            if mid.len() != want {
+                return Err(Error::Shape(format!(
+                    "mid-block stream has {} values, expected {want}",
+                    mid.len()
+                )));
+            }
+        }
+        let resid = by_position(&resid, n_layers + 1, n, hidden);
+        let mid = mid.map(|m| by_position(&m, n_layers, n, hidden));
+        Self::from_positions(info, tokens, resid, mid)
+    }
+
+    /// Validate and wrap per-position rows: `resid[position]` = `[layer][hidden]` for layers
+    /// `0..=n_layers`, `mid[position]` = `[block - 1][hidden]`. Rows may be shared with other
+    /// states (see [`HiddenStates::position_rows`]).
+    pub fn from_positions(
+        info: &ModelInfo,
+        tokens: Vec<u32>,
+        resid: Vec<Arc<[f32]>>,
+        mid: Option<Vec<Arc<[f32]>>>,
+    ) -> Result<Self, Error> {
+        let (n_layers, hidden, n) = (info.n_layers, info.hidden_size, tokens.len());
+        if n == 0 {
             return Err(Error::EmptyPrompt);
         }
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= info.vocab_size) {
@@ -60,28 +110,28 @@ impl HiddenStates {
                 vocab: info.vocab_size,
             });
         }
-        let want = (n_layers + 1) * n_positions * hidden;
-        if resid.len() != want {
-            return Err(Error::Shape(format!(
-                "residual stream has {} values, expected {} layers x {} positions x {} = {want}",
-                resid.len(),
-                n_layers + 1,
-                n_positions,
-                hidden
-            )));
-        }
-        if let Some(mid) = &mid {
-            let want = n_layers * n_positions * hidden;
-            if mid.len() != want {
-                return Err(Error::Shape(format!(
-                    "mid-block stream has {} values, expected {want}",
-                    mid.len()
-                )));
+        let bad = |what: &str, rows: &[Arc<[f32]>], per: usize| {
+            if rows.len() != n {
+                return Some(format!("{what}: {} positions, expected {n}", rows.len()));
             }
+            rows.iter().position(|r| r.len() != per).map(|p| {
+                format!(
+                    "{what}: position {p} has {} values, expected {per}",
+                    rows[p].len()
+                )
+            })
+        };
+        if let Some(m) = bad("residual stream", &resid, (n_layers + 1) * hidden) {
+            return Err(Error::Shape(m));
+        }
+        if let Some(m) = mid
+            .as_ref()
+            .and_then(|m| bad("mid-block stream", m, n_layers * hidden))
+        {
+            return Err(Error::Shape(m));
         }
         Ok(HiddenStates {
             n_layers,
-            n_positions,
             hidden,
             tokens,
             resid,
@@ -106,7 +156,7 @@ impl HiddenStates {
     }
 
     pub fn n_positions(&self) -> usize {
-        self.n_positions
+        self.tokens.len()
     }
 
     pub fn hidden_size(&self) -> usize {
@@ -121,6 +171,16 @@ impl HiddenStates {
         self.mid.is_some()
     }
 
+    /// The per-position rows (layer boundaries), for a backend that extends this prompt.
+    pub fn position_rows(&self) -> &[Arc<[f32]>] {
+        &self.resid
+    }
+
+    /// The per-position mid-block rows, when captured.
+    pub fn mid_position_rows(&self) -> Option<&[Arc<[f32]>]> {
+        self.mid.as_deref()
+    }
+
     /// Whether `site` can be read from these states.
     pub fn contains(&self, site: Site) -> bool {
         match site {
@@ -131,19 +191,21 @@ impl HiddenStates {
 
     /// The hidden vector at `site` and `position`, or `None` when out of range.
     pub fn row(&self, site: Site, position: usize) -> Option<&[f32]> {
-        if position >= self.n_positions || !self.contains(site) {
+        if !self.contains(site) {
             return None;
         }
-        let (data, layer) = match site {
+        let (rows, index) = match site {
             Site::Layer(l) => (&self.resid, l),
             Site::MidBlock(b) => (self.mid.as_ref()?, b - 1),
         };
-        let start = (layer * self.n_positions + position) * self.hidden;
-        data.get(start..start + self.hidden)
+        let start = index * self.hidden;
+        rows.get(position)?.get(start..start + self.hidden)
     }
 
-    /// Bytes held by the captured activations (not counting backend state).
+    /// Bytes held by the captured activations (not counting backend state). Rows shared with
+    /// other states count in full here, so a sum over states is an upper bound.
     pub fn activation_bytes(&self) -> usize {
-        (self.resid.len() + self.mid.as_ref().map_or(0, Vec::len)) * std::mem::size_of::<f32>()
+        let rows = |v: &[Arc<[f32]>]| v.iter().map(|r| r.len()).sum::<usize>();
+        (rows(&self.resid) + self.mid.as_deref().map_or(0, rows)) * std::mem::size_of::<f32>()
     }
 }
