@@ -232,12 +232,19 @@ fn q4_1_tile(
     cols: &mut [&mut [f32]],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if rows.len() <= 2 {
+    if rows.len() <= 8 {
         if let Some(simd) = pulp::x86::V3::try_new() {
             let n = scale.len() / nb;
-            simd.vectorize(|| match rows.len() {
-                2 => x86::q4_1::<2>(simd, rows, scale, min, qs, nb, n, cols),
-                _ => x86::q4_1::<1>(simd, rows, scale, min, qs, nb, n, cols),
+            simd.vectorize(|| {
+                // Four rows at a time (two accumulators each), fewer with four.
+                for (rows, cols) in rows.chunks(4).zip(cols.chunks_mut(4)) {
+                    match rows.len() {
+                        4 => x86::q4_1::<4, 2>(simd, rows, scale, min, qs, nb, n, cols),
+                        3 => x86::q4_1::<3, 2>(simd, rows, scale, min, qs, nb, n, cols),
+                        2 => x86::q4_1::<2, 4>(simd, rows, scale, min, qs, nb, n, cols),
+                        _ => x86::q4_1::<1, 4>(simd, rows, scale, min, qs, nb, n, cols),
+                    }
+                }
             });
             return;
         }
@@ -273,10 +280,10 @@ mod x86 {
     use pulp::x86::V3;
     use std::arch::x86_64::{__m128i, __m256};
 
-    /// `cols[r][j] = rows[r] · dequant(weight row j)` for `j < n`, Q4_1 weights.
+    /// `cols[r][j] = rows[r] · dequant(weight row j)` for `j < n`, Q4_1 weights, `R` rows.
     #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     #[inline(always)]
-    pub(super) fn q4_1<const R: usize>(
+    pub(super) fn q4_1<const R: usize, const A: usize>(
         simd: V3,
         rows: &[&[f32]],
         scale: &[f32],
@@ -291,7 +298,9 @@ mod x86 {
         let mask = simd.sse2._mm_set1_epi8(0x0f);
         let zero = simd.avx._mm256_setzero_ps();
         for j in 0..n {
-            let mut acc = [[zero; 4]; R];
+            // `A` independent accumulators per row (4 for one or two rows; 2 for more, within
+            // AVX2's 16 registers).
+            let mut acc = [[zero; A]; R];
             for b in 0..nb {
                 let i = j * nb + b;
                 let q: __m128i = cast(qs[i]);
@@ -319,16 +328,14 @@ mod x86 {
                 for r in 0..R {
                     let xb = &x[r][b];
                     for v in 0..4 {
-                        acc[r][v] = simd.fma._mm256_fmadd_ps(cast(xb[v]), w[v], acc[r][v]);
+                        acc[r][v % A] = simd.fma._mm256_fmadd_ps(cast(xb[v]), w[v], acc[r][v % A]);
                     }
                 }
             }
             for r in 0..R {
-                let a = &acc[r];
-                let s = simd.avx._mm256_add_ps(
-                    simd.avx._mm256_add_ps(a[0], a[1]),
-                    simd.avx._mm256_add_ps(a[2], a[3]),
-                );
+                let s = acc[r][1..]
+                    .iter()
+                    .fold(acc[r][0], |s, &a| simd.avx._mm256_add_ps(s, a));
                 let s: [f32; 8] = cast(s);
                 cols[r][j] = ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
             }
@@ -501,7 +508,15 @@ mod tests {
 
     #[test]
     fn q4_1_dequantizes_like_candle_and_multiplies_in_f32() {
-        for (m, n, k) in [(1, 3, 32), (2, 65, 64), (3, 130, 576)] {
+        for (m, n, k) in [
+            (1, 3, 32),
+            (2, 65, 64),
+            (3, 130, 576),
+            (4, 9, 96),
+            (5, 70, 64),
+            (8, 66, 576),
+            (9, 5, 64),
+        ] {
             let (raw, dense) = q4_1_raw(n, k);
             let x = pseudo(m * k, 4);
             let got = Matrix::from_q4_1(n, k, &raw).and_then(|mm| mm.matmul_nt(&x));

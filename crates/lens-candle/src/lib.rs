@@ -232,6 +232,18 @@ impl CandleBackend {
             .zip(tokens)
             .take_while(|(a, b)| a == b)
             .count();
+        if common == tokens.len() {
+            // A prefix of the cached prompt: its states are the cached states' first positions
+            // (attention is causal), shared, with nothing to compute.
+            let n = tokens.len();
+            let rows = prefix.position_rows()[..n].to_vec();
+            let mid = prefix.mid_position_rows().map(|m| m[..n].to_vec());
+            let kv: Arc<KvCache> = Arc::new(kv.prefix(n));
+            return Ok(
+                HiddenStates::from_positions(&self.info, tokens.to_vec(), rows, mid)?
+                    .with_backend_state(kv),
+            );
+        }
         let keep = common.min(tokens.len().saturating_sub(1));
         if keep == 0 {
             return self.run(tokens, None, options);

@@ -104,8 +104,9 @@ pub trait Backend: Send + Sync {
 
     /// Like [`Backend::forward`], but may reuse the work done for `prefix` (another prompt's
     /// states, typically cached) on the tokens both prompts share, running only the rest.
-    /// The result must equal a fresh forward up to floating-point reassociation. The default
-    /// ignores `prefix`.
+    /// The result must equal a fresh forward up to floating-point reassociation (when `tokens`
+    /// is a prefix of `prefix`'s, that is `prefix`'s first positions: attention is causal).
+    /// The default ignores `prefix`.
     fn forward_reusing(
         &self,
         prefix: &HiddenStates,

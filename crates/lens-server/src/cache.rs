@@ -141,7 +141,9 @@ impl ActivationCache {
         let n = ids.len();
         let states = match best {
             Some((common, prefix)) => {
-                let reused = common.min(n.saturating_sub(1));
+                // A backend recomputes from the first differing token; a prompt that is a
+                // prefix of a cached one needs no computation at all.
+                let reused = common.min(n);
                 let states = backend
                     .forward_reusing(&prefix, ids, CaptureOptions::default())
                     .map_err(Arc::new)?;

@@ -21,7 +21,7 @@ use crate::text::{self, Encoding};
 use crate::{rpc, Engine, RpcError};
 
 /// How long a document must be unchanged before a hover runs the model.
-pub const SETTLE: Duration = Duration::from_millis(50);
+pub const SETTLE: Duration = Duration::from_millis(20);
 
 /// `initializationOptions` and `settings.logitLens`.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! `logit-lens bench-server`: the daemon's latencies, measured in-process on its engine (the
-//! same code the LSP and TCP doors call, without the 50 ms settle delay and the transport):
-//! cold analyze of a 256-token document, hover after a one-character edit at its end (prefix
+//! same code the LSP and TCP doors call, without the transport and the LSP door's settle delay,
+//! `lens_server::lsp::SETTLE`): cold analyze of a 256-token document, hover after a one-character edit at its end (prefix
 //! reuse), hover after an edit in the middle, warm hover, and the cache's bytes after many
 //! documents against its budget.
 

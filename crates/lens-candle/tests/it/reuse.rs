@@ -75,7 +75,20 @@ fn extending_and_editing_reuse_the_prefix_exactly() {
     let d = max_diff(&reused, &fresh);
     assert!(d < 1e-5, "edit differs by {d}");
 
-    // The same prompt again still recomputes the last token and equals the original.
+    // The same prompt again, and a prefix of it: the cached positions, equal to a fresh
+    // forward pass of the prefix (up to the other order of sums of the path for few tokens).
     let same = backend.forward_reusing(&first, &base, opts).expect("same");
-    assert!(max_diff(&same, &first) < 1e-4);
+    assert_eq!(max_diff(&same, &first), 0.0);
+    let head = &base[..base.len() - 3];
+    let cut = backend.forward_reusing(&first, head, opts).expect("prefix");
+    assert_eq!(cut.tokens(), head);
+    let fresh = backend.forward(head, opts).expect("forward");
+    let d = max_diff(&cut, &fresh);
+    assert!(d < 1e-5, "prefix differs by {d}");
+    // ... and it extends like any other state.
+    let again = backend
+        .forward_reusing(&cut, &longer, opts)
+        .expect("extend the prefix");
+    let d = max_diff(&again, &backend.forward(&longer, opts).expect("forward"));
+    assert!(d < 1e-5, "re-extension differs by {d}");
 }
