@@ -126,26 +126,56 @@ impl<'a> Lens<'a> {
         position: usize,
         sites: &[Site],
     ) -> Result<(PositionView, SiteLogits), Error> {
-        let final_in_sites = self.check(&[position], sites)?;
-        let (logits, final_logits) = self.read_group(&[position], sites, final_in_sites)?;
+        let mut both = self.positions_with_logits(&[position], sites)?;
+        both.pop().ok_or(Error::PositionOutOfRange {
+            position,
+            len: self.states.n_positions(),
+        })
+    }
+
+    /// [`Lens::position_with_logits`] for a few positions, read out in one batch (one pass
+    /// over the unembedding for all of them).
+    pub fn positions_with_logits(
+        &self,
+        positions: &[usize],
+        sites: &[Site],
+    ) -> Result<Vec<(PositionView, SiteLogits)>, Error> {
+        let final_in_sites = self.check(positions, sites)?;
+        let (mut logits, final_logits) = self.read_group(positions, sites, final_in_sites)?;
         let vocab = self.backend.info().vocab_size;
-        let final_row = match &final_logits {
-            Some(f) => &f[..],
-            None => {
-                let last = Site::Layer(self.states.n_layers());
-                let i = sites.iter().position(|s| *s == last).unwrap_or(0);
-                &logits[i * vocab..(i + 1) * vocab]
-            }
-        };
-        let (view, log_z) = self.view(position, sites, &logits, final_row);
-        Ok((
-            view,
-            SiteLogits {
-                vocab,
-                logits,
-                log_z,
-            },
-        ))
+        let per = sites.len() * vocab;
+        // Split the batch into one vector per position (from the back: each split moves only
+        // the tail).
+        let mut rows: Vec<Vec<f32>> = (1..positions.len())
+            .rev()
+            .map(|g| logits.split_off(g * per))
+            .collect();
+        rows.push(logits);
+        rows.reverse();
+        let last = Site::Layer(self.states.n_layers());
+        Ok(positions
+            .iter()
+            .zip(rows)
+            .enumerate()
+            .map(|(g, (&position, logits))| {
+                let final_row = match &final_logits {
+                    Some(f) => &f[g * vocab..(g + 1) * vocab],
+                    None => {
+                        let i = sites.iter().position(|s| *s == last).unwrap_or(0);
+                        &logits[i * vocab..(i + 1) * vocab]
+                    }
+                };
+                let (view, log_z) = self.view(position, sites, &logits, final_row);
+                (
+                    view,
+                    SiteLogits {
+                        vocab,
+                        logits,
+                        log_z,
+                    },
+                )
+            })
+            .collect())
     }
 
     /// The lens at `sites` for every position of the prompt.

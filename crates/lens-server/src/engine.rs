@@ -412,18 +412,36 @@ impl Engine {
             LensKind::Norm,
             options.top_k.clamp(1, 100),
         );
-        let (here, here_logits) = lens.position_with_logits(pos, &sites)?;
-        let written = if pos == 0 {
-            None
-        } else {
-            let prev = self.previous_rows(&states, &ids[..pos], &layers, stamp)?;
-            let id = ids[pos];
-            Some(
-                (0..layers.len())
-                    .map(|i| prev.prob_and_rank(i, id))
-                    .collect::<Vec<_>>(),
-            )
+        let cached = match pos {
+            0 => None,
+            _ => self.cached_previous(&ids[..pos], &layers, stamp),
         };
+        let missing = || RpcError::internal("the lens returned fewer positions");
+        let (here, here_logits, prev) = match (pos, cached) {
+            (0, _) => {
+                let (view, logits) = lens.position_with_logits(pos, &sites)?;
+                (view, logits, None)
+            }
+            (_, Some(prev)) => {
+                let (view, logits) = lens.position_with_logits(pos, &sites)?;
+                (view, logits, Some(prev))
+            }
+            // Both positions in one readout batch.
+            (_, None) => {
+                let mut both = lens.positions_with_logits(&[pos - 1, pos], &sites)?;
+                let (view, logits) = both.pop().ok_or_else(missing)?;
+                let (_, prev) = both.pop().ok_or_else(missing)?;
+                let prev = Arc::new(prev);
+                self.remember_previous((ids[..pos].into(), layers.clone()), stamp, prev.clone());
+                (view, logits, Some(prev))
+            }
+        };
+        let written = prev.map(|prev| {
+            let id = ids[pos];
+            (0..layers.len())
+                .map(|i| prev.prob_and_rank(i, id))
+                .collect::<Vec<_>>()
+        });
         let markdown = hover::markdown(
             &*self.backend,
             &tokens[first..=t],
@@ -440,42 +458,17 @@ impl Engine {
         }))
     }
 
-    /// The readout at the last position of `prefix` (whose states are the first positions of
-    /// `states`), cached per prefix and layers.
-    fn previous_rows(
+    /// The logits kept for the last position of `prefix` (and these layers), if any.
+    fn cached_previous(
         &self,
-        states: &HiddenStates,
         prefix: &[u32],
         layers: &[usize],
         stamp: u64,
-    ) -> Result<Arc<PreviousRows>, RpcError> {
+    ) -> Option<Arc<PreviousRows>> {
         let key: PreviousKey = (prefix.into(), layers.to_vec());
-        if let Some(mut hit) = self.previous.get_mut(&key) {
-            hit.0 = stamp;
-            return Ok(hit.1.clone());
-        }
-        let pos = prefix.len() - 1;
-        let hidden = states.hidden_size();
-        let mut rows = Vec::with_capacity(layers.len() * hidden);
-        for &l in layers {
-            let row = states
-                .row(Site::Layer(l), pos)
-                .ok_or_else(|| RpcError::internal("a hidden state is missing"))?;
-            rows.extend_from_slice(row);
-        }
-        let logits = self.backend.readout(&rows, LensKind::Norm)?;
-        let vocab = self.backend.info().vocab_size;
-        let log_z = logits
-            .chunks(vocab.max(1))
-            .map(lens_core::math::log_sum_exp)
-            .collect();
-        let value = Arc::new(PreviousRows {
-            vocab,
-            logits,
-            log_z,
-        });
-        self.remember_previous(key, stamp, value.clone());
-        Ok(value)
+        let mut hit = self.previous.get_mut(&key)?;
+        hit.0 = stamp;
+        Some(hit.1.clone())
     }
 
     fn remember_previous(&self, key: PreviousKey, stamp: u64, value: Arc<PreviousRows>) {

@@ -25,17 +25,31 @@ pub use engine::{
 };
 pub use error::RpcError;
 
+/// Model work runs one request at a time (in arrival order).
+///
+/// Each computation already uses every core; and a rayon worker waiting inside one request's
+/// parallel section may pick up another request's job, which must then never wait for the
+/// first (the activation cache's single flight would wait on its own thread).
+static MODEL_WORK: std::sync::LazyLock<Arc<tokio::sync::Mutex<()>>> =
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Mutex::new(())));
+
 /// Run model work off the async runtime, on a blocking thread that enters rayon's pool: the
 /// work's serial parts then run on a pool worker, where candle's kernels and the lens run their
 /// parallel parts, instead of competing with the pool's idle workers for the cores (a one-token
-/// forward pass: 20 ms from outside the pool, 12 ms inside, on 2 cores). A panic becomes an
-/// internal error.
+/// forward pass: 20 ms from outside the pool, 12 ms inside, on 2 cores). Requests take turns
+/// ([`MODEL_WORK`]); one dropped while waiting (cancelled) never runs, and one dropped while
+/// running keeps its turn until the work really ends. A panic becomes an internal error.
 pub async fn compute<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, RpcError> {
-    tokio::task::spawn_blocking(move || in_pool(f))
-        .await
-        .map_err(|e| RpcError::internal(format!("worker failed: {e}")))
+    let turn = MODEL_WORK.clone().lock_owned().await;
+    tokio::task::spawn_blocking(move || {
+        let out = in_pool(f);
+        drop(turn);
+        out
+    })
+    .await
+    .map_err(|e| RpcError::internal(format!("worker failed: {e}")))
 }
 
 /// Run `f` on a worker of rayon's global pool (see [`compute`]) and wait for it.

@@ -239,7 +239,9 @@ impl LensLsp {
         let pos = params.text_document_position_params.position;
         let enc = self.encoding();
         let doc = self.doc(&uri)?;
+        let arrived = Instant::now();
         let doc = self.settle(&uri, doc.generation).await?;
+        let settled = Instant::now();
         let byte = text::offset(&doc.text, pos.line, pos.character, enc).ok_or_else(|| {
             RpcError::out_of_range(format!(
                 "position {}:{} is outside the document",
@@ -251,6 +253,13 @@ impl LensLsp {
         let t = doc.text.clone();
         let out: Option<HoverOut> =
             crate::compute(move || engine.hover(&t, byte, &options)).await??;
+        tracing::debug!(
+            settle_ms = (settled - arrived).as_secs_f64() * 1e3,
+            compute_ms = settled.elapsed().as_secs_f64() * 1e3,
+            "hover at {}:{}",
+            pos.line,
+            pos.character
+        );
         if self.doc(&uri)?.generation != doc.generation {
             return Err(RpcError::content_modified());
         }

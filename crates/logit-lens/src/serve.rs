@@ -40,7 +40,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "T")]
     pub token: Option<String>,
     /// Write logs to this file instead of stderr.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "LOGIT_LENS_LOG_FILE")]
     pub log_file: Option<PathBuf>,
 }
 

@@ -170,6 +170,12 @@ fn vscode_end_to_end_in_code_server() {
             ("LOGIT_LENS_CHROMIUM", &chromium),
             ("LOGIT_LENS_E2E_OUT", &out_dir.to_string_lossy()),
             ("LOGIT_LENS_E2E_MODEL", &model.to_string_lossy()),
+            // The daemon's log (hover timings at debug level) beside the screenshots.
+            (
+                "LOGIT_LENS_LOG_FILE",
+                &out_dir.join("daemon.log").to_string_lossy(),
+            ),
+            ("LOGIT_LENS_LOG", "info,lens_server=debug"),
         ],
     );
     let last = out.stdout.lines().last().unwrap_or_default();
@@ -200,10 +206,11 @@ fn vscode_end_to_end_in_code_server() {
         assert!(out_dir.join(shot).exists(), "screenshot {shot}");
     }
     eprintln!(
-        "vscode e2e: typing -> hover {} ms (median {} ms, {} tokens), screenshots in {}",
+        "vscode e2e: typing -> hover {} ms (median {} ms, {} tokens; the same hover from the daemon's cache: median {} ms), screenshots in {}",
         result["typingToHoverMs"],
         result["typingToHoverMedianMs"],
         result["documentTokens"],
+        result["cachedHoverMedianMs"],
         out_dir.display()
     );
 }

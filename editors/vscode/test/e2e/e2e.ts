@@ -356,7 +356,24 @@ async function main(): Promise<void> {
     result.mouseToHoverMs = mouseLatencies.map((x) => Math.round(x));
     result.documentTokens = cliPosition(text, 0, 1).report.tokens.length;
     result.statusAfterTyping = (await page.locator('.statusbar-item', { hasText: /· ready/ }).first().innerText()).trim();
-    log(`typing -> hover: ${JSON.stringify(result.typingToHoverMs)} ms (median ${String(result.typingToHoverMedianMs)}; mouse on the word -> hover ${JSON.stringify(result.mouseToHoverMs)}), ${String(result.documentTokens)} tokens; status ${String(result.statusAfterTyping)}`);
+    // The editor's own share: the same hover again, answered from the daemon's hover cache
+    // (about a millisecond), from the mouse move to the table on screen.
+    const warm: number[] = [];
+    for (let round = 0; round < ROUNDS; round++) {
+      await page.mouse.move(5, 450);
+      await page.keyboard.press('Escape');
+      await page.locator('.monaco-editor .monaco-hover:visible').filter({ hasText: 'layer' }).first().waitFor({ state: 'hidden', timeout: 5000 }).catch(() => undefined);
+      box = await wordBox(page, HOVER_WORD);
+      const t0 = performance.now();
+      await page.mouse.move(box.x, box.y);
+      const h = await readHover(page, 30000);
+      warm.push(performance.now() - t0);
+      check(h.text === prev.text, 'the cached hover is the same table');
+    }
+    const warmSorted = [...warm].sort((a, b) => a - b);
+    result.cachedHoverMs = warm.map((x) => Math.round(x));
+    result.cachedHoverMedianMs = Math.round(warmSorted[Math.floor(warmSorted.length / 2)] ?? NaN);
+    log(`typing -> hover: ${JSON.stringify(result.typingToHoverMs)} ms (median ${String(result.typingToHoverMedianMs)}; mouse on the word -> hover ${JSON.stringify(result.mouseToHoverMs)}; the same hover from the daemon's cache ${JSON.stringify(result.cachedHoverMs)}, median ${String(result.cachedHoverMedianMs)}), ${String(result.documentTokens)} tokens; status ${String(result.statusAfterTyping)}`);
 
     // 3. Toggle the lens off for this document (no hover, the status says so), then on again.
     await page.mouse.move(5, 450);
