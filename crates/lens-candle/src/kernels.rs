@@ -236,7 +236,8 @@ fn q4_1_tile(
         if let Some(simd) = pulp::x86::V3::try_new() {
             let n = scale.len() / nb;
             simd.vectorize(|| {
-                // Four rows at a time (two accumulators each), fewer with four.
+                // Up to four rows at a time: two accumulators per row for three or four rows,
+                // four for one or two.
                 for (rows, cols) in rows.chunks(4).zip(cols.chunks_mut(4)) {
                     match rows.len() {
                         4 => x86::q4_1::<4, 2>(simd, rows, scale, min, qs, nb, n, cols),
@@ -272,8 +273,8 @@ fn q8_0_tile(rows: &[&[f32]], scale: &[f32], qs: &[[i8; 32]], nb: usize, cols: &
     });
 }
 
-/// AVX2 kernels for one or two rows, where dequantizing through memory would cost more than
-/// the product: the blocks are dequantized in registers.
+/// AVX2 kernels for up to 8 rows (an edit's new tokens), where dequantizing through memory
+/// would cost more than the product: the blocks are dequantized in registers.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use pulp::bytemuck::cast;
