@@ -152,19 +152,12 @@ impl<'a> Lens<'a> {
             .collect();
         rows.push(logits);
         rows.reverse();
-        let last = Site::Layer(self.states.n_layers());
         Ok(positions
             .iter()
             .zip(rows)
             .enumerate()
             .map(|(g, (&position, logits))| {
-                let final_row = match &final_logits {
-                    Some(f) => &f[g * vocab..(g + 1) * vocab],
-                    None => {
-                        let i = sites.iter().position(|s| *s == last).unwrap_or(0);
-                        &logits[i * vocab..(i + 1) * vocab]
-                    }
-                };
+                let final_row = self.final_row(g, sites, &logits, final_logits.as_deref());
                 let (view, log_z) = self.view(position, sites, &logits, final_row);
                 (
                     view,
@@ -191,7 +184,6 @@ impl<'a> Lens<'a> {
         sites: &[Site],
     ) -> Result<Vec<PositionView>, Error> {
         let final_in_sites = self.check(positions, sites)?;
-        let last = Site::Layer(self.states.n_layers());
         let per_position = sites.len() + usize::from(!final_in_sites);
         let chunk = (ROWS_PER_READOUT / per_position.max(1)).max(1);
 
@@ -203,21 +195,35 @@ impl<'a> Lens<'a> {
                 .par_iter()
                 .enumerate()
                 .map(|(g, &position)| {
-                    let final_row = match &final_logits {
-                        Some(f) => &f[g * vocab..(g + 1) * vocab],
-                        None => {
-                            let i = sites.iter().position(|s| *s == last).unwrap_or(0);
-                            let row = g * sites.len() + i;
-                            &site_logits[row * vocab..(row + 1) * vocab]
-                        }
-                    };
                     let rows = &site_logits[g * sites.len() * vocab..(g + 1) * sites.len() * vocab];
+                    let final_row = self.final_row(g, sites, rows, final_logits.as_deref());
                     self.view(position, sites, rows, final_row).0
                 })
                 .collect();
             views.extend(group_views);
         }
         Ok(views)
+    }
+
+    /// The model output at position `g` of a batch: its row of `final_logits` when the output
+    /// was read separately, else the last layer's row among `rows` (this position's rows, one
+    /// per site).
+    fn final_row<'r>(
+        &self,
+        g: usize,
+        sites: &[Site],
+        rows: &'r [f32],
+        final_logits: Option<&'r [f32]>,
+    ) -> &'r [f32] {
+        let vocab = self.backend.info().vocab_size;
+        match final_logits {
+            Some(f) => &f[g * vocab..(g + 1) * vocab],
+            None => {
+                let last = Site::Layer(self.states.n_layers());
+                let i = sites.iter().position(|s| *s == last).unwrap_or(0);
+                &rows[i * vocab..(i + 1) * vocab]
+            }
+        }
     }
 
     /// Validate positions and sites; whether the model output is among the sites' rows.
