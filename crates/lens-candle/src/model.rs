@@ -52,7 +52,8 @@ impl Config {
     }
 }
 
-/// Products of at most this many rows go through [`Matrix`] when a linear map has one.
+/// A forward pass of at most this many new tokens takes [`Model::forward_small`] (when every
+/// weight has a small-batch matrix).
 const SMALL_ROWS: usize = 8;
 
 /// A linear map, quantized or dense, with an optional bias.
@@ -97,29 +98,12 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = match small_product(self.small.as_ref(), x)? {
-            Some(y) => y,
-            None => self.w.forward(x)?,
-        };
+        let y = self.w.forward(x)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
-}
-
-/// `x · Wᵀ` through the small-batch kernel, when `x` (`[t, k]`) has few rows.
-fn small_product(m: Option<&Matrix>, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    let Some(m) = m else { return Ok(None) };
-    let (t, k) = x.dims2()?;
-    if t > SMALL_ROWS || k != m.k || !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return Ok(None);
-    }
-    let rows = x.flatten_all()?.to_vec1::<f32>()?;
-    Ok(match m.matmul_nt(&rows) {
-        Some(y) => Some(Tensor::from_vec(y, (t, m.n), x.device())?),
-        None => None,
-    })
 }
 
 pub(crate) struct Block {
