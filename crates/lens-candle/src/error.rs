@@ -18,10 +18,15 @@ pub enum Error {
     Format(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error("stopped before it finished")]
+    Stopped,
 }
 
 impl From<Error> for lens_core::Error {
     fn from(e: Error) -> Self {
-        lens_core::Error::Backend(e.to_string())
+        match e {
+            Error::Stopped => lens_core::Error::Stopped,
+            e => lens_core::Error::Backend(e.to_string()),
+        }
     }
 }

@@ -13,6 +13,7 @@
 //! elsewhere).
 
 use candle_core::{Storage, Tensor};
+use lens_core::Stop;
 use rayon::prelude::*;
 
 /// Weight rows per parallel task.
@@ -108,13 +109,19 @@ impl Matrix {
     /// `x · Wᵀ` for `x = [m, k]` row-major: `[m, n]` row-major. `None` when `x` is not whole
     /// rows or the weights are not readable on the CPU.
     pub(crate) fn matmul_nt(&self, x: &[f32]) -> Option<Vec<f32>> {
+        self.matmul_nt_until(x, &Stop::never())
+    }
+
+    /// [`Matrix::matmul_nt`] that skips the tiles it has not started once `stop` is raised;
+    /// the caller then looks at `stop` and throws the result away.
+    pub(crate) fn matmul_nt_until(&self, x: &[f32], stop: &Stop) -> Option<Vec<f32>> {
         match &self.w {
-            Weights::F32(_) => self.with_dense(|w| self.product(x, w))?,
-            _ => self.product(x, &[]),
+            Weights::F32(_) => self.with_dense(|w| self.product(x, w, stop))?,
+            _ => self.product(x, &[], stop),
         }
     }
 
-    fn product(&self, x: &[f32], dense: &[f32]) -> Option<Vec<f32>> {
+    fn product(&self, x: &[f32], dense: &[f32], stop: &Stop) -> Option<Vec<f32>> {
         let (n, k) = (self.n, self.k);
         if !x.len().is_multiple_of(k) {
             return None;
@@ -134,6 +141,9 @@ impl Matrix {
             }
         }
         let work = |(t, mut cols): (usize, Vec<&mut [f32]>)| {
+            if stop.is_stopped() {
+                return;
+            }
             let j0 = t * TILE;
             let j1 = (j0 + TILE).min(n);
             match &self.w {

@@ -17,7 +17,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use candle_core::Device;
-use lens_core::{Backend, CaptureOptions, HiddenStates, LensKind, ModelInfo, Token};
+use lens_core::{Backend, CaptureOptions, HiddenStates, LensKind, ModelInfo, Stop, Token};
 
 pub use error::Error;
 use model::{KvCache, Model};
@@ -138,11 +138,12 @@ impl CandleBackend {
         tokens: &[u32],
         prefix: Option<(&HiddenStates, &KvCache)>,
         options: CaptureOptions,
+        stop: &Stop,
     ) -> Result<HiddenStates, lens_core::Error> {
         self.check_tokens(tokens)?;
-        let capture = self
-            .model
-            .forward(tokens, prefix.map(|(_, kv)| kv), options.mid_block)?;
+        let capture =
+            self.model
+                .forward(tokens, prefix.map(|(_, kv)| kv), options.mid_block, stop)?;
         // The prefix's positions are shared, not copied.
         let keep = prefix.map_or(0, |(_, kv)| kv.tokens.len());
         let join = |old: Option<&[Arc<[f32]>]>, new: Vec<Arc<[f32]>>| {
@@ -185,7 +186,7 @@ impl Backend for CandleBackend {
         tokens: &[u32],
         options: CaptureOptions,
     ) -> Result<HiddenStates, lens_core::Error> {
-        self.run(tokens, None, options)
+        self.run(tokens, None, options, &Stop::never())
     }
 
     fn forward_reusing(
@@ -194,10 +195,36 @@ impl Backend for CandleBackend {
         tokens: &[u32],
         options: CaptureOptions,
     ) -> Result<HiddenStates, lens_core::Error> {
-        self.run_reusing(prefix, tokens, options)
+        self.run_reusing(prefix, tokens, options, &Stop::never())
     }
 
     fn readout(&self, rows: &[f32], lens: LensKind) -> Result<Vec<f32>, lens_core::Error> {
+        self.readout_until(rows, lens, &Stop::never())
+    }
+
+    /// Stops between blocks.
+    fn forward_until(
+        &self,
+        prefix: Option<&HiddenStates>,
+        tokens: &[u32],
+        options: CaptureOptions,
+        stop: &Stop,
+    ) -> Result<HiddenStates, lens_core::Error> {
+        stop.check()?;
+        match prefix {
+            Some(prefix) => self.run_reusing(prefix, tokens, options, stop),
+            None => self.run(tokens, None, options, stop),
+        }
+    }
+
+    /// Small batches (the daemon's hovers) stop between blocks of the vocabulary; large ones
+    /// only before they start.
+    fn readout_until(
+        &self,
+        rows: &[f32],
+        lens: LensKind,
+        stop: &Stop,
+    ) -> Result<Vec<f32>, lens_core::Error> {
         if !rows.len().is_multiple_of(self.info.hidden_size) {
             return Err(lens_core::Error::Shape(format!(
                 "{} values is not a whole number of rows of {}",
@@ -205,7 +232,8 @@ impl Backend for CandleBackend {
                 self.info.hidden_size
             )));
         }
-        Ok(self.model.readout(rows, lens == LensKind::Norm)?)
+        stop.check()?;
+        Ok(self.model.readout(rows, lens == LensKind::Norm, stop)?)
     }
 }
 
@@ -215,15 +243,16 @@ impl CandleBackend {
         prefix: &HiddenStates,
         tokens: &[u32],
         options: CaptureOptions,
+        stop: &Stop,
     ) -> Result<HiddenStates, lens_core::Error> {
         let kv = prefix
             .backend_state()
             .and_then(|s| s.downcast_ref::<KvCache>());
         let Some(kv) = kv else {
-            return self.run(tokens, None, options);
+            return self.run(tokens, None, options, stop);
         };
         if options.mid_block && !prefix.has_mid_block() {
-            return self.run(tokens, None, options);
+            return self.run(tokens, None, options, stop);
         }
         // Reuse the longest shared prefix, but always recompute at least the last token.
         let common = kv
@@ -246,10 +275,10 @@ impl CandleBackend {
         }
         let keep = common.min(tokens.len().saturating_sub(1));
         if keep == 0 {
-            return self.run(tokens, None, options);
+            return self.run(tokens, None, options, stop);
         }
         let trimmed = kv.prefix(keep);
-        self.run(tokens, Some((prefix, &trimmed)), options)
+        self.run(tokens, Some((prefix, &trimmed)), options, stop)
     }
 }
 

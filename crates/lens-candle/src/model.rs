@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
+use lens_core::Stop;
 use rayon::prelude::*;
 
 use crate::kernels::Matrix;
@@ -254,6 +255,7 @@ impl Model {
         tokens: &[u32],
         prefix: Option<&KvCache>,
         mid_block: bool,
+        stop: &Stop,
     ) -> Result<Capture, Error> {
         let _span = tracing::debug_span!("forward", tokens = tokens.len()).entered();
         let start = prefix.map_or(0, |p| p.tokens.len());
@@ -261,10 +263,10 @@ impl Model {
         let past = prefix.map_or(&[][..], |p| &p.positions[..]);
         if new.len() <= SMALL_ROWS {
             if let Some(norms) = &self.small_norms {
-                return self.forward_small(new, past, norms, mid_block);
+                return self.forward_small(new, past, norms, mid_block, stop);
             }
         }
-        self.forward_candle(new, past, mid_block)
+        self.forward_candle(new, past, mid_block, stop)
     }
 
     /// The forward pass on candle's tensors (prompts, and edits far from the end).
@@ -273,6 +275,7 @@ impl Model {
         new: &[u32],
         past: &[Arc<[f32]>],
         mid_block: bool,
+        stop: &Stop,
     ) -> Result<Capture, Error> {
         let start = past.len();
         let t = new.len();
@@ -290,6 +293,9 @@ impl Model {
         let (nkv, hd) = (cfg.n_kv_heads, cfg.head_dim);
         for (i, b) in self.blocks.iter().enumerate() {
             let _span = tracing::trace_span!("block", i).entered();
+            if stop.is_stopped() {
+                return Err(Error::Stopped);
+            }
             let cached = match start {
                 0 => None,
                 _ => Some((
@@ -369,6 +375,7 @@ impl Model {
         past: &[Arc<[f32]>],
         norms: &[Norms],
         mid_block: bool,
+        stop: &Stop,
     ) -> Result<Capture, Error> {
         let cfg = &self.cfg;
         let (hidden, nh, nkv, hd) = (cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
@@ -406,6 +413,9 @@ impl Model {
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let rep = nh / nkv;
         for (i, (b, n)) in self.blocks.iter().zip(norms).enumerate() {
+            if stop.is_stopped() {
+                return Err(Error::Stopped);
+            }
             let h = rms_norm_rows(&x, &n.attn, hidden, eps);
             let mut q = b.q.apply_small(&h).ok_or_else(missing)?;
             let mut k = b.k.apply_small(&h).ok_or_else(missing)?;
@@ -568,7 +578,7 @@ impl Model {
     }
 
     /// `unembed(final_norm(rows))` or `rows · W_Uᵀ`.
-    pub(crate) fn readout(&self, rows: &[f32], norm: bool) -> Result<Vec<f32>, Error> {
+    pub(crate) fn readout(&self, rows: &[f32], norm: bool, stop: &Stop) -> Result<Vec<f32>, Error> {
         let hidden = self.cfg.hidden;
         let n = rows.len() / hidden;
         if n == 0 {
@@ -584,9 +594,12 @@ impl Model {
             if let Some(y) = self
                 .unembed_small
                 .as_ref()
-                .and_then(|m| m.matmul_nt(&rows_of(&x)?))
+                .and_then(|m| m.matmul_nt_until(&rows_of(&x)?, stop))
             {
-                return Ok(y);
+                return match stop.is_stopped() {
+                    true => Err(Error::Stopped),
+                    false => Ok(y),
+                };
             }
         }
         let logits = match &self.unembed {

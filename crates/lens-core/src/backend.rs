@@ -1,4 +1,6 @@
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::HiddenStates;
 
@@ -81,6 +83,45 @@ pub enum Error {
     Tokenizer(String),
     #[error("{0}")]
     Backend(String),
+    #[error("stopped before it finished")]
+    Stopped,
+}
+
+/// A request to give up on work that is no longer wanted (a cancelled request, a hover for a
+/// text that has since changed). Whoever started the work keeps a clone and calls
+/// [`Stop::stop`]; backends look at it between their steps (layers, blocks of the vocabulary)
+/// and return [`Error::Stopped`]. A default `Stop` can never be stopped.
+#[derive(Debug, Clone, Default)]
+pub struct Stop(Option<Arc<AtomicBool>>);
+
+impl Stop {
+    /// A stop that [`Stop::stop`] can raise.
+    pub fn new() -> Stop {
+        Stop(Some(Arc::new(AtomicBool::new(false))))
+    }
+
+    /// A stop that is never raised.
+    pub fn never() -> Stop {
+        Stop(None)
+    }
+
+    pub fn stop(&self) {
+        if let Some(flag) = &self.0 {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.0.as_ref().is_some_and(|f| f.load(Ordering::Relaxed))
+    }
+
+    /// `Err(Error::Stopped)` once stopped.
+    pub fn check(&self) -> Result<(), Error> {
+        match self.is_stopped() {
+            true => Err(Error::Stopped),
+            false => Ok(()),
+        }
+    }
 }
 
 /// A model runtime that the lens can look into.
@@ -120,4 +161,28 @@ pub trait Backend: Send + Sync {
     /// Apply the lens readout to `rows` (row-major, `rows.len() / hidden_size` rows of
     /// `hidden_size`) and return the logits, row-major, `vocab_size` per row.
     fn readout(&self, rows: &[f32], lens: LensKind) -> Result<Vec<f32>, Error>;
+
+    /// [`Backend::forward`] (no `prefix`) or [`Backend::forward_reusing`] that returns
+    /// [`Error::Stopped`] soon after `stop` is raised. The default looks at `stop` only before
+    /// it starts; a backend that can stop between layers overrides it.
+    fn forward_until(
+        &self,
+        prefix: Option<&HiddenStates>,
+        tokens: &[u32],
+        options: CaptureOptions,
+        stop: &Stop,
+    ) -> Result<HiddenStates, Error> {
+        stop.check()?;
+        match prefix {
+            Some(prefix) => self.forward_reusing(prefix, tokens, options),
+            None => self.forward(tokens, options),
+        }
+    }
+
+    /// [`Backend::readout`] that returns [`Error::Stopped`] soon after `stop` is raised. The
+    /// default looks at `stop` only before it starts.
+    fn readout_until(&self, rows: &[f32], lens: LensKind, stop: &Stop) -> Result<Vec<f32>, Error> {
+        stop.check()?;
+        self.readout(rows, lens)
+    }
 }

@@ -1,7 +1,7 @@
 use rayon::prelude::*;
 
 use crate::math::{self, Reference, RowStats};
-use crate::{Backend, Error, HiddenStates, LensKind, Site};
+use crate::{Backend, Error, HiddenStates, LensKind, Site, Stop};
 
 /// Rows read out in one call to the backend when scanning a whole prompt: large enough for
 /// an efficient matrix product, small enough that logits never take more than ~100 MB.
@@ -84,6 +84,7 @@ pub struct Lens<'a> {
     states: &'a HiddenStates,
     kind: LensKind,
     top_k: usize,
+    stop: Stop,
 }
 
 impl<'a> Lens<'a> {
@@ -98,7 +99,14 @@ impl<'a> Lens<'a> {
             states,
             kind,
             top_k,
+            stop: Stop::never(),
         }
+    }
+
+    /// Readouts give up with [`Error::Stopped`] once `stop` is raised.
+    pub fn with_stop(mut self, stop: Stop) -> Self {
+        self.stop = stop;
+        self
     }
 
     pub fn states(&self) -> &HiddenStates {
@@ -264,7 +272,7 @@ impl<'a> Lens<'a> {
                 rows.extend_from_slice(st.row(s, p).unwrap_or(&[]));
             }
         }
-        let logits = self.backend.readout(&rows, self.kind)?;
+        let logits = self.backend.readout_until(&rows, self.kind, &self.stop)?;
         let final_logits = if final_in_sites {
             None
         } else {
@@ -272,7 +280,10 @@ impl<'a> Lens<'a> {
             for &p in group {
                 rows.extend_from_slice(st.row(Site::Layer(st.n_layers()), p).unwrap_or(&[]));
             }
-            Some(self.backend.readout(&rows, LensKind::Norm)?)
+            Some(
+                self.backend
+                    .readout_until(&rows, LensKind::Norm, &self.stop)?,
+            )
         };
         let vocab = self.backend.info().vocab_size;
         let want = group.len() * sites.len() * vocab;

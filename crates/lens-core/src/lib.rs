@@ -13,6 +13,6 @@ mod hidden;
 mod lens;
 pub mod math;
 
-pub use backend::{Backend, CaptureOptions, Error, LensKind, ModelInfo, Token};
+pub use backend::{Backend, CaptureOptions, Error, LensKind, ModelInfo, Stop, Token};
 pub use hidden::{HiddenStates, Site};
 pub use lens::{Cell, Lens, NextToken, PositionView, Prediction, SiteLogits};

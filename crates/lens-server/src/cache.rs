@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use dashmap::DashMap;
-use lens_core::{Backend, CaptureOptions, HiddenStates};
+use lens_core::{Backend, CaptureOptions, HiddenStates, Stop};
 use serde::Serialize;
 
 /// Bytes a backend state attached to [`HiddenStates`] holds (its KV cache); the server does
@@ -80,11 +80,27 @@ impl ActivationCache {
     }
 
     /// The states of `ids`, from the cache or computed (reusing the longest cached prefix).
-    /// Blocks: call it from a blocking thread.
+    /// Blocks: call it from a blocking thread. A computation that `stop` ends is not kept; a
+    /// request that was waiting for it, and was not stopped itself, computes again.
     pub fn get(
         &self,
         backend: &dyn Backend,
         ids: &[u32],
+        stop: &Stop,
+    ) -> Result<Arc<HiddenStates>, Arc<lens_core::Error>> {
+        loop {
+            match self.get_once(backend, ids, stop) {
+                Err(e) if matches!(*e, lens_core::Error::Stopped) && !stop.is_stopped() => {}
+                other => return other,
+            }
+        }
+    }
+
+    fn get_once(
+        &self,
+        backend: &dyn Backend,
+        ids: &[u32],
+        stop: &Stop,
     ) -> Result<Arc<HiddenStates>, Arc<lens_core::Error>> {
         let key: Arc<[u32]> = ids.into();
         // The entry guard lives only for this statement.
@@ -98,7 +114,7 @@ impl ActivationCache {
         let mut computed_here = false;
         let result = slot.cell.get_or_init(|| {
             computed_here = true;
-            self.compute(backend, ids)
+            self.compute(backend, ids, stop)
         });
         match result {
             Ok(states) => {
@@ -121,7 +137,7 @@ impl ActivationCache {
         }
     }
 
-    fn compute(&self, backend: &dyn Backend, ids: &[u32]) -> Computed {
+    fn compute(&self, backend: &dyn Backend, ids: &[u32], stop: &Stop) -> Computed {
         self.misses.fetch_add(1, Ordering::Relaxed);
         // The completed entry sharing the longest prefix; the iterator (and its shard read
         // guards) is dropped before the forward pass.
@@ -145,7 +161,7 @@ impl ActivationCache {
                 // prefix of a cached one needs no computation at all.
                 let reused = common.min(n);
                 let states = backend
-                    .forward_reusing(&prefix, ids, CaptureOptions::default())
+                    .forward_until(Some(&prefix), ids, CaptureOptions::default(), stop)
                     .map_err(Arc::new)?;
                 self.tokens_reused
                     .fetch_add(reused as u64, Ordering::Relaxed);
@@ -155,7 +171,7 @@ impl ActivationCache {
             }
             None => {
                 let states = backend
-                    .forward(ids, CaptureOptions::default())
+                    .forward_until(None, ids, CaptureOptions::default(), stop)
                     .map_err(Arc::new)?;
                 self.tokens_computed.fetch_add(n as u64, Ordering::Relaxed);
                 states

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use lens_core::{Backend, HiddenStates, Lens, LensKind, Site, SiteLogits, Token};
+use lens_core::{Backend, HiddenStates, Lens, LensKind, Site, SiteLogits, Stop, Token};
 use serde::Deserialize;
 
 use crate::cache::{ActivationCache, CacheStats, StateBytes};
@@ -179,9 +179,9 @@ impl Engine {
     }
 
     /// Hidden states of `ids`, cached.
-    pub fn states(&self, ids: &[u32]) -> Result<Arc<HiddenStates>, RpcError> {
+    pub fn states(&self, ids: &[u32], stop: &Stop) -> Result<Arc<HiddenStates>, RpcError> {
         self.cache
-            .get(&*self.backend, ids)
+            .get(&*self.backend, ids, stop)
             .map_err(|e| RpcError::from(&*e))
     }
 
@@ -232,6 +232,7 @@ impl Engine {
         positions: Option<&[i64]>,
         top_k: usize,
         lens: LensKind,
+        stop: &Stop,
     ) -> Result<Report, RpcError> {
         let tokens = self.prompt(text)?;
         let layers = self.layers(layers)?;
@@ -255,8 +256,8 @@ impl Engine {
             }
         };
         let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-        let states = self.states(&ids)?;
-        let lens_view = Lens::new(&*self.backend, &states, lens, top_k);
+        let states = self.states(&ids, stop)?;
+        let lens_view = Lens::new(&*self.backend, &states, lens, top_k).with_stop(stop.clone());
         let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
         let views = match positions {
             None => lens_view.grid(&sites)?,
@@ -273,7 +274,7 @@ impl Engine {
     }
 
     /// `lens/analyze`: the same report as `logit-lens run --format json`.
-    pub fn analyze(&self, p: &AnalyzeParams) -> Result<Report, RpcError> {
+    pub fn analyze(&self, p: &AnalyzeParams, stop: &Stop) -> Result<Report, RpcError> {
         let k = top_k(p.top_k)?;
         self.report(
             &p.text,
@@ -281,11 +282,12 @@ impl Engine {
             p.positions.as_deref(),
             k,
             p.lens.unwrap_or_default().into(),
+            stop,
         )
     }
 
     /// `lens/heatmap`: the same SVG or HTML page as `logit-lens plot` for the whole text.
-    pub fn heatmap(&self, p: &HeatmapParams) -> Result<(String, String), RpcError> {
+    pub fn heatmap(&self, p: &HeatmapParams, stop: &Stop) -> Result<(String, String), RpcError> {
         let html = match p.format.as_str() {
             "html" => true,
             "svg" => false,
@@ -311,9 +313,11 @@ impl Engine {
         let tokens = self.prompt(&p.text)?;
         let layers = self.layers(p.layers.as_ref())?;
         let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-        let states = self.states(&ids)?;
+        let states = self.states(&ids, stop)?;
         let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
-        let views = Lens::new(&*self.backend, &states, kind, k).grid(&sites)?;
+        let views = Lens::new(&*self.backend, &states, kind, k)
+            .with_stop(stop.clone())
+            .grid(&sites)?;
         let tracks = if html {
             lens_plot::tracks(&*self.backend, &states, kind, &views, &layers)
                 .map_err(|e| RpcError::model(e.to_string()))?
@@ -343,7 +347,7 @@ impl Engine {
     }
 
     /// `lens/position`: the report with one position.
-    pub fn position(&self, p: &PositionParams) -> Result<Report, RpcError> {
+    pub fn position(&self, p: &PositionParams, stop: &Stop) -> Result<Report, RpcError> {
         let k = top_k(p.top_k)?;
         self.report(
             &p.text,
@@ -351,6 +355,7 @@ impl Engine {
             Some(&[p.position]),
             k,
             p.lens.unwrap_or_default().into(),
+            stop,
         )
     }
 
@@ -362,6 +367,7 @@ impl Engine {
         text: &str,
         byte: usize,
         options: &HoverOptions,
+        stop: &Stop,
     ) -> Result<Option<HoverOut>, RpcError> {
         if text.is_empty() {
             return Ok(None);
@@ -395,7 +401,7 @@ impl Engine {
                 end,
             }));
         }
-        let states = self.states(&ids)?;
+        let states = self.states(&ids, stop)?;
         let pos = ids.len() - 1;
         let n = states.n_layers();
         let layers = LayerSpec::Range {
@@ -411,7 +417,8 @@ impl Engine {
             &states,
             LensKind::Norm,
             options.top_k.clamp(1, 100),
-        );
+        )
+        .with_stop(stop.clone());
         let cached = match pos {
             0 => None,
             _ => self.cached_previous(&ids[..pos], &layers, stamp),
@@ -507,6 +514,7 @@ impl Engine {
         text: &str,
         line_ends: &[usize],
         context_tokens: usize,
+        stop: &Stop,
     ) -> Result<Vec<(usize, String)>, RpcError> {
         if text.is_empty() {
             return Ok(Vec::new());
@@ -526,9 +534,9 @@ impl Engine {
             return Ok(Vec::new());
         }
         let ids: Vec<u32> = tokens.iter().map(|tok| tok.id).collect();
-        let states = self.states(&ids)?;
+        let states = self.states(&ids, stop)?;
         let last = Site::Layer(states.n_layers());
-        let lens = Lens::new(&*self.backend, &states, LensKind::Norm, 1);
+        let lens = Lens::new(&*self.backend, &states, LensKind::Norm, 1).with_stop(stop.clone());
         let positions: Vec<usize> = wanted.iter().map(|w| w.1).collect();
         let views = lens.positions(&positions, &[last])?;
         Ok(wanted

@@ -114,6 +114,7 @@ impl From<&lens_core::Error> for RpcError {
         use lens_core::Error as E;
         match e {
             E::EmptyPrompt => RpcError::empty_text(),
+            E::Stopped => RpcError::cancelled(),
             E::PromptTooLong { tokens, context } => RpcError::prompt_too_long(*tokens, *context),
             E::PositionOutOfRange { .. } => RpcError::out_of_range(e.to_string()),
             E::LayerOutOfRange { .. } | E::TokenOutOfRange { .. } => {

@@ -252,7 +252,7 @@ impl LensLsp {
         let options = self.config().hover();
         let t = doc.text.clone();
         let out: Option<HoverOut> =
-            crate::compute(move || engine.hover(&t, byte, &options)).await??;
+            crate::compute(move |stop| engine.hover(&t, byte, &options, stop)).await??;
         tracing::debug!(
             settle_ms = (settled - arrived).as_secs_f64() * 1e3,
             compute_ms = settled.elapsed().as_secs_f64() * 1e3,
@@ -310,7 +310,8 @@ impl LensLsp {
         let context = config.context_tokens;
         let t = text.clone();
         let hints =
-            crate::compute(move || engine.line_end_predictions(&t, &ends, context)).await??;
+            crate::compute(move |stop| engine.line_end_predictions(&t, &ends, context, stop))
+                .await??;
         if self.doc(&uri)?.generation != doc.generation {
             return Err(RpcError::content_modified());
         }

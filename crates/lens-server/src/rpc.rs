@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use lens_core::Stop;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -23,7 +24,7 @@ fn params<T: DeserializeOwned>(params: Value) -> Result<T, RpcError> {
 }
 
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, RpcError> + Send + 'static,
+    f: impl FnOnce(&Stop) -> Result<T, RpcError> + Send + 'static,
 ) -> Result<T, RpcError> {
     crate::compute(f).await?
 }
@@ -37,22 +38,22 @@ pub async fn call(engine: Arc<Engine>, method: &str, p: Value) -> Result<Value, 
     match method {
         "lens/analyze" => {
             let p: AnalyzeParams = params(p)?;
-            let report = blocking(move || engine.analyze(&p)).await?;
+            let report = blocking(move |stop| engine.analyze(&p, stop)).await?;
             to_value(&report)
         }
         "lens/position" => {
             let p: PositionParams = params(p)?;
-            let report = blocking(move || engine.position(&p)).await?;
+            let report = blocking(move |stop| engine.position(&p, stop)).await?;
             to_value(&report)
         }
         "lens/tokenize" => {
             let p: TokenizeParams = params(p)?;
-            let tokens = blocking(move || engine.tokenize(&p.text)).await?;
+            let tokens = blocking(move |_| engine.tokenize(&p.text)).await?;
             Ok(json!({ "tokens": wire::token_json(&tokens) }))
         }
         "lens/heatmap" => {
             let p: HeatmapParams = params(p)?;
-            let (format, content) = blocking(move || engine.heatmap(&p)).await?;
+            let (format, content) = blocking(move |stop| engine.heatmap(&p, stop)).await?;
             Ok(json!({ "format": format, "content": content }))
         }
         "lens/modelInfo" => to_value(&wire::model_json(engine.backend())),

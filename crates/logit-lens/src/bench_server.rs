@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use lens_core::{Backend, Lens, LensKind};
+use lens_core::{Backend, Lens, LensKind, Stop};
 use lens_server::{AnalyzeParams, Engine, HoverOptions};
 
 use crate::cli::{self, ModelArgs};
@@ -57,9 +57,13 @@ fn document(backend: &dyn Backend, n: usize) -> Result<String> {
 }
 
 fn hover_end(engine: &Engine, text: &str, opts: &HoverOptions) -> Result<Duration> {
+    hover_at(engine, text, text.len().saturating_sub(1), opts)
+}
+
+fn hover_at(engine: &Engine, text: &str, byte: usize, opts: &HoverOptions) -> Result<Duration> {
     let t = Instant::now();
     // As the server does (`lens_server::compute`): the work runs on a rayon worker.
-    let out = lens_server::in_pool(|| engine.hover(text, text.len().saturating_sub(1), opts))
+    let out = lens_server::in_pool(|| engine.hover(text, byte, opts, &Stop::never()))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let took = t.elapsed();
     anyhow::ensure!(
@@ -87,13 +91,16 @@ pub fn run(a: BenchServerArgs) -> Result<()> {
     let doc = document(&*backend, a.tokens)?;
     let t = Instant::now();
     let report = engine
-        .analyze(&AnalyzeParams {
-            text: doc.clone(),
-            layers: None,
-            positions: None,
-            top_k: None,
-            lens: None,
-        })
+        .analyze(
+            &AnalyzeParams {
+                text: doc.clone(),
+                layers: None,
+                positions: None,
+                top_k: None,
+                lens: None,
+            },
+            &Stop::never(),
+        )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let cold = t.elapsed();
     writeln!(
@@ -119,6 +126,28 @@ pub fn run(a: BenchServerArgs) -> Result<()> {
         a.edits
     )?;
 
+    // Typing before the last word, then hovering it (the editor's case): the tokens from the
+    // edit on are recomputed, and both the hovered position and the one before it (whose
+    // prediction is the written word's probability) are read out.
+    let mut times = Vec::with_capacity(a.edits);
+    let mut text3 = doc.clone();
+    let word = text3.rfind(' ').unwrap_or(0);
+    for i in 0..a.edits {
+        let at = text3.rfind(' ').unwrap_or(0);
+        text3.insert(at, char::from(b'a' + (i % 26) as u8));
+        if i % 6 == 5 {
+            text3.insert(at + 1, ' ');
+        }
+        let byte = text3.rfind(' ').unwrap_or(word) + 1;
+        times.push(hover_at(&engine, &text3, byte, &opts)?);
+    }
+    let (p50t, p95t) = (percentile(&mut times, 0.5), percentile(&mut times, 0.95));
+    writeln!(
+        out,
+        "hover on the last word after typing before it: p50 {p50t:.1} ms, p95 {p95t:.1} ms ({} edits)",
+        a.edits
+    )?;
+
     // Where an end-edit hover's time goes: the forward pass reusing the prefix, and the lens
     // at the hovered position (all layers); the previous position's readout is cached while
     // the edits stay inside the last token.
@@ -129,7 +158,9 @@ pub fn run(a: BenchServerArgs) -> Result<()> {
         let ids: Vec<u32> = backend.tokenize(&text2)?.iter().map(|t| t.id).collect();
         let (t0, t1, t2) = lens_server::in_pool(|| -> Result<_> {
             let t0 = Instant::now();
-            let states = engine.states(&ids).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let states = engine
+                .states(&ids, &Stop::never())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let t1 = Instant::now();
             let lens = Lens::new(&*backend, &states, LensKind::Norm, 5);
             lens.position(ids.len() - 1, &lens.all_layers())?;

@@ -8,6 +8,7 @@ mod bad_input;
 mod oracle;
 mod reuse;
 mod smollm2;
+mod stop;
 mod tiny_llama;
 
 use std::path::PathBuf;
