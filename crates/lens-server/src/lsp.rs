@@ -6,10 +6,11 @@
 //! until its document has been quiet for [`SETTLE`] (a burst of edits costs one forward
 //! pass), and is answered -32801 ContentModified when the document changed meanwhile.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use lens_core::Stop;
 use serde::Deserialize;
 use serde_json::Value;
 use tower_lsp::jsonrpc::Result as LspResult;
@@ -22,6 +23,12 @@ use crate::{rpc, Engine, RpcError};
 
 /// How long a document must be unchanged before a hover runs the model.
 pub const SETTLE: Duration = Duration::from_millis(20);
+
+/// How long after an edit the hover last shown is prepared again (see `LensLsp::prepare`).
+const PREPARE_AFTER: Duration = Duration::from_millis(0);
+
+/// Hovers older than this are not prepared again after edits.
+const PREPARE_WITHIN: Duration = Duration::from_secs(60);
 
 /// `initializationOptions` and `settings.logitLens`.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -70,10 +77,23 @@ struct Doc {
     changed: Instant,
 }
 
+/// A hover being prepared after an edit (see [`LensLsp::prepare`]).
+struct Prepared {
+    uri: Url,
+    generation: u64,
+    /// The token's byte range in that generation of the document.
+    range: (usize, usize),
+    stop: Stop,
+}
+
 pub struct LensLsp {
     client: Client,
     engine: Arc<Engine>,
     docs: DashMap<Url, Doc>,
+    /// Per document, the byte range of the token its last hover showed (moved along by edits)
+    /// and when it was shown.
+    hovered: DashMap<Url, ((usize, usize), Instant)>,
+    preparing: Mutex<Option<Prepared>>,
     encoding: RwLock<Encoding>,
     config: RwLock<Config>,
 }
@@ -84,6 +104,8 @@ pub fn service(engine: Arc<Engine>) -> (LspService<LensLsp>, tower_lsp::ClientSo
         client,
         engine,
         docs: DashMap::new(),
+        hovered: DashMap::new(),
+        preparing: Mutex::new(None),
         encoding: RwLock::new(Encoding::Utf16),
         config: RwLock::new(Config::default()),
     });
@@ -240,6 +262,7 @@ impl LensLsp {
         let enc = self.encoding();
         let doc = self.doc(&uri)?;
         let arrived = Instant::now();
+        let since_edit = arrived - doc.changed;
         let doc = self.settle(&uri, doc.generation).await?;
         let settled = Instant::now();
         let byte = text::offset(&doc.text, pos.line, pos.character, enc).ok_or_else(|| {
@@ -248,12 +271,22 @@ impl LensLsp {
                 pos.line, pos.character
             ))
         })?;
+        self.stop_preparing(|p| {
+            p.uri != uri
+                || p.generation != doc.generation
+                || !(p.range.0..p.range.1).contains(&byte)
+        });
         let engine = self.engine.clone();
         let options = self.config().hover();
         let t = doc.text.clone();
         let out: Option<HoverOut> =
             crate::compute(move |stop| engine.hover(&t, byte, &options, stop)).await??;
+        if let Some(h) = &out {
+            self.hovered
+                .insert(uri.clone(), ((h.start, h.end), Instant::now()));
+        }
         tracing::debug!(
+            since_edit_ms = since_edit.as_secs_f64() * 1e3,
             settle_ms = (settled - arrived).as_secs_f64() * 1e3,
             compute_ms = settled.elapsed().as_secs_f64() * 1e3,
             "hover at {}:{}",
@@ -277,6 +310,76 @@ impl LensLsp {
                 }),
             }
         }))
+    }
+
+    /// Stop the hover being prepared if `which` says so.
+    fn stop_preparing(&self, which: impl FnOnce(&Prepared) -> bool) {
+        if let Ok(mut p) = self.preparing.lock() {
+            if p.as_ref().is_some_and(which) {
+                if let Some(p) = p.take() {
+                    p.stop.stop();
+                }
+            }
+        }
+    }
+
+    /// After an edit, prepare the hover the user last looked at in this document (its token
+    /// moved along with the edit) once the document has been quiet for [`SETTLE`]: the hover
+    /// that most often comes next is then an answer from the hover cache. The work is
+    /// speculative, so anything newer stops it: a further edit, or a hover somewhere else.
+    fn prepare(&self, uri: &Url, doc: &Doc) {
+        self.stop_preparing(|_| true);
+        let Some(range) = self
+            .hovered
+            .get(uri)
+            .filter(|h| h.1.elapsed() < PREPARE_WITHIN)
+            .map(|h| h.0)
+        else {
+            return;
+        };
+        let stop = Stop::new();
+        if let Ok(mut p) = self.preparing.lock() {
+            *p = Some(Prepared {
+                uri: uri.clone(),
+                generation: doc.generation,
+                range,
+                stop: stop.clone(),
+            });
+        }
+        let engine = self.engine.clone();
+        let options = self.config().hover();
+        let text = doc.text.clone();
+        let edited = doc.changed;
+        tokio::spawn(async move {
+            tokio::time::sleep(PREPARE_AFTER).await;
+            if stop.is_stopped() {
+                return;
+            }
+            let out = crate::compute_until(stop, move |stop| {
+                let started = edited.elapsed();
+                let out = engine.hover(&text, range.0, &options, stop);
+                (started, out)
+            })
+            .await;
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            let done = ms(edited.elapsed());
+            match out {
+                Ok((started, Ok(_))) => tracing::debug!(
+                    started_ms = ms(started),
+                    done_ms = done,
+                    "prepared the hover at byte {} after an edit",
+                    range.0
+                ),
+                Ok((started, Err(e))) => tracing::debug!(
+                    started_ms = ms(started),
+                    done_ms = done,
+                    "preparing the hover at byte {}: {}",
+                    range.0,
+                    e.message
+                ),
+                Err(e) => tracing::warn!("preparing a hover: {}", e.message),
+            }
+        });
     }
 
     async fn inlay_impl(
@@ -424,13 +527,20 @@ impl LanguageServer for LensLsp {
             );
             return;
         };
+        let uri = params.text_document.uri;
+        let shown = self.hovered.get(&uri).map(|h| *h);
+        let mut hovered = shown.map(|h| h.0);
         let mut text = String::from(&*doc.text);
         for change in params.content_changes {
             match change.range {
-                None => text = change.text,
+                None => {
+                    text = change.text;
+                    hovered = None;
+                }
                 Some(r) => {
                     let a = text::offset_clamped(&text, r.start.line, r.start.character, enc);
                     let b = text::offset_clamped(&text, r.end.line, r.end.character, enc).max(a);
+                    hovered = hovered.and_then(|h| text::moved(h, (a, b), change.text.len()));
                     text.replace_range(a..b, &change.text);
                 }
             }
@@ -438,10 +548,26 @@ impl LanguageServer for LensLsp {
         doc.text = text.into();
         doc.generation += 1;
         doc.changed = Instant::now();
+        let doc = {
+            let doc = doc; // the map's entry, unlocked at the end of this block
+            doc.clone()
+        };
+        match (hovered, shown) {
+            (Some(h), Some((_, at))) => {
+                self.hovered.insert(uri.clone(), (h, at));
+            }
+            _ => {
+                self.hovered.remove(&uri);
+            }
+        }
+        self.prepare(&uri, &doc);
     }
 
     async fn did_close(&self, params: DidCloseTextDocumentParams) {
-        self.docs.remove(&params.text_document.uri);
+        let uri = params.text_document.uri;
+        self.stop_preparing(|p| p.uri == uri);
+        self.hovered.remove(&uri);
+        self.docs.remove(&uri);
     }
 
     async fn did_change_configuration(&self, params: DidChangeConfigurationParams) {

@@ -84,9 +84,42 @@ pub fn ceil_boundary(text: &str, byte: usize) -> usize {
     byte
 }
 
+/// Where the byte range `range` is after the bytes `edit` (start, end) were replaced by `len`
+/// new ones: moved along when the edit is before it, unchanged when after, `None` when the
+/// edit touches it (an insertion at its start is before it).
+pub fn moved(range: (usize, usize), edit: (usize, usize), len: usize) -> Option<(usize, usize)> {
+    let (start, end) = range;
+    let (a, b) = edit;
+    if b <= start {
+        Some((start - (b - a) + len, end - (b - a) + len))
+    } else if a >= end {
+        Some(range)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_move_with_edits() {
+        #[track_caller]
+        fn check(edit: (usize, usize), len: usize, expect: Option<(usize, usize)>) {
+            assert_eq!(moved((10, 15), edit, len), expect, "edit {edit:?} + {len}");
+        }
+        check((3, 3), 4, Some((14, 19))); // an insertion before
+        check((10, 10), 2, Some((12, 17))); // an insertion at its start
+        check((2, 8), 0, Some((4, 9))); // a deletion before
+        check((4, 10), 1, Some((5, 10))); // a replacement ending at its start
+        check((15, 15), 3, Some((10, 15))); // an insertion at its end
+        check((20, 25), 0, Some((10, 15))); // after
+        check((12, 12), 1, None); // inside
+        check((8, 11), 0, None); // over its start
+        check((14, 30), 2, None); // over its end
+        check((0, 40), 5, None); // over all of it
+    }
 
     #[track_caller]
     fn check(text: &str, line: u32, character: u32, enc: Encoding, expect: Option<&str>) {

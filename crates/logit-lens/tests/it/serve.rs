@@ -941,3 +941,59 @@ fn heatmap_over_tcp_equals_the_plot_command() {
     // Still serving.
     assert_eq!(c.ok("lens/modelInfo", json!({}))["n_layers"], 30);
 }
+
+#[test]
+fn an_edit_before_a_hovered_word_prepares_its_hover() {
+    let start = |lsp: &mut Lsp, text: &str| {
+        lsp.ok(
+            "initialize",
+            json!({ "processId": null, "rootUri": null, "capabilities": {} }),
+        );
+        lsp.notify("initialized", json!({}));
+        lsp.notify("textDocument/didOpen", json!({ "textDocument": { "uri": "file:///tmp/facts.txt", "languageId": "plaintext", "version": 1, "text": text } }));
+    };
+    let uri = "file:///tmp/facts.txt";
+    let text = "The capital of France is Paris";
+    let word = text.find("Paris").expect("Paris") as u32 + 2;
+    let mut lsp = Lsp::start();
+    start(&mut lsp, text);
+    let before = hover(&mut lsp, uri, 0, word);
+    assert!(
+        before["result"]["contents"]["value"].is_string(),
+        "{before}"
+    );
+    let computed = |lsp: &mut Lsp| lsp.ok("lens/cacheStats", json!({}))["tokensComputed"].clone();
+    let c0 = computed(&mut lsp);
+
+    // Typing before the word: the daemon computes the word's new hover on its own, before any
+    // request for it.
+    lsp.notify(
+        "textDocument/didChange",
+        json!({ "textDocument": { "uri": uri, "version": 2 },
+                "contentChanges": [{ "range": { "start": { "line": 0, "character": 24 }, "end": { "line": 0, "character": 24 } }, "text": " still" }] }),
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while computed(&mut lsp) == c0 {
+        assert!(std::time::Instant::now() < until, "no work after the edit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let edited = "The capital of France is still Paris";
+    let prepared = hover(&mut lsp, uri, 0, word + 6);
+
+    // The same hover from a fresh daemon, with nothing prepared or reused.
+    let mut fresh = Lsp::start();
+    start(&mut fresh, edited);
+    let want = hover(&mut fresh, uri, 0, word + 6);
+    assert_eq!(prepared["result"], want["result"]);
+    assert_ne!(prepared["result"], before["result"]);
+    assert!(
+        rows(
+            want["result"]["contents"]["value"]
+                .as_str()
+                .unwrap_or_default()
+        )
+        .len()
+            == 31,
+        "{want}"
+    );
+}
