@@ -401,7 +401,9 @@ impl Engine {
                 end,
             }));
         }
+        let t0 = std::time::Instant::now();
         let states = self.states(&ids, stop)?;
+        let t1 = std::time::Instant::now();
         let pos = ids.len() - 1;
         let n = states.n_layers();
         let layers = LayerSpec::Range {
@@ -449,6 +451,11 @@ impl Engine {
                 .map(|i| prev.prob_and_rank(i, id))
                 .collect::<Vec<_>>()
         });
+        tracing::debug!(
+            forward_ms = (t1 - t0).as_secs_f64() * 1e3,
+            lens_ms = t1.elapsed().as_secs_f64() * 1e3,
+            "hover work"
+        );
         let markdown = hover::markdown(
             &*self.backend,
             &tokens[first..=t],
