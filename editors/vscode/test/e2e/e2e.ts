@@ -2,7 +2,7 @@
 // driven by playwright-core. Installs the built .vsix, opens a ~260-token text file, hovers a
 // word and checks the per-layer table against the CLI's report for the same text, types,
 // hovers again (and measures the time from the last keystroke to the new hover: in the page,
-// from the last key's keydown event to the first animation frame that paints the new hover,
+// from the last key's keydown event to the end of the first frame rendered with the new hover,
 // so the harness's DevTools round trips and polling are not counted; the harness's own view
 // is reported beside it), runs the heatmap command, opens the model info from the status bar.
 // Saves screenshots.
@@ -160,9 +160,9 @@ async function installEventClock(page: Page): Promise<void> {
 /**
  * Arms a watch in the page for the next Logit Lens hover (a visible hover with a table and
  * "layer", other than `differentFrom`). It looks at the start of every animation frame, before
- * the frame's layout and paint, and resolves with the time of the first frame that paints the
- * hover. (In functions run in the page, `window.performance` is spelled out: the bundler would
- * turn a bare `performance` into Node's.)
+ * the frame's layout and paint, and resolves with the time when the first frame that has the
+ * hover has been rendered. (In functions run in the page, `window.performance` is spelled out:
+ * the bundler would turn a bare `performance` into Node's.)
  */
 async function armHoverWatch(page: Page, differentFrom?: string): Promise<void> {
   await page.evaluate((prev) => {
@@ -183,11 +183,16 @@ async function armHoverWatch(page: Page, differentFrom?: string): Promise<void> 
       const frame = (): void => {
         const now = window.performance.now();
         if (found()) {
-          const wall = (window as unknown as { __lensWall?: Record<string, number> }).__lensWall;
-          if (wall) wall.painted = Date.now();
-          resolve(now);
-        }
-        else if (now > until) reject(new Error('no Logit Lens hover within 30 s'));
+          // This frame paints it: the clock stops in the first task after the frame's
+          // rendering (style, layout, paint), posted from here.
+          const done = new MessageChannel();
+          done.port1.onmessage = () => {
+            const wall = (window as unknown as { __lensWall?: Record<string, number> }).__lensWall;
+            if (wall) wall.painted = Date.now();
+            resolve(window.performance.now());
+          };
+          done.port2.postMessage(null);
+        } else if (now > until) reject(new Error('no Logit Lens hover within 30 s'));
         else requestAnimationFrame(frame);
       };
       requestAnimationFrame(frame);
