@@ -138,41 +138,12 @@ impl Matrix {
             return Some(out);
         }
         let rows: Vec<&[f32]> = x.chunks_exact(k).collect();
-        let tiles = n.div_ceil(TILE);
-        // The output columns of tile `t` in every row, so each task writes its own cells.
-        let mut pieces: Vec<Vec<&mut [f32]>> = (0..tiles).map(|_| Vec::with_capacity(m)).collect();
-        for row in out.chunks_mut(n) {
-            for (t, piece) in row.chunks_mut(TILE).enumerate() {
-                pieces[t].push(piece);
-            }
-        }
         let work = |(t, mut cols): (usize, Vec<&mut [f32]>)| {
-            if stop.is_stopped() {
-                return;
-            }
-            let j0 = t * TILE;
-            let j1 = (j0 + TILE).min(n);
-            match &self.w {
-                Weights::F32(_) => dense_tile(&rows, &dense[j0 * k..j1 * k], k, &mut cols),
-                Weights::Q4_1 { scale, min, qs } => {
-                    let nb = k / QK;
-                    let r = j0 * nb..j1 * nb;
-                    q4_1_tile(
-                        &rows,
-                        &scale[r.clone()],
-                        &min[r.clone()],
-                        &qs[r],
-                        nb,
-                        &mut cols,
-                    )
-                }
-                Weights::Q8_0 { scale, qs } => {
-                    let nb = k / QK;
-                    let r = j0 * nb..j1 * nb;
-                    q8_0_tile(&rows, &scale[r.clone()], &qs[r], nb, &mut cols)
-                }
+            if !stop.is_stopped() {
+                self.tile(&rows, t, dense, &mut cols);
             }
         };
+        let pieces = pieces(&mut out, n, m);
         if m * n * k >= PARALLEL_MIN {
             pieces.into_par_iter().enumerate().for_each(work);
         } else {
@@ -180,6 +151,76 @@ impl Matrix {
         }
         Some(out)
     }
+
+    /// Tile `t` (weight rows `t·TILE..`) of the product: `cols[r]` are row `r`'s output cells
+    /// of that tile. `dense` is the matrix's data when it is dense f32.
+    fn tile(&self, rows: &[&[f32]], t: usize, dense: &[f32], cols: &mut [&mut [f32]]) {
+        let (n, k) = (self.n, self.k);
+        let j0 = t * TILE;
+        let j1 = (j0 + TILE).min(n);
+        let nb = k / QK;
+        let r = j0 * nb..j1 * nb;
+        match &self.w {
+            Weights::F32(_) => dense_tile(rows, &dense[j0 * k..j1 * k], k, cols),
+            Weights::Q4_1 { scale, min, qs } => {
+                q4_1_tile(rows, &scale[r.clone()], &min[r.clone()], &qs[r], nb, cols)
+            }
+            Weights::Q8_0 { scale, qs } => q8_0_tile(rows, &scale[r.clone()], &qs[r], nb, cols),
+        }
+    }
+}
+
+/// `x · Wᵀ` for several quantized matrices that take the same input (a block's q, k and v
+/// projections; its gate and up), in one parallel section instead of one each: on two cores
+/// the joins of small products cost about as much as their arithmetic. `None` when a matrix is
+/// dense or the shapes do not fit (multiply them one by one then).
+pub(crate) fn matmul_nt_many(mats: &[&Matrix], x: &[f32]) -> Option<Vec<Vec<f32>>> {
+    let k = mats.first()?.k;
+    if x.is_empty()
+        || !x.len().is_multiple_of(k)
+        || mats
+            .iter()
+            .any(|a| a.k != k || matches!(a.w, Weights::F32(_)))
+    {
+        return None;
+    }
+    let m = x.len() / k;
+    let rows: Vec<&[f32]> = x.chunks_exact(k).collect();
+    let mut outs: Vec<Vec<f32>> = mats.iter().map(|a| vec![0f32; m * a.n]).collect();
+    let macs: usize = mats.iter().map(|a| m * a.n * k).sum();
+    let tasks: Vec<(usize, usize, Vec<&mut [f32]>)> = outs
+        .iter_mut()
+        .zip(mats)
+        .enumerate()
+        .flat_map(|(i, (out, a))| {
+            pieces(out, a.n, m)
+                .into_iter()
+                .enumerate()
+                .map(move |(t, cols)| (i, t, cols))
+        })
+        .collect();
+    let work =
+        |(i, t, mut cols): (usize, usize, Vec<&mut [f32]>)| mats[i].tile(&rows, t, &[], &mut cols);
+    if macs >= PARALLEL_MIN {
+        tasks.into_par_iter().for_each(work);
+    } else {
+        tasks.into_iter().for_each(work);
+    }
+    Some(outs)
+}
+
+/// The output cells of each tile of `n` columns in every one of `m` rows of `out`, so that each
+/// task writes its own cells.
+fn pieces(out: &mut [f32], n: usize, m: usize) -> Vec<Vec<&mut [f32]>> {
+    let mut pieces: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(TILE))
+        .map(|_| Vec::with_capacity(m))
+        .collect();
+    for row in out.chunks_mut(n) {
+        for (t, piece) in row.chunks_mut(TILE).enumerate() {
+            pieces[t].push(piece);
+        }
+    }
+    pieces
 }
 
 fn f16(lo: u8, hi: u8) -> f32 {
@@ -556,6 +597,35 @@ mod tests {
         let x = pseudo(m * k, 5);
         let got = Matrix::from_q8_0(n, k, &raw).and_then(|mm| mm.matmul_nt(&x));
         check_close(&got.unwrap_or_default(), &naive(&x, &dense, k), k);
+    }
+
+    #[test]
+    fn many_matrices_in_one_section_equal_one_by_one() {
+        let k = 576;
+        let mats: Vec<Matrix> = [576, 192, 1536]
+            .into_iter()
+            .filter_map(|n| Matrix::from_q4_1(n, k, &q4_1_raw(n, k).0))
+            .collect();
+        assert_eq!(mats.len(), 3);
+        let refs: Vec<&Matrix> = mats.iter().collect();
+        for m in [1, 2, 3, 5] {
+            let x = pseudo(m * k, 6);
+            let many = matmul_nt_many(&refs, &x).unwrap_or_default();
+            let one: Vec<Vec<f32>> = mats.iter().filter_map(|a| a.matmul_nt(&x)).collect();
+            assert_eq!(many, one, "{m} rows");
+        }
+        // Dense weights, mismatched inner sizes and partial rows are left to one-by-one calls.
+        let q = Matrix::from_q4_1(64, 64, &q4_1_raw(64, 64).0);
+        let dense = Tensor::from_slice(&pseudo(64 * 64, 7), (64, 64), &candle_core::Device::Cpu)
+            .ok()
+            .and_then(|t| Matrix::from_f32(&t));
+        let (Some(q), Some(dense)) = (q, dense) else {
+            panic!("test matrices");
+        };
+        assert!(matmul_nt_many(&[&q, &dense], &pseudo(64, 8)).is_none());
+        assert!(matmul_nt_many(&[&q, refs[0]], &pseudo(64, 8)).is_none());
+        assert!(matmul_nt_many(&[&q], &pseudo(63, 8)).is_none());
+        assert!(matmul_nt_many(&[], &pseudo(64, 8)).is_none());
     }
 
     #[test]

@@ -82,7 +82,31 @@ impl Linear {
 
     /// `x · Wᵀ + b` for a few rows, without candle. `None` without a small-batch matrix.
     fn apply_small(&self, x: &[f32]) -> Option<Vec<f32>> {
-        let mut y = self.small.as_ref()?.matmul_nt(x)?;
+        let y = self.small.as_ref()?.matmul_nt(x)?;
+        Some(self.add_bias(y))
+    }
+
+    /// [`Linear::apply_small`] of several maps on the same input, in one parallel section
+    /// when the kernels allow it.
+    fn apply_small_many<const N: usize>(maps: [&Linear; N], x: &[f32]) -> Option<[Vec<f32>; N]> {
+        let mats: Vec<&Matrix> = maps
+            .iter()
+            .map(|l| l.small.as_ref())
+            .collect::<Option<_>>()?;
+        let ys = match crate::kernels::matmul_nt_many(&mats, x) {
+            Some(ys) => ys,
+            None => mats.iter().map(|m| m.matmul_nt(x)).collect::<Option<_>>()?,
+        };
+        let ys: [Vec<f32>; N] = ys.try_into().ok()?;
+        let mut i = 0;
+        Some(ys.map(|y| {
+            let y = maps[i].add_bias(y);
+            i += 1;
+            y
+        }))
+    }
+
+    fn add_bias(&self, mut y: Vec<f32>) -> Vec<f32> {
         if let Some(b) = &self.bias_v {
             for row in y.chunks_mut(b.len()) {
                 for (v, b) in row.iter_mut().zip(b) {
@@ -90,7 +114,7 @@ impl Linear {
                 }
             }
         }
-        Some(y)
+        y
     }
 
     pub(crate) fn with_small(mut self, small: Option<Matrix>) -> Self {
@@ -417,9 +441,8 @@ impl Model {
                 return Err(Error::Stopped);
             }
             let h = rms_norm_rows(&x, &n.attn, hidden, eps);
-            let mut q = b.q.apply_small(&h).ok_or_else(missing)?;
-            let mut k = b.k.apply_small(&h).ok_or_else(missing)?;
-            let v = b.v.apply_small(&h).ok_or_else(missing)?;
+            let [mut q, mut k, v] =
+                Linear::apply_small_many([&b.q, &b.k, &b.v], &h).ok_or_else(missing)?;
             for p in 0..t {
                 let (c, s) = (
                     &cos[p * half..(p + 1) * half],
@@ -466,8 +489,7 @@ impl Model {
                 push(&mut mids, &x);
             }
             let h = rms_norm_rows(&x, &n.ffn, hidden, eps);
-            let gate = b.gate.apply_small(&h).ok_or_else(missing)?;
-            let up = b.up.apply_small(&h).ok_or_else(missing)?;
+            let [gate, up] = Linear::apply_small_many([&b.gate, &b.up], &h).ok_or_else(missing)?;
             let act: Vec<f32> = gate
                 .iter()
                 .zip(&up)
