@@ -82,8 +82,9 @@ impl Linear {
 
     /// `x · Wᵀ + b` for a few rows, without candle. `None` without a small-batch matrix.
     fn apply_small(&self, x: &[f32]) -> Option<Vec<f32>> {
-        let y = self.small.as_ref()?.matmul_nt(x)?;
-        Some(self.add_bias(y))
+        let mut y = self.small.as_ref()?.matmul_nt(x)?;
+        self.add_bias(&mut y);
+        Some(y)
     }
 
     /// [`Linear::apply_small`] of several maps on the same input, in one parallel section
@@ -97,16 +98,14 @@ impl Linear {
             Some(ys) => ys,
             None => mats.iter().map(|m| m.matmul_nt(x)).collect::<Option<_>>()?,
         };
-        let ys: [Vec<f32>; N] = ys.try_into().ok()?;
-        let mut i = 0;
-        Some(ys.map(|y| {
-            let y = maps[i].add_bias(y);
-            i += 1;
-            y
-        }))
+        let mut ys: [Vec<f32>; N] = ys.try_into().ok()?;
+        for (y, l) in ys.iter_mut().zip(maps) {
+            l.add_bias(y);
+        }
+        Some(ys)
     }
 
-    fn add_bias(&self, mut y: Vec<f32>) -> Vec<f32> {
+    fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias_v {
             for row in y.chunks_mut(b.len()) {
                 for (v, b) in row.iter_mut().zip(b) {
@@ -114,7 +113,6 @@ impl Linear {
                 }
             }
         }
-        y
     }
 
     pub(crate) fn with_small(mut self, small: Option<Matrix>) -> Self {
