@@ -516,7 +516,7 @@ impl LanguageServer for LensLsp {
 
     async fn did_change(&self, params: DidChangeTextDocumentParams) {
         let enc = self.encoding();
-        let Some(mut doc) = self.docs.get_mut(&params.text_document.uri) else {
+        let Some(mut entry) = self.docs.get_mut(&params.text_document.uri) else {
             tracing::warn!(
                 "didChange for a document that is not open: {}",
                 params.text_document.uri
@@ -524,9 +524,9 @@ impl LanguageServer for LensLsp {
             return;
         };
         let uri = params.text_document.uri;
-        let shown = self.hovered.get(&uri).map(|h| *h);
-        let mut hovered = shown.map(|h| h.0);
-        let mut text = String::from(&*doc.text);
+        // The last hover's token (moved along below) and when it was shown.
+        let mut hovered = self.hovered.get(&uri).map(|h| *h);
+        let mut text = String::from(&*entry.text);
         for change in params.content_changes {
             match change.range {
                 None => {
@@ -536,23 +536,22 @@ impl LanguageServer for LensLsp {
                 Some(r) => {
                     let a = text::offset_clamped(&text, r.start.line, r.start.character, enc);
                     let b = text::offset_clamped(&text, r.end.line, r.end.character, enc).max(a);
-                    hovered = hovered.and_then(|h| text::moved(h, (a, b), change.text.len()));
+                    hovered = hovered
+                        .and_then(|(h, at)| Some((text::moved(h, (a, b), change.text.len())?, at)));
                     text.replace_range(a..b, &change.text);
                 }
             }
         }
-        doc.text = text.into();
-        doc.generation += 1;
-        doc.changed = Instant::now();
-        let doc = {
-            let doc = doc; // the map's entry, unlocked at the end of this block
-            doc.clone()
-        };
-        match (hovered, shown) {
-            (Some(h), Some((_, at))) => {
-                self.hovered.insert(uri.clone(), (h, at));
+        entry.text = text.into();
+        entry.generation += 1;
+        entry.changed = Instant::now();
+        let doc = entry.clone();
+        drop(entry); // the map's shard is unlocked before anything else runs
+        match hovered {
+            Some(h) => {
+                self.hovered.insert(uri.clone(), h);
             }
-            _ => {
+            None => {
                 self.hovered.remove(&uri);
             }
         }
