@@ -120,11 +120,7 @@ impl<'a> Lens<'a> {
 
     /// The lens at `sites` for one position.
     pub fn position(&self, position: usize, sites: &[Site]) -> Result<PositionView, Error> {
-        let mut views = self.positions(&[position], sites)?;
-        views.pop().ok_or(Error::PositionOutOfRange {
-            position,
-            len: self.states.n_positions(),
-        })
+        self.only(self.positions(&[position], sites)?, position)
     }
 
     /// [`Lens::position`], also returning the logits it read (for callers that keep them, e.g.
@@ -134,8 +130,12 @@ impl<'a> Lens<'a> {
         position: usize,
         sites: &[Site],
     ) -> Result<(PositionView, SiteLogits), Error> {
-        let mut both = self.positions_with_logits(&[position], sites)?;
-        both.pop().ok_or(Error::PositionOutOfRange {
+        self.only(self.positions_with_logits(&[position], sites)?, position)
+    }
+
+    /// The one result of a one-position batch.
+    fn only<T>(&self, mut batch: Vec<T>, position: usize) -> Result<T, Error> {
+        batch.pop().ok_or(Error::PositionOutOfRange {
             position,
             len: self.states.n_positions(),
         })
