@@ -59,10 +59,17 @@ function cliPosition(text: string, offset: number, topK: number): { report: RunR
   return { report, pos: tok.index };
 }
 
-/** Token texts that the hover shows as they are (letters only), to compare with the hover. */
-function comparable(text: string): string | undefined {
-  const t = text.trim();
-  return /^[A-Za-z]{2,}$/.test(t) ? t : undefined;
+/** A token as the rendered hover shows it: crates/lens-server/src/hover.rs `escape` (whitespace
+ * as visible symbols), less the backslashes before markdown punctuation, which the markdown
+ * renderer drops. */
+function hoverToken(text: string): string {
+  if (text === '') return '∅';
+  let out = '';
+  for (const c of text) {
+    const ws = ({ ' ': '␣', '\n': '↵', '\r': '␍', '\t': '⇥' } as Record<string, string>)[c];
+    out += ws ?? (/\p{Cc}/u.test(c) ? `\\u{${(c.codePointAt(0) ?? 0).toString(16)}}` : c);
+  }
+  return out;
 }
 
 function freePort(): Promise<number> {
@@ -81,49 +88,55 @@ interface HoverTable {
   text: string;
 }
 
-/** Screen coordinates of the middle of the last occurrence of `word` in the editor. */
-async function wordBox(page: Page, word: string): Promise<{ x: number; y: number }> {
-  for (let i = 0; i < 100; i++) {
-    const box = await findWord(page, word);
-    if (box) return box;
-    await page.waitForTimeout(20); // the line is being re-rendered
-  }
+/** Screen coordinates of the middle of the last occurrence of `word` in the editor; while the
+ * line is being re-rendered, looked for again at each animation frame, for up to `timeoutMs`. */
+async function wordBox(page: Page, word: string, timeoutMs = 3000): Promise<{ x: number; y: number }> {
+  const box = await findWord(page, word, timeoutMs);
+  if (box) return box;
   const lines = await page.evaluate(() => [...document.querySelectorAll('.monaco-editor .view-lines .view-line')].map((l) => l.innerHTML).slice(-4));
-  throw new Error(`check failed: the word ${word} on screen; last lines: ${JSON.stringify(lines)}`);
+  throw new Error(`check failed: the word ${word} on screen within ${timeoutMs} ms; last lines: ${JSON.stringify(lines)}`);
 }
 
-async function findWord(page: Page, word: string): Promise<{ x: number; y: number } | undefined> {
-  return page.evaluate((w) => {
-    const lines = [...document.querySelectorAll('.monaco-editor .view-lines .view-line')];
-    let best: { x: number; y: number } | undefined;
-    let bestTop = -Infinity;
-    for (const line of lines) {
-      // The line's text may be split over several spans (decorations): map offsets to nodes.
-      const nodes: { node: Node; start: number }[] = [];
-      let all = '';
-      const walker = document.createTreeWalker(line, NodeFilter.SHOW_TEXT);
-      for (let n = walker.nextNode(); n; n = walker.nextNode()) {
-        nodes.push({ node: n, start: all.length });
-        all += n.textContent ?? '';
+async function findWord(page: Page, word: string, timeoutMs: number): Promise<{ x: number; y: number } | undefined> {
+  return page.evaluate(async ({ w, timeoutMs }) => {
+    const find = (): { x: number; y: number } | undefined => {
+      const lines = [...document.querySelectorAll('.monaco-editor .view-lines .view-line')];
+      let best: { x: number; y: number } | undefined;
+      let bestTop = -Infinity;
+      for (const line of lines) {
+        // The line's text may be split over several spans (decorations): map offsets to nodes.
+        const nodes: { node: Node; start: number }[] = [];
+        let all = '';
+        const walker = document.createTreeWalker(line, NodeFilter.SHOW_TEXT);
+        for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+          nodes.push({ node: n, start: all.length });
+          all += n.textContent ?? '';
+        }
+        const i = all.replace(/\u00a0/g, ' ').lastIndexOf(w);
+        if (i < 0) continue;
+        const at = (off: number): [Node, number] => {
+          const e = [...nodes].reverse().find((x) => x.start <= off) ?? nodes[0];
+          return [e?.node ?? line, off - (e?.start ?? 0)];
+        };
+        const r = document.createRange();
+        r.setStart(...at(i));
+        r.setEnd(...at(i + w.length - 1));
+        const rect = r.getBoundingClientRect();
+        if (rect.top > bestTop) {
+          bestTop = rect.top;
+          // the middle of the word (its last letter excluded: the end node may be another span)
+          best = { x: rect.left + rect.width / 2, y: rect.top + rect.height / 2 };
+        }
       }
-      const i = all.replace(/\u00a0/g, ' ').lastIndexOf(w);
-      if (i < 0) continue;
-      const at = (off: number): [Node, number] => {
-        const e = [...nodes].reverse().find((x) => x.start <= off) ?? nodes[0];
-        return [e?.node ?? line, off - (e?.start ?? 0)];
-      };
-      const r = document.createRange();
-      r.setStart(...at(i));
-      r.setEnd(...at(i + w.length - 1));
-      const rect = r.getBoundingClientRect();
-      if (rect.top > bestTop) {
-        bestTop = rect.top;
-        // the middle of the word (its last letter excluded: the end node may be another span)
-        best = { x: rect.left + rect.width / 2, y: rect.top + rect.height / 2 };
-      }
+      return best;
+    };
+    const until = Date.now() + timeoutMs;
+    for (;;) {
+      const box = find();
+      if (box || Date.now() > until) return box;
+      await new Promise((resolve) => requestAnimationFrame(resolve));
     }
-    return best;
-  }, word);
+  }, { w: word, timeoutMs });
 }
 
 async function readHover(page: Page, timeoutMs: number, differentFrom?: string): Promise<HoverTable> {
@@ -229,9 +242,14 @@ function checkHover(h: HoverTable, ref: { report: RunReport; pos: number }, what
   check(/\b0\b/.test(body[body.length - 1]?.[0] ?? ''), `${what}: layer 0 last, got ${JSON.stringify(body[body.length - 1])}`);
   const token = report.tokens[pos];
   check(token && h.text.includes(token.text.trim()), `${what}: the hover names the token ${JSON.stringify(token?.text)}`);
-  for (const [row, cell] of [[body[0], p.cells[p.cells.length - 1]], [body[body.length - 1], p.cells[0]]] as const) {
-    const want = (cell?.top ?? []).map((t) => comparable(t.text)).filter((t): t is string => t !== undefined);
-    for (const w of want) check(row?.[1]?.includes(w), `${what}: ${JSON.stringify(w)} (from the CLI) in the hover row ${JSON.stringify(row)}`);
+  // The last layer's and layer 0's predictions: every one of the CLI's top-k, as many, in the
+  // row's `token p · token p · …` (tokens have no spaces: a space is shown as ␣).
+  for (const [row, cell, layer] of [[body[0], p.cells[p.cells.length - 1], 'last layer'], [body[body.length - 1], p.cells[0], 'layer 0']] as const) {
+    const want = (cell?.top ?? []).map((t) => hoverToken(t.text));
+    check(want.length === report.top_k && want.length > 0, `${what}: the CLI's top-${report.top_k} for the ${layer}, got ${want.length}`);
+    const shown = (row?.[1] ?? '').split(' · ').map((s) => s.slice(0, s.lastIndexOf(' ')));
+    check(shown.length === want.length, `${what}: ${want.length} predictions in the ${layer}'s hover row ${JSON.stringify(row)}`);
+    check(JSON.stringify([...shown].sort()) === JSON.stringify([...want].sort()), `${what}: the CLI's ${JSON.stringify(want)} in the ${layer}'s hover row ${JSON.stringify(row)}`);
   }
 }
 
@@ -275,6 +293,31 @@ async function toast(page: Page, re: RegExp, timeoutMs: number): Promise<string>
     if (Date.now() > deadline) throw new Error(`no notification matching ${re}; shown: ${JSON.stringify(texts)}`);
     await page.waitForTimeout(100);
   }
+}
+
+/** Resolves when code-server's output (`log()`, fed by the listeners added before this call) says
+ * that it listens; rejects when it exits first or after `timeoutMs`. */
+function listening(server: ChildProcess, log: () => string, timeoutMs: number): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    const onData = (): void => {
+      if (log().includes('HTTP server listening')) done();
+    };
+    const onExit = (code: number | null): void => done(new Error(`code-server exited (${code}) before listening:\n${log()}`));
+    const timer = setTimeout(() => done(new Error(`code-server did not listen within ${timeoutMs} ms:\n${log()}`)), timeoutMs);
+    function done(err?: Error): void {
+      clearTimeout(timer);
+      server.stdout?.off('data', onData);
+      server.stderr?.off('data', onData);
+      server.off('exit', onExit);
+      if (err) reject(err);
+      else resolve();
+    }
+    server.stdout?.on('data', onData);
+    server.stderr?.on('data', onData);
+    server.once('exit', onExit);
+    if (server.exitCode !== null) onExit(server.exitCode);
+    else onData();
+  });
 }
 
 async function command(page: Page, title: string): Promise<void> {
@@ -342,11 +385,7 @@ async function main(): Promise<void> {
     });
     server.stdout?.on('data', (d: Buffer) => (serverLog += d.toString()));
     server.stderr?.on('data', (d: Buffer) => (serverLog += d.toString()));
-    const up = Date.now() + 30000;
-    while (!serverLog.includes('HTTP server listening')) {
-      check(Date.now() < up && server.exitCode === null, `code-server did not start:\n${serverLog}`);
-      await new Promise((r) => setTimeout(r, 100));
-    }
+    await listening(server, () => serverLog, 30000);
     log(`code-server on port ${port}`);
 
     browser = await chromium.launch({
@@ -361,12 +400,12 @@ async function main(): Promise<void> {
 
     // Open the document.
     const quick = page.locator('.quick-input-widget input');
+    // The first key presses may come before the workbench handles keys: press again until it shows.
     for (let i = 0; i < 5; i++) {
       await page.keyboard.press('Control+P');
-      if (await quick.isVisible().catch(() => false)) break;
-      await page.waitForTimeout(500);
+      if (await quick.waitFor({ state: 'visible', timeout: 3000 }).then(() => true, () => false)) break;
     }
-    await quick.waitFor({ state: 'visible', timeout: 15000 });
+    await quick.waitFor({ state: 'visible', timeout: 1000 });
     await quick.fill('notes.txt');
     await page.locator('.quick-input-list .monaco-list-row', { hasText: 'notes.txt' }).first().waitFor({ timeout: 15000 });
     await page.keyboard.press('Enter');
@@ -457,7 +496,8 @@ async function main(): Promise<void> {
     for (let round = 0; round < ROUNDS; round++) {
       await page.mouse.move(5, 450);
       await page.keyboard.press('Escape');
-      await page.locator('.monaco-editor .monaco-hover:visible').filter({ hasText: 'layer' }).first().waitFor({ state: 'hidden', timeout: 5000 }).catch(() => undefined);
+      // Closed, or the watch below would see the old hover at once.
+      await page.locator('.monaco-editor .monaco-hover:visible').filter({ hasText: 'layer' }).first().waitFor({ state: 'hidden', timeout: 5000 });
       box = await wordBox(page, HOVER_WORD);
       await armHoverWatch(page);
       await page.mouse.move(box.x, box.y);
@@ -478,7 +518,15 @@ async function main(): Promise<void> {
     await page.locator('.statusbar-item', { hasText: /off here/ }).first().waitFor({ timeout: 10000 });
     box = await wordBox(page, HOVER_WORD);
     await page.mouse.move(box.x, box.y);
-    const off = await readHover(page, 2000).then(() => 'a hover', () => 'none');
+    // An absence has no event to wait for: no lens hover within 2 s (only readHover's timeout
+    // counts as none; any other error fails the test).
+    const off = await readHover(page, 2000).then(
+      () => 'a hover',
+      (err: unknown) => {
+        if (err instanceof Error && err.message.startsWith('no Logit Lens hover')) return 'none';
+        throw err;
+      },
+    );
     check(off === 'none', 'no lens hover on a document toggled off');
     await page.mouse.move(5, 450);
     await page.keyboard.press('Escape');
@@ -493,13 +541,31 @@ async function main(): Promise<void> {
     await page.keyboard.press('Escape');
     await command(page, 'Logit Lens: Show heatmap of the selection or document');
     const frame = await waitForFrameText(page, /Paris/, 120000);
-    const heat = await frame.evaluate(() => ({ tables: document.querySelectorAll('table').length, svgs: document.querySelectorAll('svg').length, text: document.body.innerText }));
+    const heat = await frame.evaluate(() => {
+      // The daemon's page (lens/heatmap) embeds its data and draws a cell per token and layer.
+      const data = document.getElementById('lens-data');
+      const grid = data ? (JSON.parse(data.textContent ?? '{}') as { columns?: unknown[]; layers?: unknown[] }) : {};
+      return {
+        daemonPage: data !== null,
+        columns: grid.columns?.length ?? 0,
+        layers: grid.layers?.length ?? 0,
+        cells: document.querySelectorAll('table#heatmap td.cell').length,
+        text: document.body.innerText,
+      };
+    });
     check(heat.text.includes('Logit Lens: notes.txt'), `the heatmap panel's heading, in ${JSON.stringify(heat.text.slice(0, 200))}`);
-    check(heat.tables + heat.svgs > 0, 'the heatmap has a table or an SVG');
+    check(heat.daemonPage, "the heatmap is the daemon's page (lens/heatmap), not the fallback table");
+    check(heat.columns === result.documentTokens, `the heatmap has a column per token of the document (${String(result.documentTokens)}), got ${heat.columns}`);
+    check(heat.layers === ref1.report.model.n_layers + 1, `the heatmap has every layer, got ${heat.layers}`);
+    check(heat.cells === heat.columns * heat.layers, `the page drew a cell per token and layer (${heat.columns * heat.layers}), got ${heat.cells}`);
     check(/France/.test(heat.text) && /Jupiter/.test(heat.text), 'the heatmap shows the document tokens');
-    await page.waitForTimeout(300);
+    // Painted: its fonts loaded and a frame rendered since the cells were drawn.
+    await frame.evaluate(async () => {
+      await document.fonts.ready;
+      await new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));
+    });
     await page.screenshot({ path: path.join(OUT, 'heatmap.png') });
-    result.heatmap = heat.tables > 0 ? 'table' : 'svg';
+    result.heatmap = `lens/heatmap: ${heat.columns} tokens x ${heat.layers} layers`;
     log(`heatmap: ${String(result.heatmap)}`);
 
     // 5. The status bar item opens the model info and cache statistics.
@@ -534,15 +600,18 @@ async function main(): Promise<void> {
       await command(page, 'Logit Lens: Pick the model');
       const pathBox = page.locator('.quick-input-widget input');
       await pathBox.waitFor({ state: 'visible', timeout: 15000 });
-      // The dialog first fills in its start folder; type the file's path once it has.
+      // The dialog (VS Code's simple file dialog) reads its start folder, then lists its entries
+      // and, in the same step, writes the folder's path into the box: typing before that would
+      // be overwritten. So: a path in the box and the folder's entries (at least "..") listed.
+      const entries = page.locator('.quick-input-list .monaco-list-row');
       const ready = Date.now() + 15000;
-      while ((await pathBox.inputValue()) === '') {
-        check(Date.now() < ready, 'the open dialog shows its start folder');
-        await page.waitForTimeout(100);
+      while (!(await pathBox.inputValue()).startsWith('/') || (await entries.count()) === 0) {
+        check(Date.now() < ready, `the open dialog shows its start folder and its entries (box: ${JSON.stringify(await pathBox.inputValue())})`);
+        await page.waitForTimeout(50);
       }
-      await page.waitForTimeout(300);
+      // `fill` sets the value and fires its input event; nothing rewrites it now (the dialog holds
+      // Enter back while it reads the model's folder).
       await pathBox.fill(MODEL);
-      await page.waitForTimeout(300);
       check((await pathBox.inputValue()) === MODEL, `the open dialog holds the model path, not ${await pathBox.inputValue()}`);
       await page.keyboard.press('Enter');
       const until = Date.now() + 60000;
