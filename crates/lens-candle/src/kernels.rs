@@ -544,26 +544,137 @@ mod tests {
         }
     }
 
-    fn q4_1_raw(n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
-        let mut raw = Vec::new();
-        let mut dense = Vec::new();
-        let vals = pseudo(n * k / 2, 3);
-        for (b, chunk) in vals.chunks(16).enumerate() {
-            let d = half::f16::from_f32(0.01 + b as f32 * 1e-4);
-            let m = half::f16::from_f32(-0.08 + (b % 5) as f32 * 0.01);
+    /// Pseudo-random bytes (xorshift): every nibble and byte value occurs in a few blocks.
+    fn pseudo_bytes(n: usize, seed: u32) -> Vec<u8> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s >> 24) as u8
+            })
+            .collect()
+    }
+
+    /// Raw ggml Q4_1 blocks of an `[n, k]` matrix: positive scales over two decades (ggml's
+    /// are `(max - min) / 15 ≥ 0`), minimums of both signs, random nibbles.
+    fn q4_1_raw(n: usize, k: usize) -> Vec<u8> {
+        let nb = n * k / QK;
+        let qs = pseudo_bytes(nb * 16, 3);
+        let mut raw = Vec::with_capacity(nb * 20);
+        for (b, q) in qs.chunks_exact(16).enumerate() {
+            let d = half::f16::from_f32(1e-3 * (1.0 + (b * 37 % 100) as f32));
+            let m = half::f16::from_f32(-1.2 + (b * 53 % 151) as f32 * 0.01);
             raw.extend(d.to_bits().to_le_bytes());
             raw.extend(m.to_bits().to_le_bytes());
-            let q: Vec<u8> = chunk.iter().map(|v| ((v + 1.0) * 120.0) as u8).collect();
-            raw.extend(q.iter().copied());
-            let (d, m) = (d.to_f32(), m.to_f32());
-            dense.extend(q.iter().map(|q| f32::from(q & 15) * d + m));
-            dense.extend(q.iter().map(|q| f32::from(q >> 4) * d + m));
+            raw.extend(q);
         }
-        (raw, dense)
+        raw
+    }
+
+    /// Raw ggml Q8_0 blocks of an `[n, k]` matrix: positive scales (ggml's are `amax / 127`),
+    /// every signed byte.
+    fn q8_0_raw(n: usize, k: usize) -> Vec<u8> {
+        let nb = n * k / QK;
+        let qs = pseudo_bytes(nb * 32, 5);
+        let mut raw = Vec::with_capacity(nb * 34);
+        for (b, q) in qs.chunks_exact(32).enumerate() {
+            let d = half::f16::from_f32(1e-4 * (1.0 + (b * 41 % 997) as f32));
+            raw.extend(d.to_bits().to_le_bytes());
+            raw.extend(q);
+        }
+        raw
+    }
+
+    /// candle's own reading of raw blocks: the bytes as candle stores them (what the GGUF loader
+    /// hands to [`Matrix::from_q4_1`] / [`Matrix::from_q8_0`]) and candle's `dequantize`.
+    fn candle_dequantized(
+        dtype: candle_core::quantized::GgmlDType,
+        n: usize,
+        k: usize,
+        raw: &[u8],
+    ) -> (Vec<u8>, Vec<f32>) {
+        use candle_core::quantized::{QStorage, QTensor};
+        let cpu = candle_core::Device::Cpu;
+        let storage = QStorage::from_data(std::borrow::Cow::Borrowed(raw), &cpu, dtype);
+        let q = QTensor::new(storage.expect("candle storage"), (n, k)).expect("candle QTensor");
+        assert_eq!(q.dtype(), dtype);
+        let data = q.data().expect("candle raw data").into_owned();
+        assert_eq!(data, raw, "candle keeps the blocks as given");
+        let dense = q
+            .dequantize(&cpu)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("candle dequantize");
+        assert_eq!(dense.len(), n * k);
+        (data, dense)
+    }
+
+    /// The weights a kernel multiplies with, read back through products with unit rows: row
+    /// `e_i` times `Wᵀ` is column `i` of `W`, exactly (one product `1·w`, every other term a
+    /// zero; a zero `w` comes back as `+0`). The unit rows go `group` at a time, so that every
+    /// kernel for that many rows is the one read.
+    fn weights_seen_by_kernel(mm: &Matrix, group: usize) -> Vec<f32> {
+        let (n, k) = (mm.n, mm.k);
+        let mut w = vec![f32::NAN; n * k];
+        for i0 in (0..k).step_by(group) {
+            let g = group.min(k - i0);
+            let mut x = vec![0f32; g * k];
+            for r in 0..g {
+                x[r * k + i0 + r] = 1.0;
+            }
+            let out = mm.matmul_nt(&x).expect("product");
+            assert_eq!(out.len(), g * n);
+            for r in 0..g {
+                for j in 0..n {
+                    w[j * k + i0 + r] = out[r * n + j];
+                }
+            }
+        }
+        w
     }
 
     #[test]
-    fn q4_1_dequantizes_like_candle_and_multiplies_in_f32() {
+    fn quantized_kernels_dequantize_like_candle() {
+        use candle_core::quantized::GgmlDType;
+        // 1..3 rows: Q4_1 in registers (x86-64-v3); 4 and 8: dequantized into a shared copy
+        // (and Q8_0 always); the last group of each size is shorter than the others.
+        let (n, k) = (70, 96);
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (raw, want) = match dtype {
+                GgmlDType::Q4_1 => candle_dequantized(dtype, n, k, &q4_1_raw(n, k)),
+                _ => candle_dequantized(dtype, n, k, &q8_0_raw(n, k)),
+            };
+            // The data does not degenerate: finite, both signs, no -0 (which a product cannot
+            // return).
+            assert!(want
+                .iter()
+                .all(|w| w.is_finite() && w.to_bits() != (-0f32).to_bits()));
+            assert!(want.iter().filter(|w| **w > 0.0).count() > n * k / 4);
+            assert!(want.iter().filter(|w| **w < 0.0).count() > n * k / 4);
+            let mm = match dtype {
+                GgmlDType::Q4_1 => Matrix::from_q4_1(n, k, &raw),
+                _ => Matrix::from_q8_0(n, k, &raw),
+            }
+            .expect("matrix");
+            for group in [1, 2, 3, 4, 8] {
+                let got = weights_seen_by_kernel(&mm, group);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "{dtype:?}, {group} rows: weight [{}, {}]: {g:e} vs candle's {w:e}",
+                        i / k,
+                        i % k
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q4_1_multiplies_in_f32() {
         for (m, n, k) in [
             (1, 3, 32),
             (2, 65, 64),
@@ -573,7 +684,12 @@ mod tests {
             (8, 66, 576),
             (9, 5, 64),
         ] {
-            let (raw, dense) = q4_1_raw(n, k);
+            let (raw, dense) = candle_dequantized(
+                candle_core::quantized::GgmlDType::Q4_1,
+                n,
+                k,
+                &q4_1_raw(n, k),
+            );
             let x = pseudo(m * k, 4);
             let got = Matrix::from_q4_1(n, k, &raw).and_then(|mm| mm.matmul_nt(&x));
             check_close(&got.unwrap_or_default(), &naive(&x, &dense, k), k);
@@ -582,21 +698,17 @@ mod tests {
 
     #[test]
     fn q8_0_multiplies_in_f32() {
-        let (n, k, m) = (70, 96, 3);
-        let mut raw = Vec::new();
-        let mut dense = Vec::new();
-        for b in 0..n * k / 32 {
-            let d = half::f16::from_f32(0.002 * (1 + b % 7) as f32);
-            raw.extend(d.to_bits().to_le_bytes());
-            for i in 0..32 {
-                let q = ((b * 31 + i * 17) % 255) as i32 - 127;
-                raw.push(q as i8 as u8);
-                dense.push(q as f32 * d.to_f32());
-            }
+        for (m, n, k) in [(1, 7, 32), (3, 70, 96), (6, 130, 576)] {
+            let (raw, dense) = candle_dequantized(
+                candle_core::quantized::GgmlDType::Q8_0,
+                n,
+                k,
+                &q8_0_raw(n, k),
+            );
+            let x = pseudo(m * k, 5);
+            let got = Matrix::from_q8_0(n, k, &raw).and_then(|mm| mm.matmul_nt(&x));
+            check_close(&got.unwrap_or_default(), &naive(&x, &dense, k), k);
         }
-        let x = pseudo(m * k, 5);
-        let got = Matrix::from_q8_0(n, k, &raw).and_then(|mm| mm.matmul_nt(&x));
-        check_close(&got.unwrap_or_default(), &naive(&x, &dense, k), k);
     }
 
     #[test]
@@ -604,7 +716,7 @@ mod tests {
         let k = 576;
         let mats: Vec<Matrix> = [576, 192, 1536]
             .into_iter()
-            .filter_map(|n| Matrix::from_q4_1(n, k, &q4_1_raw(n, k).0))
+            .filter_map(|n| Matrix::from_q4_1(n, k, &q4_1_raw(n, k)))
             .collect();
         assert_eq!(mats.len(), 3);
         let refs: Vec<&Matrix> = mats.iter().collect();
@@ -615,7 +727,7 @@ mod tests {
             assert_eq!(many, one, "{m} rows");
         }
         // Dense weights, mismatched inner sizes and partial rows are left to one-by-one calls.
-        let q = Matrix::from_q4_1(64, 64, &q4_1_raw(64, 64).0);
+        let q = Matrix::from_q4_1(64, 64, &q4_1_raw(64, 64));
         let dense = Tensor::from_slice(&pseudo(64 * 64, 7), (64, 64), &candle_core::Device::Cpu)
             .ok()
             .and_then(|t| Matrix::from_f32(&t));

@@ -140,35 +140,123 @@ fn the_seeds_example_completes_autoregressive() {
     }
 }
 
+/// The bytes of every token of the default model, read from the GGUF file's vocabulary
+/// (`tokenizer.ggml.tokens`, GPT-2's byte-level strings) through GPT-2's byte-to-character
+/// table: an independent reading of what the tokenizer's pieces stand for.
+fn vocabulary_bytes() -> Vec<Vec<u8>> {
+    // GPT-2's `bytes_to_unicode`: printable bytes stand for themselves, the others for 256.. in
+    // byte order.
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut byte_of = std::collections::HashMap::new();
+    let mut next = 256u32;
+    for b in 0..=255u8 {
+        let c = if printable(b) {
+            u32::from(b)
+        } else {
+            next += 1;
+            next - 1
+        };
+        byte_of.insert(char::from_u32(c).expect("char"), b);
+    }
+    let path = crate::default_model_path();
+    let mut file = std::fs::File::open(&path).expect("open the model");
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).expect("GGUF");
+    let tokens = content.metadata["tokenizer.ggml.tokens"]
+        .to_vec()
+        .expect("token list");
+    tokens
+        .iter()
+        .map(|t| {
+            let s = t.to_string().expect("token string");
+            s.chars()
+                .map(|c| *byte_of.get(&c).unwrap_or_else(|| panic!("{c:?} in {s:?}")))
+                .collect()
+        })
+        .collect()
+}
+
 #[test]
 fn tokens_round_trip_and_cover_the_text() {
     let backend = smollm2(Precision::F32);
-    for text in [
-        "Zażółć gęślą jaźń — Łódź, Kraków i Gdańsk.",
-        "fn main() {\n    println!(\"{}\", 12345 + 0x1F);\n}\n",
-        "日本語のテキストと絵文字 🦀🚀 mixed with ASCII",
-        "  leading spaces,\ttabs\r\nand <|im_start|> special tokens",
+    let vocab = vocabulary_bytes();
+    assert_eq!(vocab.len(), backend.info().vocab_size);
+    let floor = |text: &str, mut i: usize| {
+        while !text.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    };
+    let ceil = |text: &str, mut i: usize| {
+        while !text.is_char_boundary(i) {
+            i += 1;
+        }
+        i
+    };
+    // Each text, with how many of its tokens hold only part of a character.
+    for (text, partial) in [
+        ("Zażółć gęślą jaźń — Łódź, Kraków i Gdańsk.", 10),
+        ("fn main() {\n    println!(\"{}\", 12345 + 0x1F);\n}\n", 0),
+        ("日本語のテキストと絵文字 🦀🚀 mixed with ASCII", 24),
+        (
+            "  leading spaces,\ttabs\r\nand <|im_start|> special tokens",
+            0,
+        ),
     ] {
         let tokens = backend.tokenize(text).expect("tokenize");
-        assert!(!tokens.is_empty());
-        let mut end = 0;
+        assert!(!tokens.is_empty(), "{text:?}");
+        // The tokens' bytes, in order, are the text's bytes: token i holds bytes
+        // `at[i]..at[i + 1]`.
+        let mut at = vec![0];
+        let mut bytes = Vec::new();
         for t in &tokens {
-            assert!(
-                t.start >= end.min(t.start) && t.end >= t.start && t.end <= text.len(),
-                "{t:?} in {text:?}"
+            let piece = &vocab[t.id as usize];
+            assert!(!piece.is_empty(), "{t:?}");
+            bytes.extend_from_slice(piece);
+            at.push(bytes.len());
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            text,
+            "the tokens' bytes spell the text"
+        );
+        // A token's offsets are its bytes widened to whole characters: tokens are in order,
+        // contiguous where they end on a character boundary, and two tokens overlap exactly
+        // when they share the one character between them; together they cover every byte.
+        let mut split = 0;
+        for (i, t) in tokens.iter().enumerate() {
+            let (b0, b1) = (at[i], at[i + 1]);
+            assert_eq!(
+                (t.start, t.end),
+                (floor(text, b0), ceil(text, b1)),
+                "{t:?} holds bytes {b0}..{b1} of {text:?}"
             );
-            assert!(
-                text.is_char_boundary(t.start) && text.is_char_boundary(t.end),
-                "{t:?} splits a character of {text:?}"
-            );
-            end = t.end;
+            let whole = text.is_char_boundary(b0) && text.is_char_boundary(b1);
+            if let Some(prev) = i.checked_sub(1).map(|j| &tokens[j]) {
+                if text.is_char_boundary(b0) {
+                    assert_eq!(t.start, prev.end, "{prev:?} then {t:?} in {text:?}");
+                } else {
+                    let shared = &text[t.start..prev.end];
+                    assert_eq!(shared.chars().count(), 1, "{prev:?} then {t:?}");
+                    assert!(t.end >= prev.end, "{prev:?} then {t:?}");
+                }
+            } else {
+                assert_eq!(t.start, 0);
+            }
+            // The piece is the token's bytes as text: the text itself when they are whole
+            // characters, with U+FFFD for a partial character otherwise.
+            assert_eq!(t.text, String::from_utf8_lossy(&bytes[b0..b1]), "{t:?}");
+            if whole {
+                assert_eq!(t.text, text[t.start..t.end], "{t:?}");
+            } else {
+                assert!(t.text.contains('\u{FFFD}'), "{t:?}");
+                split += 1;
+            }
         }
         assert_eq!(tokens.last().map(|t| t.end), Some(text.len()), "{text:?}");
-        // The pieces' bytes concatenate to the text.
-        let pieces: String = tokens.iter().map(|t| t.text.clone()).collect();
-        if !pieces.contains('\u{FFFD}') {
-            assert_eq!(pieces, text);
-        }
+        assert_eq!(
+            split, partial,
+            "tokens with part of a character in {text:?}"
+        );
     }
     // A special token is one token.
     let t = backend.tokenize("<|im_start|>user").expect("tokenize");
