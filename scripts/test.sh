@@ -1,11 +1,52 @@
 #!/usr/bin/env bash
-# The project's test command (README): installs what the tests need that is not a Rust crate
-# (each scripts/deps/*.sh is idempotent and caches outside the clone), then runs every test.
+# The project's test command (README). Two tiers, both run by default:
+#
+#   fast  style and types (rustfmt, clippy with warnings denied, the extension's tsc), then the
+#         tests that need no model file: every crate's unit tests and the conformance suite on
+#         the in-memory reference backend. Under a minute warm.
+#   full  the integration tests (`tests/it` of each crate): real models (the default model is
+#         fetched on first use), the real daemon over real sockets, Neovim, VS Code, Chromium.
+#
+# Usage: scripts/test.sh [fast|full|all] [extra cargo test args]
+# Each scripts/deps/*.sh (idempotent, cached outside the clone) installs what the tests need
+# that is not a Rust crate; the fast tier needs only the extension's node modules.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for dep in scripts/deps/*.sh; do
-  [ -e "$dep" ] || continue
-  echo "==> $dep" >&2
-  bash "$dep"
-done
-cargo test --workspace --locked "$@"
+tier=${1:-all}
+case "$tier" in
+  fast | full | all) shift $(( $# > 0 ? 1 : 0 )) ;;
+  *) tier=all ;;
+esac
+step() { echo "==> $*" >&2; }
+
+deps() {
+  for dep in scripts/deps/*.sh; do
+    [ -e "$dep" ] || continue
+    step "$dep"
+    bash "$dep"
+  done
+}
+
+fast() {
+  step "cargo fmt --check"
+  cargo fmt --all --check
+  step "cargo clippy (deny warnings)"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+  step "tsc --noEmit (editors/vscode)"
+  (cd editors/vscode && npm run --silent typecheck)
+  step "fast tests: unit tests and the conformance suite on the reference backend"
+  cargo test --workspace --locked --lib --bins "$@"
+  cargo test --locked -p lens-conformance --tests "$@"
+}
+
+full() {
+  step "full tests: real models, the daemon, editors and browser"
+  cargo test --workspace --locked --test it "$@"
+}
+
+deps
+case "$tier" in
+  fast) fast "$@" ;;
+  full) full "$@" ;;
+  all) fast "$@"; full "$@" ;;
+esac

@@ -12,6 +12,9 @@ pub enum Error {
     Truncated { path: String, detail: String },
     #[error("unsupported architecture `{0}` (this backend knows: llama, mistral, qwen2)")]
     UnsupportedArchitecture(String),
+    /// A load option this backend cannot honour.
+    #[error("{0}")]
+    Option(String),
     #[error("unsupported model: {0}")]
     Unsupported(String),
     #[error("malformed model file: {0}")]

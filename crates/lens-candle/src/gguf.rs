@@ -173,7 +173,8 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
     let types = weight_types(&content);
     let precision = match precision {
         Precision::F32 => format!("f32 (dequantized from {types})"),
-        Precision::Fast => format!("quantized matmuls ({types})"),
+        // `CandleBackend::load` admits only f32 and fast.
+        _ => format!("quantized matmuls ({types})"),
     };
     Ok(Loaded {
         model: Model::new(cfg, embed, blocks, final_norm, unembed, device.clone())?

@@ -13,41 +13,23 @@ mod tokenizer;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use candle_core::Device;
-use lens_core::{Backend, CaptureOptions, HiddenStates, LensKind, ModelInfo, Stop, Token};
+use lens_core::{
+    Backend, Capabilities, CaptureOptions, Device as LensDevice, HiddenStates, LensKind,
+    LoadOptions, Loader, ModelInfo, Source, SourceKind, Stop, Token,
+};
 
 pub use error::Error;
+/// The precisions this backend offers are [`Precision::F32`] (every weight dequantized to f32:
+/// the reference path, whose numbers match HF transformers on the same dequantized weights)
+/// and [`Precision::Fast`] (a GGUF file's blocks multiplied by candle's quantized kernels,
+/// activations quantized to 8 bits inside the products as llama.cpp does; the lens readout
+/// stays f32).
+pub use lens_core::Precision;
 use model::{KvCache, Model};
 use tokenizer::ModelTokenizer;
-
-/// How the weights are used in matrix products.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// Every weight dequantized to f32 and multiplied in f32: the reference path, whose
-    /// numbers match HF transformers on the same dequantized weights.
-    #[default]
-    F32,
-    /// The blocks' weights multiplied by candle's quantized kernels (activations quantized to
-    /// 8 bits inside the products, as llama.cpp does): faster single tokens. The lens readout
-    /// (final norm + unembedding) stays f32 on both paths.
-    Fast,
-}
-
-impl FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "f32" => Ok(Precision::F32),
-            "fast" => Ok(Precision::Fast),
-            other => Err(format!(
-                "unknown precision `{other}` (expected f32 or fast)"
-            )),
-        }
-    }
-}
 
 /// A loaded model.
 pub struct CandleBackend {
@@ -61,6 +43,11 @@ impl CandleBackend {
     pub fn load(path: &Path, precision: Precision) -> Result<Self, Error> {
         let device = Device::Cpu;
         let display = path.display().to_string();
+        if !matches!(precision, Precision::F32 | Precision::Fast) {
+            return Err(Error::Option(format!(
+                "the candle backend has no {precision} precision (it offers f32, fast)"
+            )));
+        }
         if !path.exists() {
             return Err(Error::Io {
                 path: display,
@@ -73,6 +60,9 @@ impl CandleBackend {
             if gguf::is_gguf(path) {
                 gguf::load(path, precision, &device)
             } else if hf::is_hf_folder(path) {
+                if precision == Precision::Fast {
+                    return Err(Error::Option(FAST_NEEDS_GGUF.into()));
+                }
                 hf::load(path, &device)
             } else if path.is_file() {
                 std::fs::File::open(path).map_err(|source| Error::Io {
@@ -217,6 +207,13 @@ impl Backend for CandleBackend {
         }
     }
 
+    fn state_bytes(&self, states: &HiddenStates) -> usize {
+        states
+            .backend_state()
+            .and_then(|s| s.downcast_ref::<KvCache>())
+            .map_or(0, KvCache::bytes)
+    }
+
     /// Small batches (the daemon's hovers) stop between blocks of the vocabulary; large ones
     /// only before they start.
     fn readout_until(
@@ -282,10 +279,84 @@ impl CandleBackend {
     }
 }
 
-/// Bytes a backend state (the KV cache attached to [`HiddenStates`]) holds.
-pub fn backend_state_bytes(states: &HiddenStates) -> usize {
-    states
-        .backend_state()
-        .and_then(|s| s.downcast_ref::<KvCache>())
-        .map_or(0, KvCache::bytes)
+const FAST_NEEDS_GGUF: &str = "--precision fast multiplies a GGUF file's quantized blocks; \
+an HF folder's weights are dense safetensors: use --precision f32";
+
+/// The candle backend's entry in a registry of backends.
+pub struct CandleLoader;
+
+/// The loader the binary registers (behind its `candle` feature).
+pub static LOADER: CandleLoader = CandleLoader;
+
+impl Loader for CandleLoader {
+    fn name(&self) -> &'static str {
+        "candle"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            sources: vec![SourceKind::Gguf, SourceKind::HfFolder],
+            devices: vec![LensDevice::Cpu],
+            precisions: vec![Precision::F32, Precision::Fast],
+            architectures: model::ARCHITECTURES.to_vec(),
+        }
+    }
+
+    fn supports(&self, source: &Source, options: &LoadOptions) -> Result<(), lens_core::Error> {
+        if let Some(why) = self.capabilities().refuse(self.name(), source, options) {
+            return Err(lens_core::Error::Unsupported(why));
+        }
+        if source.kind() == SourceKind::HfFolder && options.precision == Precision::Fast {
+            return Err(lens_core::Error::Unsupported(FAST_NEEDS_GGUF.into()));
+        }
+        Ok(())
+    }
+
+    fn load(
+        &self,
+        source: &Source,
+        options: &LoadOptions,
+    ) -> Result<Box<dyn Backend>, lens_core::Error> {
+        self.supports(source, options)?;
+        if let Some(n) = options.threads {
+            threads(n)?;
+        }
+        let path = match source {
+            Source::Gguf(p) | Source::HfFolder(p) => p,
+            Source::Named(_) => unreachable_source()?,
+        };
+        let backend = CandleBackend::load(path, options.precision).map_err(|e| match e {
+            Error::Option(why) => lens_core::Error::Unsupported(why),
+            e => lens_core::Error::Load(e.to_string()),
+        })?;
+        Ok(Box::new(backend))
+    }
+}
+
+/// `supports` refuses named sources before `load` matches on them.
+fn unreachable_source() -> Result<&'static Path, lens_core::Error> {
+    Err(lens_core::Error::Unsupported(
+        "the candle backend loads files and folders, not named models".into(),
+    ))
+}
+
+/// Size rayon's global pool (which candle's kernels and the lens share) to `n` threads: once
+/// per process; asking again for another size is an error, not ignored.
+fn threads(n: usize) -> Result<(), lens_core::Error> {
+    if n == 0 {
+        return Err(lens_core::Error::Unsupported(
+            "--threads must be at least 1".into(),
+        ));
+    }
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+    {
+        Ok(()) => Ok(()),
+        Err(_) if rayon::current_num_threads() == n => Ok(()),
+        Err(_) => Err(lens_core::Error::Unsupported(format!(
+            "the thread pool already runs {} threads; it cannot change to {n} in this process",
+            rayon::current_num_threads()
+        ))),
+    }
 }

@@ -10,6 +10,9 @@ use rayon::prelude::*;
 use crate::kernels::Matrix;
 use crate::Error;
 
+/// The architectures (`general.architecture` / `model_type`) this forward pass implements.
+pub(crate) const ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2"];
+
 /// How q/k rows are laid out for rotary embeddings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RopeLayout {

@@ -1,8 +1,10 @@
 use std::fmt;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::HiddenStates;
+use crate::lens::{host_lens, LensRequest};
+use crate::{HiddenStates, PositionView};
 
 /// What a backend knows about the model it has loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +45,8 @@ pub enum LensKind {
 }
 
 impl LensKind {
+    pub const ALL: [LensKind; 2] = [LensKind::Norm, LensKind::Raw];
+
     pub fn as_str(self) -> &'static str {
         match self {
             LensKind::Norm => "norm",
@@ -54,6 +58,17 @@ impl LensKind {
 impl fmt::Display for LensKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for LensKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        LensKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown lens `{s}`: use norm or raw"))
     }
 }
 
@@ -77,6 +92,12 @@ pub enum Error {
     PositionOutOfRange { position: usize, len: usize },
     #[error("layer {layer} is outside the model's layers 0..={max}")]
     LayerOutOfRange { layer: usize, max: usize },
+    /// A layer selection that does not fit the model (see [`crate::IndexSpec`]).
+    #[error("{0}")]
+    Layers(String),
+    /// A position selection that does not fit the prompt (see [`crate::IndexSpec`]).
+    #[error("{0}")]
+    Positions(String),
     #[error("the hidden states do not match the model: {0}")]
     Shape(String),
     #[error("tokenizer: {0}")]
@@ -85,6 +106,12 @@ pub enum Error {
     Backend(String),
     #[error("stopped before it finished")]
     Stopped,
+    /// A loader cannot do what was asked (a source, device or precision it does not offer).
+    #[error("{0}")]
+    Unsupported(String),
+    /// Loading a model failed (the backend's own error, as text).
+    #[error("{0}")]
+    Load(String),
 }
 
 /// A request to give up on work that is no longer wanted (a cancelled request, a hover for a
@@ -184,5 +211,23 @@ pub trait Backend: Send + Sync {
     fn readout_until(&self, rows: &[f32], lens: LensKind, stop: &Stop) -> Result<Vec<f32>, Error> {
         stop.check()?;
         self.readout(rows, lens)
+    }
+
+    /// Read the lens at the cells `request` asks for and reduce each to a [`crate::Cell`]:
+    /// readout, log-softmax, top-k (ties to the lower id), entropy, KL to the model output,
+    /// ranks. The default is the host implementation ([`host_lens`]): rows go through
+    /// [`Backend::readout_until`] in bounded batches and are reduced by [`crate::math`]. A
+    /// backend that keeps its states on a device overrides it to reduce there and return only
+    /// the small results; the conformance suite holds an override to the host math. The
+    /// request has been validated ([`crate::Lens`] checks positions and sites first).
+    fn lens(&self, request: &LensRequest<'_>, stop: &Stop) -> Result<Vec<PositionView>, Error> {
+        host_lens(self, request, stop)
+    }
+
+    /// Bytes the backend's own per-prompt state attached to `states` holds (its KV cache),
+    /// for the daemon's cache budget. The default: none.
+    fn state_bytes(&self, states: &HiddenStates) -> usize {
+        let _ = states;
+        0
     }
 }

@@ -37,6 +37,9 @@ pub struct Cell {
     pub next: Option<NextToken>,
     /// Rank, in this cell, of the model's final top-1 token at the same position.
     pub final_top1_rank: usize,
+    /// Probability, in this cell, of the model's final top-1 token at the same position (the
+    /// trajectory of the model's answer across layers).
+    pub final_top1_prob: f32,
 }
 
 /// Every requested site at one position.
@@ -72,6 +75,92 @@ impl SiteLogits {
         let row = self.row(i)?;
         let x = *row.get(id as usize)?;
         Some((math::exp(x - self.log_z.get(i)?), math::rank_of(row, x)))
+    }
+}
+
+/// The cells a lens readout is asked for: every site at each position, position-major.
+#[derive(Debug, Clone, Copy)]
+pub struct LensRequest<'a> {
+    pub states: &'a HiddenStates,
+    pub positions: &'a [usize],
+    pub sites: &'a [Site],
+    pub kind: LensKind,
+    /// Predictions kept per cell.
+    pub top_k: usize,
+}
+
+/// The lens on the host: rows read out in bounded batches through
+/// [`Backend::readout_until`], each reduced at once by [`crate::math`] (the default of
+/// [`Backend::lens`], and the reference every override is held to).
+pub fn host_lens<B: Backend + ?Sized>(
+    backend: &B,
+    request: &LensRequest<'_>,
+    stop: &Stop,
+) -> Result<Vec<PositionView>, Error> {
+    let host = Host(backend);
+    let lens = Lens {
+        backend: &host,
+        states: request.states,
+        kind: request.kind,
+        top_k: request.top_k,
+        stop: stop.clone(),
+    };
+    let (positions, sites) = (request.positions, request.sites);
+    let final_in_sites = lens.check(positions, sites)?;
+    let per_position = sites.len() + usize::from(!final_in_sites);
+    let chunk = (ROWS_PER_READOUT / per_position.max(1)).max(1);
+    let vocab = backend.info().vocab_size;
+    let mut views = Vec::with_capacity(positions.len());
+    for group in positions.chunks(chunk) {
+        let (site_logits, final_logits) = lens.read_group(group, sites, final_in_sites)?;
+        let group_views: Vec<PositionView> = group
+            .par_iter()
+            .enumerate()
+            .map(|(g, &position)| {
+                let rows = &site_logits[g * sites.len() * vocab..(g + 1) * sites.len() * vocab];
+                let final_row = lens.final_row(g, sites, rows, final_logits.as_deref());
+                lens.view(position, sites, rows, final_row).0
+            })
+            .collect();
+        views.extend(group_views);
+    }
+    Ok(views)
+}
+
+/// A backend seen only through its readout: [`host_lens`] runs [`Lens`]'s batching on it
+/// without recursing into the backend's own [`Backend::lens`].
+struct Host<'b, B: ?Sized>(&'b B);
+
+impl<B: Backend + ?Sized> Backend for Host<'_, B> {
+    fn info(&self) -> &crate::ModelInfo {
+        self.0.info()
+    }
+    fn tokenize(&self, text: &str) -> Result<Vec<crate::Token>, Error> {
+        self.0.tokenize(text)
+    }
+    fn decode(&self, id: u32) -> String {
+        self.0.decode(id)
+    }
+    fn forward(
+        &self,
+        tokens: &[u32],
+        options: crate::CaptureOptions,
+    ) -> Result<HiddenStates, Error> {
+        self.0.forward(tokens, options)
+    }
+    fn readout(&self, rows: &[f32], lens: LensKind) -> Result<Vec<f32>, Error> {
+        self.0.readout(rows, lens)
+    }
+    fn readout_until(&self, rows: &[f32], lens: LensKind, stop: &Stop) -> Result<Vec<f32>, Error> {
+        self.0.readout_until(rows, lens, stop)
+    }
+    /// Never called: [`host_lens`] drives the batches itself. Defined so that the default
+    /// (which would wrap `Host` in `Host` again) is not instantiated.
+    fn lens(&self, request: &LensRequest<'_>, stop: &Stop) -> Result<Vec<PositionView>, Error> {
+        let _ = (request, stop);
+        Err(Error::Backend(
+            "the host readout has no lens of its own".into(),
+        ))
     }
 }
 
@@ -185,30 +274,33 @@ impl<'a> Lens<'a> {
         self.positions(&positions, sites)
     }
 
-    /// The lens at `sites` for each of `positions`, in that order.
+    /// The lens at `sites` for each of `positions`, in that order, through the backend's
+    /// [`Backend::lens`] (the host math unless the backend reduces on its device).
     pub fn positions(
         &self,
         positions: &[usize],
         sites: &[Site],
     ) -> Result<Vec<PositionView>, Error> {
-        let final_in_sites = self.check(positions, sites)?;
-        let per_position = sites.len() + usize::from(!final_in_sites);
-        let chunk = (ROWS_PER_READOUT / per_position.max(1)).max(1);
-
-        let mut views = Vec::with_capacity(positions.len());
-        for group in positions.chunks(chunk) {
-            let (site_logits, final_logits) = self.read_group(group, sites, final_in_sites)?;
-            let vocab = self.backend.info().vocab_size;
-            let group_views: Vec<PositionView> = group
-                .par_iter()
-                .enumerate()
-                .map(|(g, &position)| {
-                    let rows = &site_logits[g * sites.len() * vocab..(g + 1) * sites.len() * vocab];
-                    let final_row = self.final_row(g, sites, rows, final_logits.as_deref());
-                    self.view(position, sites, rows, final_row).0
-                })
-                .collect();
-            views.extend(group_views);
+        self.check(positions, sites)?;
+        let request = LensRequest {
+            states: self.states,
+            positions,
+            sites,
+            kind: self.kind,
+            top_k: self.top_k,
+        };
+        let views = self.backend.lens(&request, &self.stop)?;
+        if views.len() != positions.len()
+            || views
+                .iter()
+                .zip(positions)
+                .any(|(v, &p)| v.position != p || v.cells.len() != sites.len())
+        {
+            return Err(Error::Shape(format!(
+                "the backend's lens returned {} positions for {} asked",
+                views.len(),
+                positions.len()
+            )));
         }
         Ok(views)
     }
@@ -394,6 +486,7 @@ impl<'a> Lens<'a> {
             kl_to_final: stats.kl.unwrap_or(0.0),
             next,
             final_top1_rank: math::rank_of(row, logit_of(final_top1)),
+            final_top1_prob: stats.prob(logit_of(final_top1)),
         }
     }
 }

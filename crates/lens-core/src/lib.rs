@@ -4,6 +4,8 @@
 //! [`HiddenStates`]; it also applies the lens readout (final norm, then unembedding) to rows of
 //! hidden states. Everything else — log-softmax, top-k, entropy, KL to the final layer, ranks —
 //! lives here and is computed lazily, one (layer, position) row at a time, by [`Lens`].
+//! Backends are found through their [`Loader`]s, collected in a [`Registry`]; a [`Query`] is
+//! the one pipeline every output (table, JSON, plots, the daemon) reads the lens through.
 //!
 //! This crate does no IO and knows no tensor library. After [`HiddenStates::new`] has
 //! validated shapes, the math cannot fail; only the backend's readout can.
@@ -11,8 +13,18 @@
 mod backend;
 mod hidden;
 mod lens;
+mod loader;
 pub mod math;
+mod query;
+pub mod spec;
 
 pub use backend::{Backend, CaptureOptions, Error, LensKind, ModelInfo, Stop, Token};
 pub use hidden::{HiddenStates, Site};
-pub use lens::{Cell, Lens, NextToken, PositionView, Prediction, SiteLogits};
+pub use lens::{
+    host_lens, Cell, Lens, LensRequest, NextToken, PositionView, Prediction, SiteLogits,
+};
+pub use loader::{
+    Capabilities, Device, LoadOptions, Loader, Precision, Registry, Source, SourceKind,
+};
+pub use query::{Answer, Query};
+pub use spec::IndexSpec;

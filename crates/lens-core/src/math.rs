@@ -53,6 +53,18 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<TopEntry> {
     top
 }
 
+/// The `f64` with the shortest decimal digits that round-trip `v` as an `f32`: `0.1f32`
+/// becomes `0.1`, not `0.10000000149011612`. Every output writes probabilities through it
+/// (the JSON report, the daemon, the plots' data), so the same `f32` prints the same bytes
+/// everywhere. Non-finite values pass through.
+pub fn shortest(v: f32) -> f64 {
+    if v.is_finite() {
+        v.to_string().parse::<f64>().unwrap_or(f64::from(v))
+    } else {
+        f64::from(v)
+    }
+}
+
 /// `a > b`, false when either is NaN.
 #[inline(always)]
 fn is_greater(a: f32, b: f32) -> bool {

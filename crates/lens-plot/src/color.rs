@@ -18,6 +18,17 @@ pub fn table() -> &'static [String] {
     })
 }
 
+/// Viridis at `t` in `[0, 1]` as RGB (the table's entry: terminals, SVG and page agree).
+pub fn rgb(t: f64) -> (u8, u8, u8) {
+    let c = colorous::VIRIDIS.eval_continuous(index(t) as f64 / (STEPS - 1) as f64);
+    (c.r, c.g, c.b)
+}
+
+/// Whether text on viridis at `t` reads better dark than white ([`text_on`]).
+pub fn dark_text(t: f64) -> bool {
+    text_on(index(t)) == "#111111"
+}
+
 /// Index into [`table`] of `t` in `[0, 1]` (clamped; NaN maps to 0).
 pub fn index(t: f64) -> usize {
     let t = if t.is_nan() { 0.0 } else { t.clamp(0.0, 1.0) };
@@ -55,6 +66,9 @@ mod tests {
         assert_eq!(table()[255], "#fde725");
         assert_eq!(index(0.5), 128);
         assert_eq!(index(f64::NAN), 0);
+        assert_eq!(rgb(0.0), (0x44, 0x01, 0x54));
+        assert_eq!(rgb(1.0), (0xfd, 0xe7, 0x25));
+        assert_eq!(rgb(f64::NAN), rgb(0.0));
         assert_eq!(text_on(0), "#ffffff");
         assert_eq!(text_on(255), "#111111");
     }

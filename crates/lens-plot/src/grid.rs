@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use lens_core::{LensKind, Site};
+use lens_core::{Cell, LensKind, PositionView, Site};
 
 use crate::text::visible;
 use crate::{color, Plot};
@@ -145,6 +145,44 @@ impl Scale {
     }
 }
 
+/// A column's trajectory chart: the probability of the model's final top-1 and of the
+/// actual next token at every layer (one line when they are the same token), read from the
+/// cells.
+fn tracks(
+    view: &PositionView,
+    layers: &[usize],
+    final_top1: &str,
+    next_id: Option<u32>,
+    next: Option<&str>,
+) -> Vec<TrackData> {
+    let per_layer = |f: &dyn Fn(&Cell) -> Option<f32>| -> Vec<Option<f32>> {
+        layers
+            .iter()
+            .map(|&l| {
+                view.cells
+                    .iter()
+                    .find(|c| c.site == Site::Layer(l))
+                    .and_then(f)
+            })
+            .collect()
+    };
+    let same = next_id == Some(view.final_top1.id);
+    let mut out = vec![TrackData {
+        label: match same {
+            true => format!("final top-1 = next «{final_top1}»"),
+            false => format!("final top-1 «{final_top1}»"),
+        },
+        probs: per_layer(&|c| Some(c.final_top1_prob)),
+    }];
+    if let (false, Some(next)) = (same, next) {
+        out.push(TrackData {
+            label: format!("next «{next}»"),
+            probs: per_layer(&|c| c.next.map(|n| n.prob)),
+        });
+    }
+    out
+}
+
 pub struct Grid {
     pub model: String,
     pub lens: LensKind,
@@ -156,11 +194,12 @@ pub struct Grid {
 
 impl Grid {
     pub fn build(plot: &Plot<'_>) -> Grid {
-        let mut layers = plot.layers.to_vec();
+        let mut layers = plot.answer.layers.clone();
         layers.sort_unstable();
         layers.dedup();
         let decode = |id: u32| visible(&(plot.decode)(id));
         let columns: Vec<Column> = plot
+            .answer
             .views
             .iter()
             .map(|view| {
@@ -196,57 +235,7 @@ impl Grid {
                     })
                     .collect();
                 let final_top1 = decode(view.final_top1.id);
-                let mut tracks: Vec<TrackData> = plot
-                    .tracks
-                    .iter()
-                    .filter(|t| t.position == p)
-                    .map(|t| {
-                        let text = decode(t.id);
-                        let label = match (t.id == view.final_top1.id, Some(t.id) == next_id) {
-                            (true, true) => format!("final top-1 = next «{text}»"),
-                            (true, false) => format!("final top-1 «{text}»"),
-                            (false, true) => format!("next «{text}»"),
-                            (false, false) => format!("«{text}»"),
-                        };
-                        let probs = layers
-                            .iter()
-                            .map(|l| {
-                                t.layers
-                                    .iter()
-                                    .position(|x| x == l)
-                                    .and_then(|i| t.probs.get(i).copied())
-                            })
-                            .collect();
-                        TrackData { label, probs }
-                    })
-                    .collect();
-                if tracks.is_empty() {
-                    // What the views hold: the next token's probability at every layer, and the
-                    // final top-1's where it is in the cell's top-k.
-                    let id = view.final_top1.id;
-                    tracks.push(TrackData {
-                        label: format!("final top-1 «{final_top1}» (where in top-k)"),
-                        probs: layers
-                            .iter()
-                            .map(|&l| {
-                                let c = view.cells.iter().find(|c| c.site == Site::Layer(l))?;
-                                c.top.iter().find(|t| t.id == id).map(|t| t.prob)
-                            })
-                            .collect(),
-                    });
-                    if let Some(next_text) = &next {
-                        tracks.push(TrackData {
-                            label: format!("next «{next_text}»"),
-                            probs: layers
-                                .iter()
-                                .map(|&l| {
-                                    let c = view.cells.iter().find(|c| c.site == Site::Layer(l))?;
-                                    c.next.map(|n| n.prob)
-                                })
-                                .collect(),
-                        });
-                    }
-                }
+                let tracks = tracks(view, &layers, &final_top1, next_id, next.as_deref());
                 Column {
                     position: p,
                     input,
@@ -259,7 +248,7 @@ impl Grid {
             .collect();
         let mut grid = Grid {
             model: plot.model.to_string(),
-            lens: plot.lens,
+            lens: plot.answer.kind,
             layers,
             columns,
             scales: Vec::new(),

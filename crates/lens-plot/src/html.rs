@@ -1,6 +1,7 @@
 //! The heatmap as one self-contained HTML page: data as JSON in a `<script>` element, the
 //! page's CSS and JS inline (`page.css`, `page.js`), nothing fetched from the network.
 
+use lens_core::math::shortest;
 use serde_json::{json, Value};
 
 use crate::grid::{Grid, Metric};
@@ -93,11 +94,11 @@ fn data(grid: &Grid, options: &Options) -> Value {
                         let colors: Vec<Value> =
                             Metric::ALL.iter().map(|&m| json!(grid.color_index(c, m))).collect();
                         json!({
-                            "top": c.top.iter().map(|(t, p)| json!([t, round(f64::from(*p))])).collect::<Vec<_>>(),
-                            "entropy": round(c.entropy),
-                            "kl": round(c.kl),
+                            "top": c.top.iter().map(|(t, p)| json!([t, shortest(*p)])).collect::<Vec<_>>(),
+                            "entropy": c.entropy,
+                            "kl": c.kl,
                             "next_rank": c.next.map(|(r, _)| r + 1),
-                            "next_prob": c.next.map(|(_, p)| round(f64::from(p))),
+                            "next_prob": c.next.map(|(_, p)| shortest(p)),
                             "final_top1_rank": c.final_top1_rank + 1,
                             "hit": c.hit,
                             "c": colors,
@@ -111,7 +112,7 @@ fn data(grid: &Grid, options: &Options) -> Value {
                 .map(|t| {
                     json!({
                         "label": t.label,
-                        "probs": t.probs.iter().map(|p| p.map(|p| round(f64::from(p)))).collect::<Vec<_>>(),
+                        "probs": t.probs.iter().map(|p| p.map(shortest)).collect::<Vec<_>>(),
                     })
                 })
                 .collect();
@@ -137,14 +138,4 @@ fn data(grid: &Grid, options: &Options) -> Value {
         "scales": scales,
         "columns": columns,
     })
-}
-
-/// Six significant digits are plenty for a page and keep it small.
-fn round(x: f64) -> f64 {
-    if !x.is_finite() || x == 0.0 {
-        return x;
-    }
-    let digits = 6 - x.abs().log10().ceil() as i32;
-    let f = 10_f64.powi(digits);
-    (x * f).round() / f
 }

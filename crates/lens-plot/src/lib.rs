@@ -12,12 +12,12 @@ mod grid;
 mod html;
 mod svg;
 mod text;
-mod track;
 
-use lens_core::{LensKind, PositionView, Token};
+use lens_core::{Answer, Token};
 
+pub use color::{dark_text, rgb};
 pub use grid::Metric;
-pub use track::{tracks, Track};
+pub use text::visible;
 
 /// The font every label is drawn with: DejaVu Sans Condensed (see `fonts/PROVENANCE.md`).
 pub const FONT: &[u8] = include_bytes!("../fonts/DejaVuSansCondensed.ttf");
@@ -25,7 +25,7 @@ pub const FONT: &[u8] = include_bytes!("../fonts/DejaVuSansCondensed.ttf");
 /// Largest PNG side we render, in pixels (a guard against absurd `scale`s).
 pub const MAX_PNG_SIDE: u32 = 16_384;
 
-/// Errors of rasterising; [`tracks`] reports the backend's `lens_core::Error`.
+/// Errors of rasterising.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("the PNG scale must be a finite number in (0, 16], not {0}")]
@@ -38,23 +38,18 @@ pub enum Error {
     Png(String),
 }
 
-/// What to plot: the lens results and what is needed to label them.
+/// What to plot: a query's answer (`lens_core::Query::run`: one view per plotted position, in
+/// prompt order, and the layers) and what is needed to label it. The page's trajectory chart
+/// reads the cells too (each cell's final top-1 and next-token probabilities), so every number
+/// drawn comes from the one lens computation.
 pub struct Plot<'a> {
-    /// One view per plotted position, in prompt order (a contiguous range or the whole prompt).
-    pub views: &'a [PositionView],
+    pub answer: &'a Answer,
     /// The whole tokenized prompt (input labels, and the actual next tokens).
     pub tokens: &'a [Token],
-    /// The layers to show; cells of other layers in the views are ignored.
-    pub layers: &'a [usize],
     /// The text of a token id (`Backend::decode`).
     pub decode: &'a dyn Fn(u32) -> String,
     /// Model name for the title.
     pub model: &'a str,
-    pub lens: LensKind,
-    /// Per-layer probabilities of chosen tokens (see [`tracks`]) for the HTML page's trajectory
-    /// chart. When empty, the chart uses what the views hold: the actual next token's
-    /// probability at every layer, and the final top-1's where it is in a cell's top-k.
-    pub tracks: &'a [Track],
 }
 
 /// How to draw it.

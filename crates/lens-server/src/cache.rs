@@ -17,10 +17,6 @@ use dashmap::DashMap;
 use lens_core::{Backend, CaptureOptions, HiddenStates, Stop};
 use serde::Serialize;
 
-/// Bytes a backend state attached to [`HiddenStates`] holds (its KV cache); the server does
-/// not know the backend's type, so the binary passes this in.
-pub type StateBytes = Arc<dyn Fn(&HiddenStates) -> usize + Send + Sync>;
-
 type Computed = Result<Arc<HiddenStates>, Arc<lens_core::Error>>;
 
 struct Slot {
@@ -51,7 +47,6 @@ pub struct ActivationCache {
     misses: AtomicU64,
     tokens_reused: AtomicU64,
     tokens_computed: AtomicU64,
-    state_bytes: StateBytes,
     evicting: Mutex<()>,
 }
 
@@ -60,7 +55,7 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 }
 
 impl ActivationCache {
-    pub fn new(budget: usize, state_bytes: StateBytes) -> Self {
+    pub fn new(budget: usize) -> Self {
         ActivationCache {
             map: DashMap::new(),
             budget,
@@ -70,7 +65,6 @@ impl ActivationCache {
             misses: AtomicU64::new(0),
             tokens_reused: AtomicU64::new(0),
             tokens_computed: AtomicU64::new(0),
-            state_bytes,
             evicting: Mutex::new(()),
         }
     }
@@ -119,7 +113,7 @@ impl ActivationCache {
         match result {
             Ok(states) => {
                 if computed_here {
-                    let bytes = states.activation_bytes() + (self.state_bytes)(states);
+                    let bytes = states.activation_bytes() + backend.state_bytes(states);
                     slot.bytes.store(bytes, Ordering::Relaxed);
                     self.bytes.fetch_add(bytes, Ordering::Relaxed);
                     self.evict(&key);

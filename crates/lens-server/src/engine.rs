@@ -5,40 +5,75 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use lens_core::{Backend, HiddenStates, Lens, LensKind, Site, SiteLogits, Stop, Token};
+use lens_core::{
+    Answer, Backend, HiddenStates, IndexSpec, Lens, LensKind, Query, Site, SiteLogits, Stop, Token,
+};
 use serde::Deserialize;
 
-use crate::cache::{ActivationCache, CacheStats, StateBytes};
+use crate::cache::{ActivationCache, CacheStats};
 use crate::hover;
-use crate::layers::LayerSpec;
 use crate::wire::{self, Report};
-use crate::RpcError;
+use crate::{RpcError, Turns};
 
 /// Hover results kept (rendered markdown per tokens × position × options).
 const HOVER_CACHE_ENTRIES: usize = 512;
 
-/// `layers`: a `--layers` spec string or a list of layer numbers.
+/// `layers`: a `--layers` spec string or a list of layer numbers (negative from the end).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum LayersParam {
     Spec(String),
-    List(Vec<usize>),
+    List(Vec<i64>),
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum LensParam {
-    #[default]
-    Norm,
-    Raw,
+/// What every lens request may say about the lens: `layers`, `topK`, `lens`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LensParams {
+    #[serde(default)]
+    pub layers: Option<LayersParam>,
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    /// `"norm"` (default) or `"raw"`.
+    #[serde(default, deserialize_with = "lens_kind")]
+    pub lens: Option<LensKind>,
 }
 
-impl From<LensParam> for LensKind {
-    fn from(l: LensParam) -> Self {
-        match l {
-            LensParam::Norm => LensKind::Norm,
-            LensParam::Raw => LensKind::Raw,
-        }
+fn lens_kind<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<LensKind>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+impl LensParams {
+    /// The [`Query`] these params ask for, at `positions` (all when `None`).
+    pub fn query(&self, positions: Option<&[i64]>) -> Result<Query, RpcError> {
+        let layers = match &self.layers {
+            None => IndexSpec::default(),
+            Some(LayersParam::Spec(s)) => s.parse().map_err(RpcError::invalid_params)?,
+            Some(LayersParam::List(v)) => IndexSpec::list(v.clone())
+                .map_err(|e| RpcError::invalid_params(format!("layers: {e}")))?,
+        };
+        let positions = match positions {
+            None => IndexSpec::default(),
+            Some(p) => IndexSpec::list(p.to_vec())
+                .map_err(|e| RpcError::invalid_params(format!("positions: {e}")))?,
+        };
+        let top_k = match self.top_k {
+            None => 5,
+            Some(k @ 1..=100) => k as usize,
+            Some(k) => {
+                return Err(RpcError::invalid_params(format!(
+                    "topK must be 1..=100, got {k}"
+                )))
+            }
+        };
+        Ok(Query {
+            layers,
+            positions,
+            kind: self.lens.unwrap_or_default(),
+            top_k,
+        })
     }
 }
 
@@ -47,15 +82,11 @@ impl From<LensParam> for LensKind {
 #[serde(rename_all = "camelCase")]
 pub struct AnalyzeParams {
     pub text: String,
-    #[serde(default)]
-    pub layers: Option<LayersParam>,
     /// Positions to analyse (negative = from the end); all when absent.
     #[serde(default)]
     pub positions: Option<Vec<i64>>,
-    #[serde(default)]
-    pub top_k: Option<i64>,
-    #[serde(default)]
-    pub lens: Option<LensParam>,
+    #[serde(flatten)]
+    pub lens: LensParams,
 }
 
 /// `lens/position` params.
@@ -64,12 +95,8 @@ pub struct AnalyzeParams {
 pub struct PositionParams {
     pub text: String,
     pub position: i64,
-    #[serde(default)]
-    pub layers: Option<LayersParam>,
-    #[serde(default)]
-    pub top_k: Option<i64>,
-    #[serde(default)]
-    pub lens: Option<LensParam>,
+    #[serde(flatten)]
+    pub lens: LensParams,
 }
 
 /// `lens/heatmap` params.
@@ -82,12 +109,8 @@ pub struct HeatmapParams {
     /// `prob` (default), `next-prob`, `entropy`, `kl` or `rank`.
     #[serde(default)]
     pub metric: Option<String>,
-    #[serde(default)]
-    pub layers: Option<LayersParam>,
-    #[serde(default)]
-    pub top_k: Option<i64>,
-    #[serde(default)]
-    pub lens: Option<LensParam>,
+    #[serde(flatten)]
+    pub lens: LensParams,
 }
 
 /// `lens/tokenize` params.
@@ -143,27 +166,19 @@ type PreviousKey = (Arc<[u32]>, Vec<usize>);
 
 pub struct Engine {
     backend: Arc<dyn Backend>,
+    turns: Turns,
     cache: ActivationCache,
     hovers: DashMap<HoverKey, (u64, Arc<String>)>,
     hover_clock: AtomicU64,
     previous: DashMap<PreviousKey, (u64, Arc<PreviousRows>)>,
 }
 
-fn top_k(k: Option<i64>) -> Result<usize, RpcError> {
-    match k {
-        None => Ok(5),
-        Some(k @ 1..=100) => Ok(k as usize),
-        Some(k) => Err(RpcError::invalid_params(format!(
-            "topK must be 1..=100, got {k}"
-        ))),
-    }
-}
-
 impl Engine {
-    pub fn new(backend: Arc<dyn Backend>, budget_bytes: usize, state_bytes: StateBytes) -> Self {
+    pub fn new(backend: Arc<dyn Backend>, budget_bytes: usize) -> Self {
         Engine {
             backend,
-            cache: ActivationCache::new(budget_bytes, state_bytes),
+            turns: Turns::default(),
+            cache: ActivationCache::new(budget_bytes),
             hovers: DashMap::new(),
             hover_clock: AtomicU64::new(0),
             previous: DashMap::new(),
@@ -172,6 +187,11 @@ impl Engine {
 
     pub fn backend(&self) -> &dyn Backend {
         &*self.backend
+    }
+
+    /// The turns model work takes ([`Turns::compute`]).
+    pub fn turns(&self) -> &Turns {
+        &self.turns
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -205,85 +225,36 @@ impl Engine {
         Ok(tokens)
     }
 
-    fn layers(&self, layers: Option<&LayersParam>) -> Result<Vec<usize>, RpcError> {
-        let n = self.backend.info().n_layers;
-        let spec = match layers {
-            None => LayerSpec::default(),
-            Some(LayersParam::Spec(s)) => {
-                s.parse::<LayerSpec>().map_err(RpcError::invalid_params)?
-            }
-            Some(LayersParam::List(v)) => {
-                let mut v = v.clone();
-                v.sort_unstable();
-                v.dedup();
-                if v.is_empty() {
-                    return Err(RpcError::invalid_params("layers is an empty list"));
-                }
-                LayerSpec::List(v)
-            }
-        };
-        spec.resolve(n).map_err(RpcError::invalid_params)
-    }
-
-    fn report(
+    /// The states of `text` and the answer to `query`: the one query path of every `lens/*`
+    /// method. Arguments that need no model are checked before tokenizing, positions right
+    /// after.
+    fn answer(
         &self,
         text: &str,
-        layers: Option<&LayersParam>,
-        positions: Option<&[i64]>,
-        top_k: usize,
-        lens: LensKind,
+        query: &Query,
         stop: &Stop,
-    ) -> Result<Report, RpcError> {
+    ) -> Result<(Vec<Token>, Answer), RpcError> {
+        query.layers_of(self.backend.info().n_layers)?;
         let tokens = self.prompt(text)?;
-        let layers = self.layers(layers)?;
-        let n = tokens.len() as i64;
-        let positions = match positions {
-            None => None,
-            Some(ps) => {
-                let mut out = Vec::with_capacity(ps.len());
-                for &p in ps {
-                    let idx = if p < 0 { n + p } else { p };
-                    if idx < 0 || idx >= n {
-                        return Err(RpcError::out_of_range(format!(
-                            "position {p} is outside the text of {n} tokens"
-                        )));
-                    }
-                    out.push(idx as usize);
-                }
-                out.sort_unstable();
-                out.dedup();
-                Some(out)
-            }
-        };
+        query.positions_of(tokens.len())?;
         let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
         let states = self.states(&ids, stop)?;
-        let lens_view = Lens::new(&*self.backend, &states, lens, top_k).with_stop(stop.clone());
-        let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
-        let views = match positions {
-            None => lens_view.grid(&sites)?,
-            Some(ps) => lens_view.positions(&ps, &sites)?,
-        };
-        Ok(wire::build(
-            &*self.backend,
-            &tokens,
-            &views,
-            lens,
-            top_k,
-            &layers,
-        ))
+        let answer = query.run(&*self.backend, &states, stop)?;
+        Ok((tokens, answer))
     }
 
     /// `lens/analyze`: the same report as `logit-lens run --format json`.
     pub fn analyze(&self, p: &AnalyzeParams, stop: &Stop) -> Result<Report, RpcError> {
-        let k = top_k(p.top_k)?;
-        self.report(
-            &p.text,
-            p.layers.as_ref(),
-            p.positions.as_deref(),
-            k,
-            p.lens.unwrap_or_default().into(),
-            stop,
-        )
+        let query = p.lens.query(p.positions.as_deref())?;
+        let (tokens, answer) = self.answer(&p.text, &query, stop)?;
+        Ok(wire::build(&*self.backend, &tokens, &answer))
+    }
+
+    /// `lens/position`: the report with one position.
+    pub fn position(&self, p: &PositionParams, stop: &Stop) -> Result<Report, RpcError> {
+        let query = p.lens.query(Some(&[p.position]))?;
+        let (tokens, answer) = self.answer(&p.text, &query, stop)?;
+        Ok(wire::build(&*self.backend, &tokens, &answer))
     }
 
     /// `lens/heatmap`: the same SVG or HTML page as `logit-lens plot` for the whole text.
@@ -299,41 +270,16 @@ impl Engine {
         };
         let metric = match p.metric.as_deref() {
             None => lens_plot::Metric::default(),
-            Some(m) => lens_plot::Metric::ALL
-                .into_iter()
-                .find(|x| x.as_str() == m)
-                .ok_or_else(|| {
-                    RpcError::invalid_params(format!(
-                        "metric must be one of prob, next-prob, entropy, kl, rank, not {m:?}"
-                    ))
-                })?,
+            Some(m) => m.parse().map_err(RpcError::invalid_params)?,
         };
-        let k = top_k(p.top_k)?;
-        let kind: LensKind = p.lens.unwrap_or_default().into();
-        let tokens = self.prompt(&p.text)?;
-        let layers = self.layers(p.layers.as_ref())?;
-        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-        let states = self.states(&ids, stop)?;
-        let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
-        let views = Lens::new(&*self.backend, &states, kind, k)
-            .with_stop(stop.clone())
-            .grid(&sites)?;
-        let tracks = if html {
-            lens_plot::tracks(&*self.backend, &states, kind, &views, &layers)
-                .map_err(|e| RpcError::model(e.to_string()))?
-        } else {
-            Vec::new()
-        };
+        let query = p.lens.query(None)?;
+        let (tokens, answer) = self.answer(&p.text, &query, stop)?;
         let decode = |id: u32| self.backend.decode(id);
-        let model = self.backend.info().name.clone();
         let plot = lens_plot::Plot {
-            views: &views,
+            answer: &answer,
             tokens: &tokens,
-            layers: &layers,
             decode: &decode,
-            model: &model,
-            lens: kind,
-            tracks: &tracks,
+            model: &self.backend.info().name,
         };
         let options = lens_plot::Options {
             metric,
@@ -344,19 +290,6 @@ impl Engine {
         } else {
             ("svg".into(), lens_plot::svg(&plot, &options))
         })
-    }
-
-    /// `lens/position`: the report with one position.
-    pub fn position(&self, p: &PositionParams, stop: &Stop) -> Result<Report, RpcError> {
-        let k = top_k(p.top_k)?;
-        self.report(
-            &p.text,
-            p.layers.as_ref(),
-            Some(&[p.position]),
-            k,
-            p.lens.unwrap_or_default().into(),
-            stop,
-        )
     }
 
     /// The hover at byte `byte` of a document: the token there, with the text before it
@@ -406,12 +339,12 @@ impl Engine {
         let t1 = std::time::Instant::now();
         let pos = ids.len() - 1;
         let n = states.n_layers();
-        let layers = LayerSpec::Range {
+        let layers = IndexSpec::Range {
             start: None,
             end: None,
             step: options.layer_stride.max(1),
         }
-        .resolve(n)
+        .layers(n)
         .map_err(RpcError::invalid_params)?;
         let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
         let lens = Lens::new(

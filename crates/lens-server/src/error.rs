@@ -116,8 +116,8 @@ impl From<&lens_core::Error> for RpcError {
             E::EmptyPrompt => RpcError::empty_text(),
             E::Stopped => RpcError::cancelled(),
             E::PromptTooLong { tokens, context } => RpcError::prompt_too_long(*tokens, *context),
-            E::PositionOutOfRange { .. } => RpcError::out_of_range(e.to_string()),
-            E::LayerOutOfRange { .. } | E::TokenOutOfRange { .. } => {
+            E::PositionOutOfRange { .. } | E::Positions(_) => RpcError::out_of_range(e.to_string()),
+            E::LayerOutOfRange { .. } | E::TokenOutOfRange { .. } | E::Layers(_) => {
                 RpcError::invalid_params(e.to_string())
             }
             _ => RpcError::model(e.to_string()),

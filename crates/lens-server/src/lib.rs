@@ -9,7 +9,6 @@ mod cache;
 mod engine;
 mod error;
 pub mod hover;
-pub mod layers;
 pub mod lsp;
 pub mod rpc;
 pub mod text;
@@ -19,59 +18,66 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use cache::{CacheStats, StateBytes};
+pub use cache::CacheStats;
 pub use engine::{
-    AnalyzeParams, Engine, HoverOptions, HoverOut, LayersParam, LensParam, PositionParams,
+    AnalyzeParams, Engine, HoverOptions, HoverOut, LayersParam, LensParams, PositionParams,
 };
 pub use error::RpcError;
 
-/// Model work runs one request at a time (in arrival order).
+/// The turns model work takes: one request at a time, in arrival order. A value the server
+/// owns (one per [`Engine`]), not a process-wide lock, so two engines in one process (tests,
+/// several models) do not serialise each other.
 ///
 /// Each computation already uses every core; and a rayon worker waiting inside one request's
 /// parallel section may pick up another request's job, which must then never wait for the
 /// first (the activation cache's single flight would wait on its own thread).
-static MODEL_WORK: std::sync::LazyLock<Arc<tokio::sync::Mutex<()>>> =
-    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Mutex::new(())));
+#[derive(Clone, Default)]
+pub struct Turns(Arc<tokio::sync::Mutex<()>>);
 
-/// Run model work off the async runtime, on a blocking thread that enters rayon's pool: the
-/// work's serial parts then run on a pool worker, where candle's kernels and the lens run their
-/// parallel parts, instead of competing with the pool's idle workers for the cores (a one-token
-/// forward pass: 20 ms from outside the pool, 12 ms inside, on 2 cores). Requests take turns
-/// ([`MODEL_WORK`]); one dropped while waiting (cancelled) never runs, and one dropped while
-/// running raises the [`Stop`] that `f` is given, so the work ends at its next step (a layer, a
-/// block of the vocabulary), and keeps its turn until then. A panic becomes an internal error.
-pub async fn compute<T: Send + 'static>(
-    f: impl FnOnce(&Stop) -> T + Send + 'static,
-) -> Result<T, RpcError> {
-    compute_until(Stop::new(), f).await
-}
+impl Turns {
+    /// Run model work off the async runtime, on a blocking thread that enters rayon's pool:
+    /// the work's serial parts then run on a pool worker, where candle's kernels and the lens
+    /// run their parallel parts, instead of competing with the pool's idle workers for the
+    /// cores (a one-token forward pass: 20 ms from outside the pool, 12 ms inside, on 2
+    /// cores). Requests take turns; one dropped while waiting (cancelled) never runs, and one
+    /// dropped while running raises the [`Stop`] that `f` is given, so the work ends at its
+    /// next step (a layer, a block of the vocabulary), and keeps its turn until then. A panic
+    /// becomes an internal error.
+    pub async fn compute<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Stop) -> T + Send + 'static,
+    ) -> Result<T, RpcError> {
+        self.compute_until(Stop::new(), f).await
+    }
 
-/// [`compute`] with a [`Stop`] the caller can also raise (speculative work that newer requests
-/// make useless).
-pub async fn compute_until<T: Send + 'static>(
-    stop: Stop,
-    f: impl FnOnce(&Stop) -> T + Send + 'static,
-) -> Result<T, RpcError> {
-    /// Raises the stop if the future is dropped before the work has ended.
-    struct StopOnDrop(Option<Stop>);
-    impl Drop for StopOnDrop {
-        fn drop(&mut self) {
-            if let Some(stop) = self.0.take() {
-                stop.stop();
+    /// [`Turns::compute`] with a [`Stop`] the caller can also raise (speculative work that
+    /// newer requests make useless).
+    pub async fn compute_until<T: Send + 'static>(
+        &self,
+        stop: Stop,
+        f: impl FnOnce(&Stop) -> T + Send + 'static,
+    ) -> Result<T, RpcError> {
+        /// Raises the stop if the future is dropped before the work has ended.
+        struct StopOnDrop(Option<Stop>);
+        impl Drop for StopOnDrop {
+            fn drop(&mut self) {
+                if let Some(stop) = self.0.take() {
+                    stop.stop();
+                }
             }
         }
-    }
-    let mut on_drop = StopOnDrop(Some(stop.clone()));
-    let turn = MODEL_WORK.clone().lock_owned().await;
-    let out = tokio::task::spawn_blocking(move || {
-        let out = in_pool(|| f(&stop));
-        drop(turn);
+        let mut on_drop = StopOnDrop(Some(stop.clone()));
+        let turn = self.0.clone().lock_owned().await;
+        let out = tokio::task::spawn_blocking(move || {
+            let out = in_pool(|| f(&stop));
+            drop(turn);
+            out
+        })
+        .await
+        .map_err(|e| RpcError::internal(format!("worker failed: {e}")));
+        on_drop.0 = None;
         out
-    })
-    .await
-    .map_err(|e| RpcError::internal(format!("worker failed: {e}")));
-    on_drop.0 = None;
-    out
+    }
 }
 
 /// Run `f` on a worker of rayon's global pool (see [`compute`]) and wait for it.
@@ -143,11 +149,7 @@ pub fn check_listen(
 }
 
 /// Run the server until its door closes (stdio: end of input) — blocks the calling thread.
-pub fn run(
-    backend: Arc<dyn Backend>,
-    state_bytes: StateBytes,
-    config: ServeConfig,
-) -> Result<(), ServeError> {
+pub fn run(backend: Arc<dyn Backend>, config: ServeConfig) -> Result<(), ServeError> {
     let addrs = match &config.door {
         Door::Listen(a) => Some(check_listen(
             a,
@@ -156,7 +158,7 @@ pub fn run(
         )?),
         _ => None,
     };
-    let engine = Arc::new(Engine::new(backend, config.cache_bytes, state_bytes));
+    let engine = Arc::new(Engine::new(backend, config.cache_bytes));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

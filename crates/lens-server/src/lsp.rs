@@ -275,10 +275,12 @@ impl LensLsp {
                 || !(p.range.0..p.range.1).contains(&byte)
         });
         let engine = self.engine.clone();
+        let turns = engine.turns().clone();
         let options = self.config().hover();
         let t = doc.text.clone();
-        let out: Option<HoverOut> =
-            crate::compute(move |stop| engine.hover(&t, byte, &options, stop)).await??;
+        let out: Option<HoverOut> = turns
+            .compute(move |stop| engine.hover(&t, byte, &options, stop))
+            .await??;
         if let Some(h) = &out {
             self.hovered
                 .insert(uri.clone(), ((h.start, h.end), Instant::now()));
@@ -347,16 +349,18 @@ impl LensLsp {
             });
         }
         let engine = self.engine.clone();
+        let turns = engine.turns().clone();
         let options = self.config().hover();
         let text = doc.text.clone();
         let edited = doc.changed;
         tokio::spawn(async move {
-            let out = crate::compute_until(stop, move |stop| {
-                let started = edited.elapsed();
-                let out = engine.hover(&text, range.0, &options, stop);
-                (started, out)
-            })
-            .await;
+            let out = turns
+                .compute_until(stop, move |stop| {
+                    let started = edited.elapsed();
+                    let out = engine.hover(&text, range.0, &options, stop);
+                    (started, out)
+                })
+                .await;
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
             let done = ms(edited.elapsed());
             match out {
@@ -406,11 +410,12 @@ impl LensLsp {
             start += l.len() + 1;
         }
         let engine = self.engine.clone();
+        let turns = engine.turns().clone();
         let context = config.context_tokens;
         let t = text.clone();
-        let hints =
-            crate::compute(move |stop| engine.line_end_predictions(&t, &ends, context, stop))
-                .await??;
+        let hints = turns
+            .compute(move |stop| engine.line_end_predictions(&t, &ends, context, stop))
+            .await??;
         if self.doc(&uri)?.generation != doc.generation {
             return Err(RpcError::content_modified());
         }

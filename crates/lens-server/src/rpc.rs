@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::engine::{AnalyzeParams, HeatmapParams, PositionParams, TokenizeParams};
-use crate::{wire, Engine, RpcError};
+use crate::{wire, Engine, RpcError, Turns};
 
 /// Largest message body accepted (a document of a few MB plus JSON overhead).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -24,9 +24,10 @@ fn params<T: DeserializeOwned>(params: Value) -> Result<T, RpcError> {
 }
 
 async fn blocking<T: Send + 'static>(
+    turns: &Turns,
     f: impl FnOnce(&Stop) -> Result<T, RpcError> + Send + 'static,
 ) -> Result<T, RpcError> {
-    crate::compute(f).await?
+    turns.compute(f).await?
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, RpcError> {
@@ -35,25 +36,26 @@ fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, RpcError> {
 
 /// Run one `lens/*` method. Model work runs on a blocking thread.
 pub async fn call(engine: Arc<Engine>, method: &str, p: Value) -> Result<Value, RpcError> {
+    let turns = engine.turns().clone();
     match method {
         "lens/analyze" => {
             let p: AnalyzeParams = params(p)?;
-            let report = blocking(move |stop| engine.analyze(&p, stop)).await?;
+            let report = blocking(&turns, move |stop| engine.analyze(&p, stop)).await?;
             to_value(&report)
         }
         "lens/position" => {
             let p: PositionParams = params(p)?;
-            let report = blocking(move |stop| engine.position(&p, stop)).await?;
+            let report = blocking(&turns, move |stop| engine.position(&p, stop)).await?;
             to_value(&report)
         }
         "lens/tokenize" => {
             let p: TokenizeParams = params(p)?;
-            let tokens = blocking(move |_| engine.tokenize(&p.text)).await?;
+            let tokens = blocking(&turns, move |_| engine.tokenize(&p.text)).await?;
             Ok(json!({ "tokens": wire::token_json(&tokens) }))
         }
         "lens/heatmap" => {
             let p: HeatmapParams = params(p)?;
-            let (format, content) = blocking(move |stop| engine.heatmap(&p, stop)).await?;
+            let (format, content) = blocking(&turns, move |stop| engine.heatmap(&p, stop)).await?;
             Ok(json!({ "format": format, "content": content }))
         }
         "lens/modelInfo" => to_value(&wire::model_json(engine.backend())),

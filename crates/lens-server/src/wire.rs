@@ -8,7 +8,8 @@
 //! round-trips the `f32` (as `ryu` does for `f32`), also when the report goes through a
 //! `serde_json::Value` (which holds `f64`): see [`f32_shortest`].
 
-use lens_core::{Backend, Cell, LensKind, PositionView, Site, Token};
+use lens_core::{Answer, Backend, Cell, ModelInfo, Site, Token};
+use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
 
 pub const SCHEMA: &str = "logit-lens/run/v1";
@@ -26,15 +27,23 @@ pub struct Report {
     pub positions: Vec<PositionJson>,
 }
 
-#[derive(Serialize, Clone, Debug)]
-pub struct ModelJson {
-    pub name: String,
-    pub architecture: String,
-    pub n_layers: usize,
-    pub hidden_size: usize,
-    pub vocab_size: usize,
-    pub context_length: usize,
-    pub precision: String,
+/// The model as the report and `lens/modelInfo` write it: [`ModelInfo`]'s fields, by name.
+#[derive(Clone, Debug)]
+pub struct ModelJson(pub ModelInfo);
+
+impl Serialize for ModelJson {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let i = &self.0;
+        let mut m = s.serialize_struct("Model", 7)?;
+        m.serialize_field("name", &i.name)?;
+        m.serialize_field("architecture", &i.architecture)?;
+        m.serialize_field("n_layers", &i.n_layers)?;
+        m.serialize_field("hidden_size", &i.hidden_size)?;
+        m.serialize_field("vocab_size", &i.vocab_size)?;
+        m.serialize_field("context_length", &i.context_length)?;
+        m.serialize_field("precision", &i.precision)?;
+        m.end()
+    }
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -93,14 +102,8 @@ pub struct NextJson {
     pub prob: f32,
 }
 
-pub fn build(
-    backend: &dyn Backend,
-    tokens: &[Token],
-    views: &[PositionView],
-    lens: LensKind,
-    top_k: usize,
-    layers: &[usize],
-) -> Report {
+/// The report of a query's answer over the tokenized prompt.
+pub fn build(backend: &dyn Backend, tokens: &[Token], answer: &Answer) -> Report {
     let pred = |id: u32, logit: f32, prob: f32| PredictionJson {
         id,
         text: backend.decode(id),
@@ -124,11 +127,12 @@ pub fn build(
     Report {
         schema: SCHEMA,
         model: model_json(backend),
-        lens: lens.as_str(),
-        top_k,
+        lens: answer.kind.as_str(),
+        top_k: answer.top_k,
         tokens: token_json(tokens),
-        layers: layers.to_vec(),
-        positions: views
+        layers: answer.layers.clone(),
+        positions: answer
+            .views
             .iter()
             .map(|v| PositionJson {
                 position: v.position,
@@ -146,12 +150,7 @@ pub fn build(
 /// directly and one that went through `serde_json::Value` (an `f64` inside) print alike:
 /// `0.1f32` is written `0.1`, never `0.10000000149011612`.
 pub fn f32_shortest<S: Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
-    let wide = if v.is_finite() {
-        v.to_string().parse::<f64>().unwrap_or(f64::from(*v))
-    } else {
-        f64::from(*v)
-    };
-    s.serialize_f64(wide)
+    s.serialize_f64(lens_core::math::shortest(*v))
 }
 
 /// One token of a tokenized text (`lens/tokenize`, and the report's `tokens`).
@@ -170,16 +169,7 @@ pub fn token_json(tokens: &[Token]) -> Vec<TokenJson> {
 }
 
 pub fn model_json(backend: &dyn Backend) -> ModelJson {
-    let info = backend.info();
-    ModelJson {
-        name: info.name.clone(),
-        architecture: info.architecture.clone(),
-        n_layers: info.n_layers,
-        hidden_size: info.hidden_size,
-        vocab_size: info.vocab_size,
-        context_length: info.context_length,
-        precision: info.precision.clone(),
-    }
+    ModelJson(backend.info().clone())
 }
 
 #[cfg(test)]

@@ -11,14 +11,10 @@ use anyhow::{Context, Result};
 use lens_core::{Backend, CaptureOptions, Lens, LensKind};
 use serde::Deserialize;
 
-use crate::cli::{load_path, model_path, ModelArgs};
+use crate::cli::{model_path, ModelArgs};
 
 /// The HF transformers reference, run by the Python given with `--python`.
 const HF_SCRIPT: &str = include_str!("../bench/hf_lens.py");
-
-/// llama.cpp's prompt evaluation of a 256-token prompt of the default model on our 2-core
-/// machines (llama-cpp-python 0.3.36, n_threads = 2), the reference figure.
-const LLAMA_CPP_256_SECONDS: f64 = 1.1;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -82,7 +78,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let path = model_path(&args.model)?;
     let mut out = anstream::stdout();
     let t = Instant::now();
-    let backend = load_path(&path, args.model.precision)?;
+    let backend = crate::backends::load(&path, &args.model.backend, &args.model.options())?;
     let info = backend.info().clone();
     writeln!(
         out,
@@ -99,7 +95,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let (fwd, states) = time(args.repeats, || {
             Ok(backend.forward(&ids, CaptureOptions::default())?)
         })?;
-        let lens = Lens::new(&backend, &states, LensKind::Norm, 5);
+        let lens = Lens::new(&*backend, &states, LensKind::Norm, 5);
         let sites = lens.all_layers();
         let (full, _) = time(args.repeats, || Ok(lens.grid(&sites)?))?;
         let (one, _) = time(args.repeats.max(5), || {
@@ -115,7 +111,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     let hf = match &args.python {
-        Some(py) => match run_hf(py, &path, &backend, &args) {
+        Some(py) => match run_hf(py, &path, &*backend, &args) {
             Ok(r) => Some(r),
             Err(e) => {
                 writeln!(out, "HF transformers reference not run: {e:#}")?;
@@ -157,15 +153,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
             None => ("—".into(), "—".into(), "—".into(), "—".into(), "—".into()),
         };
         writeln!(out, "{n:>6} {:>11} {:>11} {:>11} {:>9.0} | {hf_fwd:>11} {hf_full:>11} {hf_one:>11} | {r_full:>8} {r_one:>8}", ms(*fwd), ms(*full), ms(*one), mem)?;
-    }
-    if let Some((_, fwd, ..)) = rows.iter().find(|r| r.0 == 256) {
-        writeln!(out)?;
-        writeln!(
-            out,
-            "forward of 256 tokens: {:.3} s = {:.2}× llama.cpp's prompt evaluation ({LLAMA_CPP_256_SECONDS} s, measured on the same kind of machine; target ≤ 1.2×)",
-            fwd,
-            fwd / LLAMA_CPP_256_SECONDS
-        )?;
     }
     writeln!(out, "× = HF time / logit-lens time (higher is better for logit-lens; target for the full lens ≥ 3)")?;
     Ok(())

@@ -62,7 +62,7 @@ fn hover_end(engine: &Engine, text: &str, opts: &HoverOptions) -> Result<Duratio
 
 fn hover_at(engine: &Engine, text: &str, byte: usize, opts: &HoverOptions) -> Result<Duration> {
     let t = Instant::now();
-    // As the server does (`lens_server::compute`): the work runs on a rayon worker.
+    // As the server does (`lens_server::Turns::compute`): the work runs on a rayon worker.
     let out = lens_server::in_pool(|| engine.hover(text, byte, opts, &Stop::never()))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let took = t.elapsed();
@@ -76,9 +76,9 @@ fn hover_at(engine: &Engine, text: &str, byte: usize, opts: &HoverOptions) -> Re
 pub fn run(a: BenchServerArgs) -> Result<()> {
     let backend = cli::load(&a.model)?;
     let precision = backend.info().precision.clone();
-    let backend: Arc<dyn Backend> = Arc::new(backend);
+    let backend: Arc<dyn Backend> = Arc::from(backend);
     let budget = a.cache_mb << 20;
-    let engine = Engine::new(backend.clone(), budget, crate::serve::state_bytes());
+    let engine = Engine::new(backend.clone(), budget);
     let opts = HoverOptions::default();
     let mut out = anstream::stdout();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -94,10 +94,8 @@ pub fn run(a: BenchServerArgs) -> Result<()> {
         .analyze(
             &AnalyzeParams {
                 text: doc.clone(),
-                layers: None,
                 positions: None,
-                top_k: None,
-                lens: None,
+                lens: Default::default(),
             },
             &Stop::never(),
         )

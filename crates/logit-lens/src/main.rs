@@ -1,12 +1,11 @@
 //! `logit-lens`: see what every layer of a language model predicts.
 
+mod backends;
 mod bench;
 mod bench_server;
 mod cli;
-mod layers;
 mod plot;
 mod render;
-mod report;
 mod serve;
 
 use std::process::ExitCode;
@@ -33,7 +32,15 @@ fn main() -> ExitCode {
             {
                 eprintln!("error: {err:#}");
             }
-            ExitCode::FAILURE
+            // A request this build cannot honour (an unknown backend, a device or precision a
+            // backend lacks) is a usage error, as clap's own are.
+            let usage = err.chain().any(|e| {
+                matches!(
+                    e.downcast_ref::<lens_core::Error>(),
+                    Some(lens_core::Error::Unsupported(_))
+                )
+            });
+            ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }

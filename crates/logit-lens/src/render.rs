@@ -6,61 +6,23 @@
 use std::io::Write;
 
 use anstyle::{Color, RgbColor, Style};
-use lens_core::{Backend, LensKind, PositionView, Token};
+use lens_core::{Answer, Backend, PositionView, Token};
+use lens_plot::visible;
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
 const LABEL: usize = 6;
 const CELL: usize = 10;
 
-/// Viridis, sampled at 9 points (perceptually uniform, readable in grey and by colour-blind
-/// readers).
-const VIRIDIS: [(u8, u8, u8); 9] = [
-    (68, 1, 84),
-    (71, 44, 122),
-    (59, 81, 139),
-    (44, 113, 142),
-    (33, 144, 141),
-    (39, 173, 129),
-    (92, 200, 99),
-    (170, 220, 50),
-    (253, 231, 37),
-];
-
-pub fn viridis(t: f32) -> (u8, u8, u8) {
-    let t = if t.is_nan() { 0.0 } else { t.clamp(0.0, 1.0) };
-    let x = t * (VIRIDIS.len() - 1) as f32;
-    let i = (x.floor() as usize).min(VIRIDIS.len() - 2);
-    let f = x - i as f32;
-    let lerp = |a: u8, b: u8| (f32::from(a) + (f32::from(b) - f32::from(a)) * f).round() as u8;
-    let (a, b) = (VIRIDIS[i], VIRIDIS[i + 1]);
-    (lerp(a.0, b.0), lerp(a.1, b.1), lerp(a.2, b.2))
-}
-
 fn cell_style(prob: f32) -> Style {
-    let (r, g, b) = viridis(prob);
-    let luminance = 0.2126 * f32::from(r) + 0.7152 * f32::from(g) + 0.0722 * f32::from(b);
-    let fg = if luminance > 140.0 {
-        RgbColor(0, 0, 0)
-    } else {
-        RgbColor(255, 255, 255)
+    let t = f64::from(prob);
+    let (r, g, b) = lens_plot::rgb(t);
+    let fg = match lens_plot::dark_text(t) {
+        true => RgbColor(0, 0, 0),
+        false => RgbColor(255, 255, 255),
     };
     Style::new()
         .bg_color(Some(Color::Rgb(RgbColor(r, g, b))))
         .fg_color(Some(Color::Rgb(fg)))
-}
-
-/// A token's text with whitespace made visible.
-pub fn visible(text: &str) -> String {
-    text.chars()
-        .map(|c| match c {
-            ' ' => '·',
-            '\n' => '↵',
-            '\t' => '⇥',
-            '\r' => '␍',
-            c if c.is_control() => '�',
-            c => c,
-        })
-        .collect()
 }
 
 /// `s` cut to at most `width` columns, padded with spaces to exactly `width`.
@@ -101,10 +63,9 @@ pub fn grid(
     out: &mut dyn Write,
     backend: &dyn Backend,
     tokens: &[Token],
-    views: &[PositionView],
-    layers: &[usize],
-    lens: LensKind,
+    answer: &Answer,
 ) -> std::io::Result<()> {
+    let (views, layers, lens) = (&answer.views, &answer.layers, answer.kind);
     let info = backend.info();
     writeln!(
         out,
@@ -255,17 +216,5 @@ mod tests {
         assert_eq!(fit("abcdef", 4), "abc…");
         assert_eq!(fit("日本語", 4), "日… ");
         assert_eq!(fit("abcd", 4), "abcd");
-    }
-
-    #[test]
-    fn whitespace_is_visible() {
-        assert_eq!(visible(" a\n\tb"), "·a↵⇥b");
-    }
-
-    #[test]
-    fn viridis_ends() {
-        assert_eq!(viridis(0.0), (68, 1, 84));
-        assert_eq!(viridis(1.0), (253, 231, 37));
-        assert_eq!(viridis(f32::NAN), (68, 1, 84));
     }
 }

@@ -5,8 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use lens_candle::Precision;
-use lens_core::{Backend, HiddenStates};
+use lens_core::Backend;
 use lens_server::{Door, ServeConfig};
 
 use crate::cli::{self, ModelArgs};
@@ -24,12 +23,8 @@ pub struct ServeArgs {
     /// Serve the `lens/*` JSON-RPC methods on a Unix socket.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// A GGUF file or an HF-style folder; default: SmolLM2-135M-Instruct.
-    #[arg(long, env = "LOGIT_LENS_MODEL", value_name = "PATH")]
-    pub model: Option<PathBuf>,
-    /// f32: dequantized weights, the reference numbers (default); fast: quantized matmuls.
-    #[arg(long, default_value = "f32", value_parser = parse_precision)]
-    pub precision: Precision,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Activation cache budget in MiB.
     #[arg(long, default_value_t = 512, value_name = "MIB")]
     pub cache_mb: usize,
@@ -42,15 +37,6 @@ pub struct ServeArgs {
     /// Write logs to this file instead of stderr.
     #[arg(long, value_name = "FILE", env = "LOGIT_LENS_LOG_FILE")]
     pub log_file: Option<PathBuf>,
-}
-
-fn parse_precision(s: &str) -> Result<Precision, String> {
-    s.parse()
-}
-
-/// Bytes of a prompt's KV cache (the candle backend's state).
-pub fn state_bytes() -> lens_server::StateBytes {
-    Arc::new(|s: &HiddenStates| lens_candle::backend_state_bytes(s))
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -70,15 +56,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if let Door::Listen(addr) = &config.door {
         lens_server::check_listen(addr, config.allow_remote, config.token.as_deref())?;
     }
-    let backend = cli::load(&ModelArgs {
-        model: a.model,
-        precision: a.precision,
-    })?;
+    let backend = cli::load(&a.model)?;
     tracing::info!(
         "model loaded: {} ({})",
         backend.info().name,
         backend.info().precision
     );
-    let backend: Arc<dyn Backend> = Arc::new(backend);
-    lens_server::run(backend, state_bytes(), config).context("the server stopped")
+    let backend: Arc<dyn Backend> = Arc::from(backend);
+    lens_server::run(backend, config).context("the server stopped")
 }

@@ -52,33 +52,32 @@ fn markup_in_tokens_stays_data() {
     assert!(html.contains(r#"<option value="kl" selected>"#));
 }
 
+/// The trajectory chart is drawn from the cells themselves: per layer, the final top-1's and
+/// the next token's probability, the same `f32`s the cells hold (written alike).
 #[test]
-fn without_tracks_the_chart_uses_the_views() {
+fn the_chart_is_the_cells_probabilities() {
     let run = crate::run("The capital of France is", 5);
-    let plot = lens_plot::Plot {
-        tracks: &[],
-        ..run.plot()
-    };
-    let d = data(&lens_plot::html(&plot, &Options::default()));
-    let col = &d["columns"][1];
-    let tracks = col["tracks"].as_array().expect("tracks");
-    assert_eq!(tracks.len(), 2);
-    assert!(tracks[0]["label"]
-        .as_str()
-        .expect("label")
-        .contains("where in top-k"));
-    // The next token's line is the cells' next-token probability at every layer.
-    for (li, p) in tracks[1]["probs"]
-        .as_array()
-        .expect("probs")
-        .iter()
-        .enumerate()
-    {
-        let want = run.views[1].cells[li].next.expect("next").prob;
-        assert!(
-            (p.as_f64().expect("prob") - f64::from(want)).abs() < 1e-6 * f64::from(want).max(1e-3)
-        );
+    let d = data(&lens_plot::html(&run.plot(), &Options::default()));
+    let columns = d["columns"].as_array().expect("columns");
+    assert_eq!(columns.len(), run.views.len());
+    for (col, view) in columns.iter().zip(&run.views) {
+        let tracks = col["tracks"].as_array().expect("tracks");
+        let next = run.tokens.get(view.position + 1).map(|t| t.id);
+        let want_lines = if next.is_none() || next == Some(view.final_top1.id) {
+            1
+        } else {
+            2
+        };
+        assert_eq!(tracks.len(), want_lines, "column {}", view.position);
+        for (li, cell) in view.cells.iter().enumerate() {
+            let shortest = |p: f32| serde_json::json!(lens_core::math::shortest(p));
+            assert_eq!(tracks[0]["probs"][li], shortest(cell.final_top1_prob));
+            if want_lines == 2 {
+                assert_eq!(
+                    tracks[1]["probs"][li],
+                    shortest(cell.next.expect("next").prob)
+                );
+            }
+        }
     }
-    // The final top-1's line is known at the last layer at least (it is top-1 there).
-    assert!(tracks[0]["probs"][4].is_f64());
 }

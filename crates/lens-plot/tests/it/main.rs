@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use lens_candle::{CandleBackend, Precision};
-use lens_core::{Backend, CaptureOptions, HiddenStates, Lens, LensKind, PositionView, Site, Token};
-use lens_plot::{Options, Plot, Track};
+use lens_core::{Answer, Backend, CaptureOptions, HiddenStates, PositionView, Query, Stop, Token};
+use lens_plot::{Options, Plot};
 
 pub fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data")
@@ -29,9 +29,9 @@ pub fn backend() -> &'static CandleBackend {
 pub struct Run {
     pub tokens: Vec<Token>,
     pub states: HiddenStates,
+    pub answer: Answer,
     pub views: Vec<PositionView>,
     pub layers: Vec<usize>,
-    pub tracks: Vec<Track>,
 }
 
 pub fn run(prompt: &str, top_k: usize) -> Run {
@@ -39,18 +39,17 @@ pub fn run(prompt: &str, top_k: usize) -> Run {
     let tokens = b.tokenize(prompt).expect("tokenize");
     let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
     let states = b.forward(&ids, CaptureOptions::default()).expect("forward");
-    let layers: Vec<usize> = (0..=b.info().n_layers).collect();
-    let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
-    let views = Lens::new(b, &states, LensKind::Norm, top_k)
-        .grid(&sites)
-        .expect("lens");
-    let tracks = lens_plot::tracks(b, &states, LensKind::Norm, &views, &layers).expect("tracks");
+    let query = Query {
+        top_k,
+        ..Query::default()
+    };
+    let answer = query.run(b, &states, &Stop::never()).expect("lens");
     Run {
         tokens,
         states,
-        views,
-        layers,
-        tracks,
+        views: answer.views.clone(),
+        layers: answer.layers.clone(),
+        answer,
     }
 }
 
@@ -61,13 +60,10 @@ pub fn decode(id: u32) -> String {
 impl Run {
     pub fn plot(&self) -> Plot<'_> {
         Plot {
-            views: &self.views,
+            answer: &self.answer,
             tokens: &self.tokens,
-            layers: &self.layers,
             decode: &decode,
             model: "tiny-llama",
-            lens: LensKind::Norm,
-            tracks: &self.tracks,
         }
     }
 }

@@ -1,6 +1,8 @@
 //! End-to-end tests of the `logit-lens` binary: real process, real default model.
 
+mod backends;
 mod bad_input;
+mod model_cache;
 mod nvim;
 mod plot;
 mod run;

@@ -301,7 +301,7 @@ fn tcp_methods_cache_and_prefix_reuse() {
 }
 
 #[test]
-fn concurrent_clients_and_single_flight() {
+fn concurrent_clients_share_the_cache() {
     let server = Server::tcp(&[]);
     let texts = [
         "One fish, two fish,",
@@ -337,7 +337,10 @@ fn concurrent_clients_and_single_flight() {
     assert_eq!(answers[2], answers[3]);
     let after = server.connect().ok("lens/cacheStats", json!({}));
     let d = |k: &str| after[k].as_u64().expect("n") - before[k].as_u64().expect("n");
-    // Three distinct prompts: three forward passes; the duplicate was served once.
+    // Three distinct prompts: three forward passes; the duplicate was served from the cache.
+    // (Model work takes turns, so the duplicate finds the first one's result; the cache's
+    // single flight, where a second request waits on the first one's computation, is tested
+    // in lens-server's cache tests.)
     assert_eq!(d("misses"), 3, "{before} -> {after}");
     assert_eq!(d("hits"), 1, "{before} -> {after}");
 }
@@ -974,8 +977,8 @@ fn an_edit_before_a_hovered_word_prepares_its_hover() {
     );
     let until = std::time::Instant::now() + Duration::from_secs(60);
     while computed(&mut lsp) == c0 {
+        // Each round trip of `lens/cacheStats` paces the poll; the deadline bounds it.
         assert!(std::time::Instant::now() < until, "no work after the edit");
-        std::thread::sleep(Duration::from_millis(20));
     }
     let edited = "The capital of France is still Paris";
     let prepared = hover(&mut lsp, uri, 0, word + 6);
@@ -996,4 +999,68 @@ fn an_edit_before_a_hovered_word_prepares_its_hover() {
             == 31,
         "{want}"
     );
+}
+
+/// One query path: the CLI's JSON, the daemon's `lens/analyze` and the plot's page data show
+/// the same numbers for the same cell, written the same way (probabilities as the shortest
+/// decimal of their `f32`, entropy and KL as their `f64`).
+#[test]
+fn the_same_cell_is_the_same_bytes_in_the_cli_the_daemon_and_the_plot() {
+    let server = Server::tcp(&[]);
+    let mut c = server.connect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("map.html");
+    let args = ["--layers", "0..30:10", "-k", "3"];
+    let cli = logit_lens(&[&["run", TEXT, "--format", "json"][..], &args[..]].concat());
+    assert_eq!(cli.code, 0, "{}", cli.stderr);
+    let report: Value = serde_json::from_str(&cli.stdout).expect("json");
+    let daemon = c.ok(
+        "lens/analyze",
+        json!({ "text": TEXT, "layers": "0..30:10", "topK": 3 }),
+    );
+    assert_eq!(
+        daemon, report,
+        "lens/analyze differs from run --format json"
+    );
+    let plot = logit_lens(
+        &[
+            &["plot", TEXT, "--out", out.to_str().expect("utf8")][..],
+            &args[..],
+        ]
+        .concat(),
+    );
+    assert_eq!(plot.code, 0, "{}", plot.stderr);
+    let html = std::fs::read_to_string(&out).expect("html");
+    let open = r#"<script type="application/json" id="lens-data">"#;
+    let start = html.find(open).expect("data element") + open.len();
+    let end = start + html[start..].find("</script>").expect("end of data");
+    let page: Value = serde_json::from_str(&html[start..end]).expect("page data");
+
+    let layers = report["layers"].as_array().expect("layers");
+    assert_eq!(&page["layers"], &report["layers"]);
+    let positions = report["positions"].as_array().expect("positions");
+    let columns = page["columns"].as_array().expect("columns");
+    assert_eq!(columns.len(), positions.len());
+    assert!(positions.len() > 5 && layers.len() == 4);
+    let visible = lens_plot::visible;
+    let mut cells = 0;
+    for (pos, col) in positions.iter().zip(columns) {
+        for (li, cell) in pos["cells"].as_array().expect("cells").iter().enumerate() {
+            let shown = &col["cells"][li];
+            let top = cell["top"].as_array().expect("top");
+            let shown_top = shown["top"].as_array().expect("page top");
+            assert_eq!(top.len(), 3);
+            assert_eq!(shown_top.len(), 3);
+            for (t, s) in top.iter().zip(shown_top) {
+                assert_eq!(s[0], json!(visible(t["text"].as_str().expect("text"))));
+                // The same f64, hence the same bytes when printed.
+                assert_eq!(s[1], t["prob"], "position {} layer {}", pos["position"], li);
+            }
+            assert_eq!(shown["entropy"], cell["entropy"]);
+            assert_eq!(shown["kl"], cell["kl_to_final"]);
+            assert_eq!(shown["next_prob"], cell["next"]["prob"]);
+            cells += 1;
+        }
+    }
+    assert_eq!(cells, positions.len() * layers.len());
 }

@@ -1,0 +1,121 @@
+//! The one place that names backend crates: the loaders compiled into this build (one cargo
+//! feature each), and `logit-lens backends`.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use lens_core::{Backend, LoadOptions, Registry, Source};
+
+/// The loaders of this build, in order of preference for `--backend auto`.
+pub fn registry() -> Registry {
+    Registry::new(vec![
+        #[cfg(feature = "candle")]
+        &lens_candle::LOADER,
+    ])
+}
+
+/// What `path` holds: a GGUF file (by its magic) or an HF-style folder. Only regular files and
+/// folders are opened (a FIFO or a device would block or never end).
+pub fn source(path: &Path) -> Result<Source> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {shown}"))?;
+    if meta.is_dir() {
+        return Ok(Source::HfFolder(path.to_path_buf()));
+    }
+    if !meta.is_file() {
+        anyhow::bail!("{shown} is not a regular file or a folder");
+    }
+    let mut magic = [0u8; 4];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut magic))
+        .with_context(|| format!("cannot read {shown}"))?;
+    match &magic[..n] {
+        b"GGUF" => Ok(Source::Gguf(path.to_path_buf())),
+        _ => anyhow::bail!(
+            "{shown} is not a GGUF file or an HF model folder (config.json + *.safetensors + tokenizer.json)"
+        ),
+    }
+}
+
+/// Load `path` with the backend named `backend` (`auto`: the first that can).
+pub fn load(path: &Path, backend: &str, options: &LoadOptions) -> Result<Box<dyn Backend>> {
+    let source = source(path)?;
+    let registry = registry();
+    let loader = registry.pick(Some(backend), &source, options)?;
+    tracing::info!(backend = loader.name(), "loading {source}");
+    loader
+        .load(&source, options)
+        .with_context(|| format!("cannot load the model {}", path.display()))
+}
+
+#[derive(clap::Args)]
+pub struct BackendsArgs {
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: crate::cli::Format,
+}
+
+/// `logit-lens backends`: what this build can run.
+pub fn list(a: BackendsArgs) -> Result<()> {
+    let registry = registry();
+    let mut out = anstream::stdout();
+    let rows: Vec<serde_json::Value> = registry
+        .loaders()
+        .iter()
+        .map(|l| {
+            let c = l.capabilities();
+            let strings = |v: Vec<&str>| v.into_iter().map(String::from).collect::<Vec<_>>();
+            serde_json::json!({
+                "name": l.name(),
+                "sources": strings(c.sources.iter().map(|s| s.as_str()).collect()),
+                "devices": strings(c.devices.iter().map(|d| d.family()).collect()),
+                "precisions": strings(c.precisions.iter().map(|p| p.as_str()).collect()),
+                "architectures": strings(c.architectures.clone()),
+            })
+        })
+        .collect();
+    if a.format == crate::cli::Format::Json {
+        writeln!(out, "{}", serde_json::json!({ "backends": rows }))?;
+        return Ok(());
+    }
+    const FIELDS: [&str; 5] = ["name", "sources", "devices", "precisions", "architectures"];
+    let cell = |row: &serde_json::Value, field: &str| match &row[field] {
+        serde_json::Value::Array(v) => v
+            .iter()
+            .filter_map(|x| x.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        v => v.as_str().unwrap_or_default().to_string(),
+    };
+    let table: Vec<Vec<String>> = std::iter::once(
+        [
+            "backend",
+            "sources",
+            "devices",
+            "precisions",
+            "architectures",
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+    .chain(rows.iter().map(|r| FIELDS.map(|f| cell(r, f)).to_vec()))
+    .collect();
+    let widths: Vec<usize> = (0..FIELDS.len())
+        .map(|i| table.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for row in &table {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, &w)| format!("{c:<w$}"))
+            .collect();
+        writeln!(out, "{}", cells.join("  ").trim_end())?;
+    }
+    if rows.is_empty() {
+        writeln!(
+            out,
+            "(no backend in this build: enable a feature such as `candle`)"
+        )?;
+    }
+    Ok(())
+}
