@@ -5,11 +5,11 @@
 #![allow(clippy::print_stderr)]
 
 mod bad_input;
+mod conformance;
 mod oracle;
 mod reuse;
 mod smollm2;
 mod stop;
-mod tiny_llama;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -33,6 +33,7 @@ pub fn smollm2(precision: Precision) -> Arc<CandleBackend> {
     let cell = match precision {
         Precision::F32 => &F32,
         Precision::Fast => &FAST,
+        other => panic!("the candle backend has no {other} precision"),
     };
     cell.get_or_init(|| {
         Arc::new(CandleBackend::load(&default_model_path(), precision).expect("load SmolLM2"))

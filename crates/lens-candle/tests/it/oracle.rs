@@ -1,203 +1,28 @@
-//! Comparing the lens with a golden file.
+//! Comparing the lens with a golden file: the comparison lives in the conformance suite
+//! (`lens_conformance::oracle`); here golden files are named relative to `tests/data/oracle/`.
 
-use std::fmt::Write;
+use std::path::PathBuf;
 
-use lens_core::{Backend, CaptureOptions, Lens, LensKind};
+pub use lens_conformance::oracle::{compare_prompt, Deviations, Tolerance, F32, F32_RAW};
+use lens_core::{Backend, LensKind};
 use serde_json::Value;
 
+/// A file under `tests/data/oracle/`.
+pub fn path(name: &str) -> PathBuf {
+    crate::data_dir().join("oracle").join(name)
+}
+
+/// A golden file under `tests/data/oracle/`, parsed.
 pub fn load(name: &str) -> Value {
-    load_data(&format!("oracle/{name}"))
+    lens_conformance::oracle::load_json(&path(name))
 }
 
-/// A JSON file under `tests/data/`.
-pub fn load_data(name: &str) -> Value {
-    let path = crate::data_dir().join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).expect("golden JSON")
-}
-
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or(f64::NAN)
-}
-
-/// Largest deviations seen while comparing, for the report.
-#[derive(Default, Debug)]
-pub struct Deviations {
-    pub cells: usize,
-    pub prob: f64,
-    pub entropy: f64,
-    pub kl_rel: f64,
-    pub rank_off: usize,
-    pub top5_mismatches: usize,
-    /// Cells with a clear top-1 (oracle margin > 0.05) and how many of them agree.
-    pub clear_cells: usize,
-    pub clear_agree: usize,
-    pub failures: Vec<String>,
-}
-
-impl Deviations {
-    pub fn top1_agreement(&self) -> f64 {
-        self.clear_agree as f64 / self.clear_cells.max(1) as f64
-    }
-}
-
-/// Bounds a comparison enforces.
-#[derive(Clone, Copy, Debug)]
-pub struct Tolerance {
-    pub prob: f64,
-    /// Allowed rank difference above rank 10 (below, ranks must be exact): an absolute number
-    /// or a fraction of the rank, whichever is larger.
-    pub rank_abs: usize,
-    pub rank_rel: f64,
-}
-
-/// The bounds for the f32 path: 1e-4 on probabilities and entropy (`prob` bounds
-/// both), rank ±1.
-pub const F32: Tolerance = Tolerance {
-    prob: 1e-4,
-    rank_abs: 1,
-    rank_rel: 0.0,
-};
-
-/// The raw lens has no final norm, so its logits scale with the residual stream (hundreds):
-/// float32 rounding in *either* implementation moves them about 100× more than the norm lens's.
-/// Same bounds, with 2e-4 on probabilities and entropy and ranks above 10 within 1e-4 relative.
-pub const F32_RAW: Tolerance = Tolerance {
-    prob: 2e-4,
-    rank_abs: 1,
-    rank_rel: 1e-4,
-};
-
-/// Run the lens on one golden prompt and compare every cell. With `Some(tolerance)`, bounds are
-/// enforced (failures collected); with `None` only measured.
-pub fn compare_prompt(
-    backend: &dyn Backend,
-    golden: &Value,
-    lens: LensKind,
-    tol: Option<Tolerance>,
-    dev: &mut Deviations,
-) {
-    let strict = tol.is_some();
-    let tol = tol.unwrap_or(F32);
-    let text = golden["text"].as_str().expect("text");
-    let want_ids: Vec<u32> = golden["token_ids"]
-        .as_array()
-        .expect("ids")
-        .iter()
-        .map(|v| v.as_u64().unwrap_or(u64::MAX) as u32)
-        .collect();
-    let tokens = backend.tokenize(text).expect("tokenize");
-    let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-    assert_eq!(ids, want_ids, "token ids of {text:?}");
-    let states = backend
-        .forward(&ids, CaptureOptions::default())
-        .expect("forward");
-    let lens = Lens::new(backend, &states, lens, 5);
-    let grid = lens.grid(&lens.all_layers()).expect("grid");
-    let layers = golden["layers"].as_array().expect("layers");
-    assert_eq!(layers.len(), backend.info().n_layers + 1);
-    for (l, layer) in layers.iter().enumerate() {
-        for (p, view) in grid.iter().enumerate() {
-            let cell = &view.cells[l];
-            let at = format!("{text:?} layer {l} position {p}");
-            dev.cells += 1;
-            let ids: Vec<u64> = layer["top5_ids"][p]
-                .as_array()
-                .expect("top5")
-                .iter()
-                .filter_map(Value::as_u64)
-                .collect();
-            let probs: Vec<f64> = layer["top5_probs"][p]
-                .as_array()
-                .expect("probs")
-                .iter()
-                .map(f)
-                .collect();
-            for i in 0..5 {
-                let got_p = f64::from(cell.top[i].prob);
-                let d = (got_p - probs[i]).abs();
-                dev.prob = dev.prob.max(d);
-                if strict && d > tol.prob {
-                    dev.failures
-                        .push(format!("{at}: top-{i} prob {got_p} vs {}", probs[i]));
-                }
-                let separated = (i == 0 || (probs[i - 1] - probs[i]).abs() > 1e-5)
-                    && (i == 4 || (probs[i] - probs[i + 1]).abs() > 1e-5);
-                if u64::from(cell.top[i].id) != ids[i] && separated {
-                    dev.top5_mismatches += 1;
-                    if strict {
-                        dev.failures
-                            .push(format!("{at}: top-{i} id {} vs {}", cell.top[i].id, ids[i]));
-                    }
-                }
-            }
-            if probs[0] - probs[1] > 0.05 {
-                dev.clear_cells += 1;
-                dev.clear_agree += usize::from(u64::from(cell.top[0].id) == ids[0]);
-            }
-            let (ent, want_ent) = (cell.entropy, f(&layer["entropy"][p]));
-            dev.entropy = dev.entropy.max((ent - want_ent).abs());
-            if strict && (ent - want_ent).abs() > tol.prob {
-                dev.failures
-                    .push(format!("{at}: entropy {ent} vs {want_ent}"));
-            }
-            let (kl, want_kl) = (cell.kl_to_final, f(&layer["kl_final_layer"][p]));
-            let kl_ok = if want_kl < 0.05 {
-                (kl - want_kl).abs() <= 1e-4
-            } else {
-                (kl - want_kl).abs() <= 2e-3 * want_kl
-            };
-            if want_kl >= 0.05 {
-                dev.kl_rel = dev.kl_rel.max((kl - want_kl).abs() / want_kl);
-            }
-            if strict && !kl_ok {
-                dev.failures.push(format!("{at}: KL {kl} vs {want_kl}"));
-            }
-            match (cell.next, layer["next_rank"][p].as_u64()) {
-                (Some(n), Some(want)) => {
-                    let want = want as usize;
-                    let off = n.rank.abs_diff(want);
-                    dev.rank_off = dev.rank_off.max(off);
-                    let allowed = tol.rank_abs.max((tol.rank_rel * want as f64) as usize);
-                    if strict && ((want < 10 && off != 0) || off > allowed) {
-                        dev.failures
-                            .push(format!("{at}: next rank {} vs {want}", n.rank));
-                    }
-                    let want_p = f(&layer["next_prob"][p]);
-                    if strict && (f64::from(n.prob) - want_p).abs() > tol.prob {
-                        dev.failures
-                            .push(format!("{at}: next prob {} vs {want_p}", n.prob));
-                    }
-                }
-                (None, None) => {}
-                (got, want) => dev.failures.push(format!("{at}: next {got:?} vs {want:?}")),
-            }
-        }
-    }
-}
-
+/// [`lens_conformance::check_golden`] with a golden file under `tests/data/oracle/`.
 pub fn check_golden(
     backend: &dyn Backend,
     file: &str,
     lens: LensKind,
     tol: Tolerance,
 ) -> Deviations {
-    let golden = load(file);
-    let mut dev = Deviations::default();
-    for prompt in golden["prompts"].as_array().expect("prompts") {
-        compare_prompt(backend, prompt, lens, Some(tol), &mut dev);
-    }
-    eprintln!("{file} ({lens} lens): {dev:?}");
-    if !dev.failures.is_empty() {
-        let mut msg = format!(
-            "{} of {} cells deviate from {file}:\n",
-            dev.failures.len(),
-            dev.cells
-        );
-        for f in dev.failures.iter().take(20) {
-            let _ = writeln!(msg, "  {f}");
-        }
-        panic!("{msg}");
-    }
-    dev
+    lens_conformance::check_golden(backend, &path(file), lens, tol)
 }

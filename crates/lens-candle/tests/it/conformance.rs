@@ -1,0 +1,218 @@
+//! The candle backend through the conformance suite (`lens_conformance`), loaded by its
+//! registry entry `lens_candle::LOADER`, each model once per process: the tiny Llama fixture
+//! (HF folder and f32 GGUF) and the tiny Qwen2 fixture against their HF transformers goldens,
+//! and the default model (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to f32) against its
+//! goldens and through every other check.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use lens_conformance::{self as suite, Subject};
+use lens_core::{Device, Error, LensKind, LoadOptions, Loader, Precision, Registry, Source};
+
+const F32: LoadOptions = LoadOptions {
+    precision: Precision::F32,
+    device: Device::Cpu,
+    threads: None,
+};
+
+const SUBJECT: Subject = Subject {
+    loader: &lens_candle::LOADER,
+    options: F32,
+};
+
+fn oracle(name: &str) -> PathBuf {
+    crate::data_dir().join("oracle").join(name)
+}
+
+fn tiny_llama_folder() -> Source {
+    Source::HfFolder(oracle("tiny-llama"))
+}
+
+fn tiny_llama_gguf() -> Source {
+    Source::Gguf(oracle("tiny-llama/tiny-llama.f32.gguf"))
+}
+
+fn tiny_qwen2() -> Source {
+    Source::HfFolder(crate::data_dir().join("fixtures/tiny-qwen2"))
+}
+
+fn tiny_qwen2_golden() -> PathBuf {
+    crate::data_dir().join("fixtures/tiny-qwen2/golden.json")
+}
+
+fn smollm2() -> Source {
+    Source::Gguf(crate::default_model_path())
+}
+
+/// A prompt of a dozen tokens: short prompts and their edits take the small-batch path.
+const PROMPT: &str = "The capital of France is Paris, and the capital of Italy is";
+
+/// A prompt of more than 100 tokens: the tensor path, which looks at a stop between blocks.
+fn long_prompt() -> String {
+    "The sun rises in the east and sets in the west. ".repeat(12)
+}
+
+/// The model's shape, and the golden's cells all compared.
+#[track_caller]
+fn check_tiny(source: Source, golden: PathBuf, n_layers: usize, cells: usize) {
+    let backend = SUBJECT.backend(&source);
+    assert_eq!(backend.info().n_layers, n_layers);
+    assert_eq!(backend.info().vocab_size, 2048);
+    let dev = suite::oracle_goldens(&SUBJECT, &source, &golden, LensKind::Norm, suite::F32);
+    assert_eq!(dev.cells, cells);
+}
+
+#[test]
+fn tiny_llama_folder_matches_hf() {
+    check_tiny(
+        tiny_llama_folder(),
+        oracle("tiny-llama/golden.json"),
+        4,
+        5 * (8 + 26),
+    );
+}
+
+#[test]
+fn tiny_llama_f32_gguf_matches_hf() {
+    check_tiny(
+        tiny_llama_gguf(),
+        oracle("tiny-llama/golden.json"),
+        4,
+        5 * (8 + 26),
+    );
+}
+
+/// Qwen2: q/k/v biases, tied embeddings, HF layout (fixture made by
+/// tests/data/fixtures/make_tiny_qwen2.py with HF transformers).
+#[test]
+fn tiny_qwen2_folder_matches_hf() {
+    check_tiny(tiny_qwen2(), tiny_qwen2_golden(), 3, 4 * (8 + 26));
+}
+
+#[test]
+fn smollm2_norm_lens_matches_hf_transformers() {
+    let dev = suite::oracle_goldens(
+        &SUBJECT,
+        &smollm2(),
+        &oracle("golden_smollm2.json"),
+        LensKind::Norm,
+        suite::F32,
+    );
+    assert_eq!(dev.cells, 31 * (20 + 5 + 18 + 14));
+}
+
+#[test]
+fn smollm2_raw_lens_matches_hf_transformers() {
+    let dev = suite::oracle_goldens(
+        &SUBJECT,
+        &smollm2(),
+        &oracle("golden_smollm2_nonorm.json"),
+        LensKind::Raw,
+        suite::F32_RAW,
+    );
+    assert_eq!(dev.cells, 31 * (20 + 5));
+}
+
+#[test]
+fn tokenization_matches_the_goldens() {
+    for (source, golden, tokens) in [
+        (
+            tiny_llama_folder(),
+            oracle("tiny-llama/golden.json"),
+            8 + 26,
+        ),
+        (tiny_llama_gguf(), oracle("tiny-llama/golden.json"), 8 + 26),
+        (tiny_qwen2(), tiny_qwen2_golden(), 8 + 26),
+        (smollm2(), oracle("golden_smollm2.json"), 20 + 5 + 18 + 14),
+    ] {
+        let checked = suite::tokenization(&*SUBJECT.backend(&source), &golden);
+        assert_eq!(checked, tokens, "{source}");
+    }
+}
+
+#[test]
+fn prefix_reuse_equals_a_fresh_forward() {
+    for source in [smollm2(), tiny_llama_gguf()] {
+        let backend = SUBJECT.backend(&source);
+        let ids = suite::ids(&*backend, PROMPT);
+        let t = Instant::now();
+        let worst = suite::prefix_reuse(&*backend, &ids);
+        eprintln!(
+            "{source}: prefix reuse within {worst:.2e} of a fresh forward ({:?})",
+            t.elapsed()
+        );
+        assert!(worst <= suite::REUSE_BOUND);
+    }
+}
+
+#[test]
+fn mid_block_capture_is_complete() {
+    for source in [smollm2(), tiny_qwen2()] {
+        let backend = SUBJECT.backend(&source);
+        suite::mid_block(&*backend, &suite::ids(&*backend, PROMPT));
+    }
+}
+
+#[test]
+fn a_stop_is_honoured_between_blocks() {
+    let backend = SUBJECT.backend(&smollm2());
+    let long = suite::ids(&*backend, &long_prompt());
+    assert!(long.len() > 100, "{} tokens", long.len());
+    let timings = suite::stop_between_layers(&*backend, &long);
+    eprintln!("{} tokens: {timings:?}", long.len());
+    assert!(timings.latency * 3 < timings.full);
+}
+
+#[test]
+fn the_lens_reduce_matches_the_host_math() {
+    let backend = SUBJECT.backend(&smollm2());
+    let ids = suite::ids(&*backend, "The capital of France is");
+    let cells = suite::reduce_matches_host(&*backend, &ids);
+    assert_eq!(cells, 3 * 5 * 31 + 2 * 3 * 5);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    for source in [tiny_llama_folder(), smollm2()] {
+        let backend = SUBJECT.backend(&source);
+        suite::bad_inputs(&*backend, &suite::ids(&*backend, PROMPT));
+    }
+}
+
+#[test]
+fn the_registry_picks_candle_and_refuses_what_it_cannot_do() {
+    let fast = LoadOptions {
+        precision: Precision::Fast,
+        ..F32
+    };
+    // An HF folder holds dense safetensors: no quantized blocks to multiply.
+    let refused = [(tiny_llama_folder(), fast, "fast")];
+    for (source, options) in [
+        (tiny_llama_gguf(), F32),
+        (tiny_llama_gguf(), fast),
+        (tiny_llama_folder(), F32),
+    ] {
+        suite::registry(&lens_candle::LOADER, &source, &options, &refused);
+    }
+    let caps = lens_candle::LOADER.capabilities();
+    assert_eq!(caps.precisions, [Precision::F32, Precision::Fast]);
+    // Without the cuda feature, CUDA is refused, naming the device (the suite checks this for
+    // every device family the loader does not list; here it is stated outright).
+    #[cfg(not(feature = "cuda"))]
+    {
+        assert_eq!(caps.devices, [Device::Cpu]);
+        let cuda = LoadOptions {
+            device: Device::Cuda(0),
+            ..F32
+        };
+        let registry = Registry::new(vec![&lens_candle::LOADER]);
+        let r = registry
+            .pick(Some("candle"), &tiny_llama_gguf(), &cuda)
+            .map(drop);
+        assert!(
+            matches!(&r, Err(Error::Unsupported(m)) if m.contains("cuda:0")),
+            "{r:?}"
+        );
+    }
+}
