@@ -71,10 +71,14 @@ pub const F32: Tolerance = Tolerance {
 };
 
 /// The raw lens has no final norm, so its logits scale with the residual stream (hundreds):
-/// float32 rounding in *either* implementation moves them about 100× more than the norm lens's.
-/// Same bounds, with 2e-4 on probabilities and entropy and ranks above 10 within 1e-4 relative.
+/// float32 rounding in *either* implementation moves them about 100× more than the norm lens's,
+/// and the order of the f32 sums depends on the SIMD width the CPU dispatches to (on an
+/// AVX-512 machine SmolLM2's raw lens deviates from HF by up to 2.4e-4 in probability and
+/// 3.1e-4 in entropy, at two near-tied cells; on AVX2 machines under 2e-4). Same bounds as
+/// [`F32`] otherwise, with 5e-4 on probabilities and entropy and ranks above 10 within 1e-4
+/// relative.
 pub const F32_RAW: Tolerance = Tolerance {
-    prob: 2e-4,
+    prob: 5e-4,
     rank_abs: 1,
     rank_rel: 1e-4,
 };

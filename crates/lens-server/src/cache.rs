@@ -10,7 +10,7 @@
 //!   256-token prompt of the default model takes ~30 MB, so 512 MB holds ~17).
 //! - No map guard is held across a forward pass: slots are cloned out of the map first.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use dashmap::DashMap;
@@ -21,6 +21,8 @@ type Computed = Result<Arc<HiddenStates>, Arc<lens_core::Error>>;
 
 struct Slot {
     cell: OnceLock<Computed>,
+    /// Set when a request starts computing this entry (inside the once-cell).
+    flying: AtomicBool,
     bytes: AtomicUsize,
     last_used: AtomicU64,
 }
@@ -33,6 +35,9 @@ pub struct CacheStats {
     pub bytes: usize,
     pub budget_bytes: usize,
     pub hits: u64,
+    /// Requests that waited for another request's computation of the same tokens (single
+    /// flight) instead of computing them again.
+    pub waits: u64,
     pub misses: u64,
     pub tokens_reused: u64,
     pub tokens_computed: u64,
@@ -44,6 +49,7 @@ pub struct ActivationCache {
     bytes: AtomicUsize,
     clock: AtomicU64,
     hits: AtomicU64,
+    waits: AtomicU64,
     misses: AtomicU64,
     tokens_reused: AtomicU64,
     tokens_computed: AtomicU64,
@@ -62,6 +68,7 @@ impl ActivationCache {
             bytes: AtomicUsize::new(0),
             clock: AtomicU64::new(0),
             hits: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             tokens_reused: AtomicU64::new(0),
             tokens_computed: AtomicU64::new(0),
@@ -106,8 +113,12 @@ impl ActivationCache {
             .clone();
         slot.last_used.store(self.tick(), Ordering::Relaxed);
         let mut computed_here = false;
+        if slot.cell.get().is_none() && slot.flying.load(Ordering::Acquire) {
+            self.waits.fetch_add(1, Ordering::Relaxed);
+        }
         let result = slot.cell.get_or_init(|| {
             computed_here = true;
+            slot.flying.store(true, Ordering::Release);
             self.compute(backend, ids, stop)
         });
         match result {
@@ -213,6 +224,7 @@ impl ActivationCache {
             bytes: self.bytes.load(Ordering::Relaxed),
             budget_bytes: self.budget,
             hits: self.hits.load(Ordering::Relaxed),
+            waits: self.waits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
             tokens_reused: self.tokens_reused.load(Ordering::Relaxed),
             tokens_computed: self.tokens_computed.load(Ordering::Relaxed),
@@ -224,6 +236,7 @@ impl Slot {
     fn new() -> Self {
         Slot {
             cell: OnceLock::new(),
+            flying: AtomicBool::new(false),
             bytes: AtomicUsize::new(0),
             last_used: AtomicU64::new(0),
         }

@@ -3,8 +3,7 @@
 
 use std::path::PathBuf;
 
-pub use lens_conformance::oracle::{compare_prompt, Deviations, Tolerance, F32, F32_RAW};
-use lens_core::{Backend, LensKind};
+pub use lens_conformance::oracle::{compare_prompt, Deviations};
 use serde_json::Value;
 
 /// A file under `tests/data/oracle/`.
@@ -15,14 +14,4 @@ pub fn path(name: &str) -> PathBuf {
 /// A golden file under `tests/data/oracle/`, parsed.
 pub fn load(name: &str) -> Value {
     lens_conformance::oracle::load_json(&path(name))
-}
-
-/// [`lens_conformance::check_golden`] with a golden file under `tests/data/oracle/`.
-pub fn check_golden(
-    backend: &dyn Backend,
-    file: &str,
-    lens: LensKind,
-    tol: Tolerance,
-) -> Deviations {
-    lens_conformance::check_golden(backend, &path(file), lens, tol)
 }

@@ -1,0 +1,181 @@
+//! The engine and its activation cache on the in-memory reference backend: fast, no model
+//! file, numbers that do not depend on one.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lens_conformance::ReferenceBackend;
+use lens_core::{Backend, CaptureOptions, HiddenStates, LensKind, ModelInfo, Stop, Token};
+use lens_server::{AnalyzeParams, Engine};
+
+/// The reference backend, with every forward pass held at a gate: it says when it has
+/// started, then waits until the test lets it go.
+struct Gated {
+    inner: ReferenceBackend,
+    started: mpsc::SyncSender<()>,
+    go: std::sync::Mutex<mpsc::Receiver<()>>,
+    forwards: std::sync::atomic::AtomicUsize,
+}
+
+impl Backend for Gated {
+    fn info(&self) -> &ModelInfo {
+        self.inner.info()
+    }
+    fn tokenize(&self, text: &str) -> Result<Vec<Token>, lens_core::Error> {
+        self.inner.tokenize(text)
+    }
+    fn decode(&self, id: u32) -> String {
+        self.inner.decode(id)
+    }
+    fn forward(
+        &self,
+        tokens: &[u32],
+        options: CaptureOptions,
+    ) -> Result<HiddenStates, lens_core::Error> {
+        self.forward_until(None, tokens, options, &Stop::never())
+    }
+    fn forward_until(
+        &self,
+        prefix: Option<&HiddenStates>,
+        tokens: &[u32],
+        options: CaptureOptions,
+        stop: &Stop,
+    ) -> Result<HiddenStates, lens_core::Error> {
+        self.forwards
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.started.send(()).expect("the test listens");
+        self.go
+            .lock()
+            .expect("gate")
+            .recv()
+            .expect("the test opens the gate");
+        self.inner.forward_until(prefix, tokens, options, stop)
+    }
+    fn readout(&self, rows: &[f32], lens: LensKind) -> Result<Vec<f32>, lens_core::Error> {
+        self.inner.readout(rows, lens)
+    }
+    fn state_bytes(&self, states: &HiddenStates) -> usize {
+        self.inner.state_bytes(states)
+    }
+}
+
+/// Two requests for the same tokens at once: the second waits for the first one's forward
+/// pass (single flight) and shares its result; one forward pass in all.
+#[test]
+fn a_second_request_waits_for_the_first_ones_computation() {
+    let (started_tx, started) = mpsc::sync_channel(4);
+    let (go, go_rx) = mpsc::channel();
+    let backend = Arc::new(Gated {
+        inner: ReferenceBackend::new(),
+        started: started_tx,
+        go: std::sync::Mutex::new(go_rx),
+        forwards: 0.into(),
+    });
+    let engine = Arc::new(Engine::new(backend.clone(), 64 << 20));
+    let ids: Vec<u32> = ["the", "cat", "sat"]
+        .iter()
+        .map(|w| ReferenceBackend::id_of(w))
+        .collect();
+    assert!(ids.iter().all(|&id| id != 0), "words of the vocabulary");
+
+    let first = {
+        let (engine, ids) = (engine.clone(), ids.clone());
+        std::thread::spawn(move || engine.states(&ids, &Stop::never()))
+    };
+    started
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the first forward pass starts");
+    let second = {
+        let (engine, ids) = (engine.clone(), ids.clone());
+        std::thread::spawn(move || engine.states(&ids, &Stop::never()))
+    };
+    // The second request is waiting on the first one's computation before the gate opens.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while engine.stats().waits == 0 {
+        assert!(Instant::now() < deadline, "the second request never waited");
+        std::thread::yield_now();
+    }
+    go.send(()).expect("open the gate");
+    let a = first.join().expect("first").expect("states");
+    let b = second.join().expect("second").expect("states");
+    assert!(Arc::ptr_eq(&a, &b), "both requests share one result");
+    assert_eq!(
+        backend.forwards.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    let stats = engine.stats();
+    assert_eq!(
+        (stats.misses, stats.waits, stats.hits),
+        (1, 1, 1),
+        "{stats:?}"
+    );
+    assert!(started.try_recv().is_err(), "no second forward pass");
+}
+
+/// `lens/analyze` on the reference backend: positions and layers resolve through the one
+/// query path, and bad selections are the protocol's errors.
+#[test]
+fn analyze_selects_and_refuses_like_the_protocol_says() {
+    let engine = Engine::new(Arc::new(ReferenceBackend::new()), 64 << 20);
+    let params =
+        |v: serde_json::Value| -> AnalyzeParams { serde_json::from_value(v).expect("params") };
+    let r = engine
+        .analyze(
+            &params(serde_json::json!({
+                "text": "the cat sat on the mat",
+                "positions": [-1, 0],
+                "layers": "1..",
+                "topK": 2
+            })),
+            &Stop::never(),
+        )
+        .expect("analyze");
+    let positions: Vec<usize> = r.positions.iter().map(|p| p.position).collect();
+    assert_eq!(positions, [0, 5]);
+    assert_eq!(
+        r.layers,
+        (1..=lens_conformance::N_BLOCKS).collect::<Vec<_>>()
+    );
+    assert!(r
+        .positions
+        .iter()
+        .all(|p| p.cells.len() == r.layers.len() && p.cells.iter().all(|c| c.top.len() == 2)));
+    let code = |v: serde_json::Value| {
+        engine
+            .analyze(&params(v), &Stop::never())
+            .expect_err("refused")
+            .code
+    };
+    let text = "the cat sat";
+    assert_eq!(
+        code(serde_json::json!({ "text": text, "layers": [] })),
+        -32602
+    );
+    assert_eq!(
+        code(serde_json::json!({ "text": text, "layers": "" })),
+        -32602
+    );
+    assert_eq!(
+        code(serde_json::json!({ "text": text, "layers": ",," })),
+        -32602
+    );
+    assert_eq!(
+        code(serde_json::json!({ "text": text, "layers": [99] })),
+        -32602
+    );
+    assert_eq!(
+        code(serde_json::json!({ "text": text, "positions": [] })),
+        -32602
+    );
+    assert_eq!(
+        code(serde_json::json!({ "text": text, "positions": [3] })),
+        -32013
+    );
+    assert_eq!(code(serde_json::json!({ "text": text, "topK": 0 })), -32602);
+    assert_eq!(code(serde_json::json!({ "text": "" })), -32010);
+    assert!(serde_json::from_value::<AnalyzeParams>(
+        serde_json::json!({ "text": text, "lens": "tuned" })
+    )
+    .is_err());
+}
