@@ -417,7 +417,12 @@ impl<'a> Lens<'a> {
             .enumerate()
             .map(|(i, &site)| {
                 let row = &rows[i * vocab..(i + 1) * vocab];
-                let stats = math::row_stats(row, self.top_k, Some(&reference));
+                let mut stats = math::row_stats(row, self.top_k, Some(&reference));
+                if std::ptr::eq(row, final_row) {
+                    // The model output itself: KL(p ‖ p) is 0 by definition, not the ~1e-7
+                    // that cancelling −H − p·x + log Z leaves in floating point.
+                    stats.kl = Some(0.0);
+                }
                 (
                     self.cell(site, row, &stats, next_id, final_top1.id),
                     stats.log_z,

@@ -144,7 +144,7 @@ impl SourceKind {
 }
 
 /// A model to load. Telling a GGUF file from a folder takes IO, which happens where models are
-/// found (`lens_models::source`), not here.
+/// chosen (the binary's `backends::source`), not here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     Gguf(PathBuf),
