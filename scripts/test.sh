@@ -2,8 +2,8 @@
 # The project's test command (README). Two tiers, both run by default:
 #
 #   fast  style and types (rustfmt, clippy with warnings denied, the extension's tsc), then the
-#         tests that need no model file: every crate's unit tests and the conformance suite on
-#         the in-memory reference backend. Under a minute warm.
+#         tests that need no model file: every crate's unit tests, the conformance suite on the
+#         in-memory reference backend and the daemon's engine on it. Under a minute warm.
 #   full  the integration tests (`tests/it` of each crate): real models (the default model is
 #         fetched on first use), the real daemon over real sockets, Neovim, VS Code, Chromium.
 #
@@ -36,7 +36,7 @@ fast() {
   (cd editors/vscode && npm run --silent typecheck)
   step "fast tests: unit tests and the conformance suite on the reference backend"
   cargo test --workspace --locked --lib --bins "$@"
-  cargo test --locked -p lens-conformance --tests "$@"
+  cargo test --locked -p lens-conformance -p lens-server --tests "$@"
 }
 
 full() {

@@ -615,8 +615,15 @@ async function main(): Promise<void> {
       check((await pathBox.inputValue()) === MODEL, `the open dialog holds the model path, not ${await pathBox.inputValue()}`);
       await page.keyboard.press('Enter');
       const until = Date.now() + 60000;
+      let enterAgain = Date.now() + 5000;
       while (daemonPids(server.pid ?? -1, MODEL).length !== 1) {
         check(Date.now() < until, `a daemon started with --model ${MODEL}`);
+        // The dialog may still be reading the model's folder when Enter arrives and drop it:
+        // while it stays open with our path, press Enter again (a condition, not a delay).
+        if (Date.now() > enterAgain && (await pathBox.isVisible()) && (await pathBox.inputValue()) === MODEL) {
+          await page.keyboard.press('Enter');
+          enterAgain = Date.now() + 5000;
+        }
         await page.waitForTimeout(200);
       }
       await page.locator('.statusbar-item', { hasText: /Smollm2.*· ready/i }).first().waitFor({ timeout: 60000 });
