@@ -97,9 +97,9 @@ pub fn host_lens<B: Backend + ?Sized>(
     request: &LensRequest<'_>,
     stop: &Stop,
 ) -> Result<Vec<PositionView>, Error> {
-    let host = Host(backend);
+    // `Lens`'s batching and reduction, on the backend's readout (never its own `lens`).
     let lens = Lens {
-        backend: &host,
+        backend,
         states: request.states,
         kind: request.kind,
         top_k: request.top_k,
@@ -127,62 +127,23 @@ pub fn host_lens<B: Backend + ?Sized>(
     Ok(views)
 }
 
-/// A backend seen only through its readout: [`host_lens`] runs [`Lens`]'s batching on it
-/// without recursing into the backend's own [`Backend::lens`].
-struct Host<'b, B: ?Sized>(&'b B);
-
-impl<B: Backend + ?Sized> Backend for Host<'_, B> {
-    fn info(&self) -> &crate::ModelInfo {
-        self.0.info()
-    }
-    fn tokenize(&self, text: &str) -> Result<Vec<crate::Token>, Error> {
-        self.0.tokenize(text)
-    }
-    fn decode(&self, id: u32) -> String {
-        self.0.decode(id)
-    }
-    fn forward(
-        &self,
-        tokens: &[u32],
-        options: crate::CaptureOptions,
-    ) -> Result<HiddenStates, Error> {
-        self.0.forward(tokens, options)
-    }
-    fn readout(&self, rows: &[f32], lens: LensKind) -> Result<Vec<f32>, Error> {
-        self.0.readout(rows, lens)
-    }
-    fn readout_until(&self, rows: &[f32], lens: LensKind, stop: &Stop) -> Result<Vec<f32>, Error> {
-        self.0.readout_until(rows, lens, stop)
-    }
-    /// Never called: [`host_lens`] drives the batches itself. Defined so that the default
-    /// (which would wrap `Host` in `Host` again) is not instantiated.
-    fn lens(&self, request: &LensRequest<'_>, stop: &Stop) -> Result<Vec<PositionView>, Error> {
-        let _ = (request, stop);
-        Err(Error::Backend(
-            "the host readout has no lens of its own".into(),
-        ))
-    }
-}
-
 /// The logit lens over one prompt's captured hidden states.
 ///
 /// Logits are computed on demand, in bounded batches, and reduced to [`Cell`]s at once: a
 /// layers × positions × vocabulary array never exists.
-pub struct Lens<'a> {
-    backend: &'a dyn Backend,
+///
+/// Generic over the backend so that [`host_lens`], the default of [`Backend::lens`], runs the
+/// same batching on any backend, sized or not; callers use the default, `dyn Backend`.
+pub struct Lens<'a, B: Backend + ?Sized = dyn Backend> {
+    backend: &'a B,
     states: &'a HiddenStates,
     kind: LensKind,
     top_k: usize,
     stop: Stop,
 }
 
-impl<'a> Lens<'a> {
-    pub fn new(
-        backend: &'a dyn Backend,
-        states: &'a HiddenStates,
-        kind: LensKind,
-        top_k: usize,
-    ) -> Self {
+impl<'a, B: Backend + ?Sized> Lens<'a, B> {
+    pub fn new(backend: &'a B, states: &'a HiddenStates, kind: LensKind, top_k: usize) -> Self {
         Lens {
             backend,
             states,
