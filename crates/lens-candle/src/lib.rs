@@ -43,11 +43,6 @@ impl CandleBackend {
     pub fn load(path: &Path, precision: Precision) -> Result<Self, Error> {
         let device = Device::Cpu;
         let display = path.display().to_string();
-        if !matches!(precision, Precision::F32 | Precision::Fast) {
-            return Err(Error::Option(format!(
-                "the candle backend has no {precision} precision (it offers f32, fast)"
-            )));
-        }
         if !path.exists() {
             return Err(Error::Io {
                 path: display,
@@ -56,13 +51,14 @@ impl CandleBackend {
         }
         // candle's readers trust the sizes a file declares; keep a hostile file from taking the
         // process down with it.
+        let refuse =
+            |kind| refuse_precision(kind, precision).map_or(Ok(()), |why| Err(Error::Option(why)));
         let loaded = catch_unwind(AssertUnwindSafe(|| {
             if gguf::is_gguf(path) {
+                refuse(SourceKind::Gguf)?;
                 gguf::load(path, precision, &device)
             } else if hf::is_hf_folder(path) {
-                if precision == Precision::Fast {
-                    return Err(Error::Option(FAST_NEEDS_GGUF.into()));
-                }
+                refuse(SourceKind::HfFolder)?;
                 hf::load(path, &device)
             } else if path.is_file() {
                 std::fs::File::open(path).map_err(|source| Error::Io {
@@ -279,8 +275,21 @@ impl CandleBackend {
     }
 }
 
-const FAST_NEEDS_GGUF: &str = "--precision fast multiplies a GGUF file's quantized blocks; \
-an HF folder's weights are dense safetensors: use --precision f32";
+/// Why this backend cannot use `precision` on a source of `kind`, if it cannot: the one check
+/// behind both [`CandleBackend::load`] and the loader's `supports`.
+fn refuse_precision(kind: SourceKind, precision: Precision) -> Option<String> {
+    match (kind, precision) {
+        (_, Precision::Bf16 | Precision::F16) => Some(format!(
+            "the candle backend has no {precision} precision (it offers f32, fast)"
+        )),
+        (SourceKind::HfFolder, Precision::Fast) => Some(
+            "--precision fast multiplies a GGUF file's quantized blocks; an HF folder's weights \
+             are dense safetensors: use --precision f32"
+                .into(),
+        ),
+        _ => None,
+    }
+}
 
 /// The candle backend's entry in a registry of backends.
 pub struct CandleLoader;
@@ -303,13 +312,14 @@ impl Loader for CandleLoader {
     }
 
     fn supports(&self, source: &Source, options: &LoadOptions) -> Result<(), lens_core::Error> {
-        if let Some(why) = self.capabilities().refuse(self.name(), source, options) {
-            return Err(lens_core::Error::Unsupported(why));
+        let why = self
+            .capabilities()
+            .refuse(self.name(), source, options)
+            .or_else(|| refuse_precision(source.kind(), options.precision));
+        match why {
+            Some(why) => Err(lens_core::Error::Unsupported(why)),
+            None => Ok(()),
         }
-        if source.kind() == SourceKind::HfFolder && options.precision == Precision::Fast {
-            return Err(lens_core::Error::Unsupported(FAST_NEEDS_GGUF.into()));
-        }
-        Ok(())
     }
 
     fn load(
@@ -321,9 +331,11 @@ impl Loader for CandleLoader {
         if let Some(n) = options.threads {
             threads(n)?;
         }
-        let path = match source {
-            Source::Gguf(p) | Source::HfFolder(p) => p,
-            Source::Named(_) => unreachable_source()?,
+        // `supports` has refused every other kind of source.
+        let (Source::Gguf(path) | Source::HfFolder(path)) = source else {
+            return Err(lens_core::Error::Unsupported(format!(
+                "the candle backend cannot load {source}"
+            )));
         };
         let backend = CandleBackend::load(path, options.precision).map_err(|e| match e {
             Error::Option(why) => lens_core::Error::Unsupported(why),
@@ -331,13 +343,6 @@ impl Loader for CandleLoader {
         })?;
         Ok(Box::new(backend))
     }
-}
-
-/// `supports` refuses named sources before `load` matches on them.
-fn unreachable_source() -> Result<&'static Path, lens_core::Error> {
-    Err(lens_core::Error::Unsupported(
-        "the candle backend loads files and folders, not named models".into(),
-    ))
 }
 
 /// Size rayon's global pool (which candle's kernels and the lens share) to `n` threads: once
