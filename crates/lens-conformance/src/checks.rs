@@ -11,7 +11,7 @@ use lens_core::{
     LoadOptions, Loader, PositionView, Precision, Registry, Site, Source, Stop, Token,
 };
 
-use crate::oracle::load_json;
+use crate::oracle::{golden_tokens, load_json};
 
 /// The token ids of `text`.
 pub fn ids(backend: &dyn Backend, text: &str) -> Vec<u32> {
@@ -31,20 +31,7 @@ pub fn tokenization(backend: &dyn Backend, golden: &Path) -> usize {
     assert!(!prompts.is_empty(), "{} has no prompts", golden.display());
     let mut checked = 0;
     for prompt in prompts {
-        let text = prompt["text"]
-            .as_str()
-            .expect("golden prompt without `text`");
-        let want: Vec<u32> = prompt["token_ids"]
-            .as_array()
-            .expect("golden prompt without `token_ids`")
-            .iter()
-            .map(|v| v.as_u64().unwrap_or(u64::MAX) as u32)
-            .collect();
-        let tokens = backend
-            .tokenize(text)
-            .unwrap_or_else(|e| panic!("tokenize {text:?}: {e}"));
-        let got: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-        assert_eq!(got, want, "{}: token ids of {text:?}", golden.display());
+        let (text, tokens) = golden_tokens(backend, prompt, &golden.display().to_string());
         check_offsets(backend, text, &tokens);
         checked += tokens.len();
     }

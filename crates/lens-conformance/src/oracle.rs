@@ -10,7 +10,7 @@
 use std::fmt::Write;
 use std::path::Path;
 
-use lens_core::{Backend, CaptureOptions, Lens, LensKind, Source};
+use lens_core::{Backend, CaptureOptions, Lens, LensKind, Source, Token};
 use serde_json::Value;
 
 use crate::Subject;
@@ -83,6 +83,30 @@ pub const F32_RAW: Tolerance = Tolerance {
     rank_rel: 1e-4,
 };
 
+/// A golden prompt's text and its tokens by `backend`, whose ids must be the golden's
+/// (`what` names the golden in the message).
+pub fn golden_tokens<'g>(
+    backend: &dyn Backend,
+    prompt: &'g Value,
+    what: &str,
+) -> (&'g str, Vec<Token>) {
+    let text = prompt["text"]
+        .as_str()
+        .expect("golden prompt without `text`");
+    let want: Vec<u32> = prompt["token_ids"]
+        .as_array()
+        .expect("golden prompt without `token_ids`")
+        .iter()
+        .map(|v| v.as_u64().unwrap_or(u64::MAX) as u32)
+        .collect();
+    let tokens = backend
+        .tokenize(text)
+        .unwrap_or_else(|e| panic!("tokenize {text:?}: {e}"));
+    let got: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+    assert_eq!(got, want, "{what}: token ids of {text:?}");
+    (text, tokens)
+}
+
 /// Run the lens on one golden prompt and compare every cell. With `Some(tolerance)`, bounds are
 /// enforced (failures collected in `dev`); with `None` only measured. Panics when the prompt
 /// does not tokenize to the golden's ids or the golden's layers do not match the model.
@@ -95,20 +119,8 @@ pub fn compare_prompt(
 ) {
     let strict = tol.is_some();
     let tol = tol.unwrap_or(F32);
-    let text = golden["text"]
-        .as_str()
-        .expect("golden prompt without `text`");
-    let want_ids: Vec<u32> = golden["token_ids"]
-        .as_array()
-        .expect("golden prompt without `token_ids`")
-        .iter()
-        .map(|v| v.as_u64().unwrap_or(u64::MAX) as u32)
-        .collect();
-    let tokens = backend
-        .tokenize(text)
-        .unwrap_or_else(|e| panic!("tokenize {text:?}: {e}"));
+    let (text, tokens) = golden_tokens(backend, golden, "golden");
     let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-    assert_eq!(ids, want_ids, "token ids of {text:?}");
     let states = backend
         .forward(&ids, CaptureOptions::default())
         .unwrap_or_else(|e| panic!("forward {text:?}: {e}"));
