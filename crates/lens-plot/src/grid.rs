@@ -194,9 +194,8 @@ pub struct Grid {
 
 impl Grid {
     pub fn build(plot: &Plot<'_>) -> Grid {
-        let mut layers = plot.answer.layers.clone();
-        layers.sort_unstable();
-        layers.dedup();
+        // Ascending and distinct: a query's answer resolves its layers so.
+        let layers = plot.answer.layers.clone();
         let decode = |id: u32| visible(&(plot.decode)(id));
         let columns: Vec<Column> = plot
             .answer

@@ -60,11 +60,12 @@ impl LensParams {
                 .map_err(|e| RpcError::invalid_params(format!("positions: {e}")))?,
         };
         let top_k = match self.top_k {
-            None => 5,
-            Some(k @ 1..=100) => k as usize,
+            None => Query::default().top_k,
+            Some(k) if (1..=Query::MAX_TOP_K as i64).contains(&k) => k as usize,
             Some(k) => {
                 return Err(RpcError::invalid_params(format!(
-                    "topK must be 1..=100, got {k}"
+                    "topK must be 1..={}, got {k}",
+                    Query::MAX_TOP_K
                 )))
             }
         };

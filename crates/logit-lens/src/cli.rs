@@ -270,9 +270,8 @@ pub(crate) fn answer(
     query: &Query,
 ) -> Result<lens_core::Answer> {
     let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-    let stop = Stop::never();
-    let states = backend.forward_until(None, &ids, CaptureOptions::default(), &stop)?;
-    Ok(query.run(backend, &states, &stop)?)
+    let states = backend.forward(&ids, CaptureOptions::default())?;
+    Ok(query.run(backend, &states, &Stop::never())?)
 }
 
 fn run_lens(a: RunArgs) -> Result<()> {
