@@ -112,6 +112,34 @@ pub enum Error {
     /// Loading a model failed (the backend's own error, as text).
     #[error("{0}")]
     Load(String),
+    /// A NaN or an infinity where a number must be: in the residual stream (`residual`: the
+    /// first layer at that position where it went non-finite, so the block that made it), or
+    /// only in the lens's logits (the final norm or the unembedding).
+    #[error("{}", non_finite(*layer, *position, *residual))]
+    NonFinite {
+        layer: usize,
+        position: usize,
+        residual: bool,
+    },
+}
+
+fn non_finite(layer: usize, position: usize, residual: bool) -> String {
+    if residual {
+        let made_by = match layer {
+            0 => "the embedding".to_string(),
+            l => format!("block {l}"),
+        };
+        format!(
+            "the residual stream is not finite (NaN or infinity) at layer {layer}, position \
+             {position}: {made_by} produced it (are the model's weights corrupt?)"
+        )
+    } else {
+        format!(
+            "the lens's logits are not finite (NaN or infinity) at layer {layer}, position \
+             {position}, while the residual stream there is finite: the final norm or the \
+             unembedding holds a non-finite value"
+        )
+    }
 }
 
 /// A request to give up on work that is no longer wanted (a cancelled request, a hover for a

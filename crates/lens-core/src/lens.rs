@@ -119,9 +119,9 @@ pub fn host_lens<B: Backend + ?Sized>(
             .map(|(g, &position)| {
                 let rows = &site_logits[g * sites.len() * vocab..(g + 1) * sites.len() * vocab];
                 let final_row = lens.final_row(g, sites, rows, final_logits.as_deref());
-                lens.view(position, sites, rows, final_row).0
+                Ok(lens.view(position, sites, rows, final_row)?.0)
             })
-            .collect();
+            .collect::<Result<_, Error>>()?;
         views.extend(group_views);
     }
     Ok(views)
@@ -210,23 +210,47 @@ impl<'a, B: Backend + ?Sized> Lens<'a, B> {
             .collect();
         rows.push(logits);
         rows.reverse();
-        Ok(positions
+        positions
             .iter()
             .zip(rows)
             .enumerate()
             .map(|(g, (&position, logits))| {
                 let final_row = self.final_row(g, sites, &logits, final_logits.as_deref());
-                let (view, log_z) = self.view(position, sites, &logits, final_row);
-                (
+                let (view, log_z) = self.view(position, sites, &logits, final_row)?;
+                Ok((
                     view,
                     SiteLogits {
                         vocab,
                         logits,
                         log_z,
                     },
-                )
+                ))
             })
-            .collect())
+            .collect()
+    }
+
+    /// The error for a non-finite readout at `site` of `position`: blames the first layer at
+    /// that position whose residual stream is not finite, if any, else the readout.
+    fn non_finite(&self, position: usize, site: Site) -> Error {
+        let st = self.states;
+        let finite = |l: usize| {
+            st.row(Site::Layer(l), position)
+                .is_none_or(|r| r.iter().all(|x| x.is_finite()))
+        };
+        match (0..=st.n_layers()).find(|&l| !finite(l)) {
+            Some(layer) => Error::NonFinite {
+                layer,
+                position,
+                residual: true,
+            },
+            None => Error::NonFinite {
+                layer: match site {
+                    Site::Layer(l) | Site::MidBlock(l) => l,
+                },
+                position,
+                residual: false,
+            },
+        }
     }
 
     /// The lens at `sites` for every position of the prompt.
@@ -353,7 +377,27 @@ impl<'a, B: Backend + ?Sized> Lens<'a, B> {
         Ok((logits, final_logits))
     }
 
+    /// Reduce one position's rows to its view (and each row's log-sum-exp). A row that is
+    /// not finite is an error naming where it went non-finite, never a quiet empty cell.
     fn view(
+        &self,
+        position: usize,
+        sites: &[Site],
+        rows: &[f32],
+        final_row: &[f32],
+    ) -> Result<(PositionView, Vec<f32>), Error> {
+        let (view, log_z) = self.reduce(position, sites, rows, final_row);
+        let finite = |x: &f32| x.is_finite() || *x == f32::NEG_INFINITY;
+        if let Some(i) = log_z.iter().position(|z| !z.is_finite()) {
+            return Err(self.non_finite(position, sites[i]));
+        }
+        if !final_row.iter().all(finite) {
+            return Err(self.non_finite(position, Site::Layer(self.states.n_layers())));
+        }
+        Ok((view, log_z))
+    }
+
+    fn reduce(
         &self,
         position: usize,
         sites: &[Site],

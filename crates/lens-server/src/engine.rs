@@ -172,18 +172,39 @@ pub struct Engine {
     hovers: DashMap<HoverKey, (u64, Arc<String>)>,
     hover_clock: AtomicU64,
     previous: DashMap<PreviousKey, (u64, Arc<PreviousRows>)>,
+    /// The most bytes a prompt of the model's context can have (the longest token's bytes
+    /// times the context): longer texts are refused before they are tokenized.
+    max_prompt_bytes: usize,
+}
+
+/// The most bytes of text a token can stand for: the longest decoded token (at least 4, a
+/// UTF-8 character split over byte tokens).
+fn longest_token(backend: &dyn Backend) -> usize {
+    let vocab = u32::try_from(backend.info().vocab_size).unwrap_or(u32::MAX);
+    (0..vocab)
+        .map(|id| backend.decode(id).len())
+        .max()
+        .unwrap_or(0)
+        .max(4)
 }
 
 impl Engine {
     pub fn new(backend: Arc<dyn Backend>, budget_bytes: usize) -> Self {
         Engine {
-            backend,
             turns: Turns::default(),
             cache: ActivationCache::new(budget_bytes),
             hovers: DashMap::new(),
             hover_clock: AtomicU64::new(0),
             previous: DashMap::new(),
+            max_prompt_bytes: longest_token(&*backend)
+                .saturating_mul(backend.info().context_length.max(1)),
+            backend,
         }
+    }
+
+    /// The most bytes a `lens/*` text may have.
+    pub fn max_prompt_bytes(&self) -> usize {
+        self.max_prompt_bytes
     }
 
     pub fn backend(&self) -> &dyn Backend {
@@ -206,8 +227,53 @@ impl Engine {
             .map_err(|e| RpcError::from(&*e))
     }
 
-    pub fn tokenize(&self, text: &str) -> Result<Vec<Token>, RpcError> {
+    fn tokenize(&self, text: &str) -> Result<Vec<Token>, RpcError> {
         Ok(self.backend.tokenize(text)?)
+    }
+
+    /// `lens/tokenize`: any text a prompt could be (at most [`Engine::max_prompt_bytes`]).
+    pub fn tokenize_text(&self, text: &str) -> Result<Vec<Token>, RpcError> {
+        self.check_bytes(text)?;
+        self.tokenize(text)
+    }
+
+    fn check_bytes(&self, text: &str) -> Result<(), RpcError> {
+        if text.len() > self.max_prompt_bytes {
+            return Err(RpcError::prompt_too_many_bytes(
+                text.len(),
+                self.max_prompt_bytes,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Tokenize the part of a document that can matter for a window of tokens ending at byte
+    /// `end` (exclusive): the whole document when it is short enough, else the last
+    /// [`Engine::max_prompt_bytes`] before `end` (from a line start when one is near), with
+    /// byte offsets in the document's terms.
+    fn tokenize_window(&self, text: &str, end: usize) -> Result<Vec<Token>, RpcError> {
+        if text.len() <= self.max_prompt_bytes {
+            return self.tokenize(text);
+        }
+        let mut hi = end.min(text.len());
+        while !text.is_char_boundary(hi) {
+            hi += 1;
+        }
+        let mut lo = hi.saturating_sub(self.max_prompt_bytes);
+        while !text.is_char_boundary(lo) {
+            lo += 1;
+        }
+        if let Some(nl) = text[lo..hi].find('\n') {
+            if nl < 4096 {
+                lo += nl + 1;
+            }
+        }
+        let mut tokens = self.tokenize(&text[lo..hi])?;
+        for t in &mut tokens {
+            t.start += lo;
+            t.end += lo;
+        }
+        Ok(tokens)
     }
 
     /// Tokenize a prompt for analysis: non-empty and within the model's context.
@@ -215,6 +281,7 @@ impl Engine {
         if text.is_empty() {
             return Err(RpcError::empty_text());
         }
+        self.check_bytes(text)?;
         let tokens = self.tokenize(text)?;
         if tokens.is_empty() {
             return Err(RpcError::empty_text());
@@ -306,7 +373,9 @@ impl Engine {
         if text.is_empty() {
             return Ok(None);
         }
-        let tokens = self.tokenize(text)?;
+        // The hovered token ends within a token's bytes of `byte`.
+        let longest = self.max_prompt_bytes / self.backend.info().context_length.max(1);
+        let tokens = self.tokenize_window(text, byte.saturating_add(longest + 1))?;
         // The last token starting at or before the byte (tokens that split one character
         // share its range; the later one completes it).
         let Some(t) = tokens
@@ -460,8 +529,18 @@ impl Engine {
         if text.is_empty() {
             return Ok(Vec::new());
         }
-        let tokens = self.tokenize(text)?;
         let window = context_tokens.clamp(1, self.backend.info().context_length.max(1));
+        let tokens = match text.len() > self.max_prompt_bytes {
+            // Only the first `window` tokens are read: tokenize no more than they can span.
+            true => {
+                let mut cut = self.max_prompt_bytes.min(text.len());
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                self.tokenize(&text[..cut])?
+            }
+            false => self.tokenize(text)?,
+        };
         let tokens = &tokens[..tokens.len().min(window)];
         let mut wanted: Vec<(usize, usize)> = Vec::new();
         for &end in line_ends {

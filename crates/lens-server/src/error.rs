@@ -25,6 +25,8 @@ pub const DOCUMENT_NOT_OPEN: i64 = -32012;
 pub const OUT_OF_RANGE: i64 = -32013;
 pub const MODEL: i64 = -32014;
 pub const UNAUTHORIZED: i64 = -32015;
+pub const BUSY: i64 = -32016;
+pub const NON_FINITE: i64 = -32017;
 
 impl RpcError {
     fn new(code: i64, message: impl Into<String>, kind: Option<&'static str>) -> Self {
@@ -86,6 +88,21 @@ impl RpcError {
     pub fn model(message: impl Into<String>) -> Self {
         Self::new(MODEL, message, Some("model"))
     }
+    pub fn prompt_too_many_bytes(bytes: usize, limit: usize) -> Self {
+        Self::new(
+            PROMPT_TOO_LONG,
+            format!(
+                "the text has {bytes} bytes, more than any prompt of the model's context can \
+                 have ({limit} bytes)"
+            ),
+            Some("prompt_too_long"),
+        )
+    }
+    /// The server refused work to stay responsive (too many connections, or too many
+    /// requests in flight on one connection).
+    pub fn busy(message: impl Into<String>) -> Self {
+        Self::new(BUSY, message, Some("busy"))
+    }
     pub fn unauthorized() -> Self {
         Self::new(UNAUTHORIZED, "missing or wrong token", Some("unauthorized"))
     }
@@ -117,6 +134,7 @@ impl From<&lens_core::Error> for RpcError {
             E::Stopped => RpcError::cancelled(),
             E::PromptTooLong { tokens, context } => RpcError::prompt_too_long(*tokens, *context),
             E::PositionOutOfRange { .. } | E::Positions(_) => RpcError::out_of_range(e.to_string()),
+            E::NonFinite { .. } => Self::new(NON_FINITE, e.to_string(), Some("non_finite")),
             E::LayerOutOfRange { .. } | E::TokenOutOfRange { .. } | E::Layers(_) => {
                 RpcError::invalid_params(e.to_string())
             }

@@ -19,8 +19,10 @@ use tower_lsp::lsp_types::*;
 use tower_lsp::{Client, LanguageServer, LspService};
 
 use crate::engine::{HoverOptions, HoverOut};
+use crate::framing::{self, FrameError};
+use crate::rpc::Envelope;
 use crate::text::{self, Encoding};
-use crate::{rpc, Engine, RpcError};
+use crate::{rpc, Engine, Limits, RpcError};
 
 /// How long a document must be unchanged before a hover runs the model.
 pub const SETTLE: Duration = Duration::from_millis(20);
@@ -119,21 +121,27 @@ pub fn service(engine: Arc<Engine>) -> (LspService<LensLsp>, tower_lsp::ClientSo
 
 /// Serve LSP on stdin/stdout. Messages pass through a guard first: tower-lsp stops reading
 /// its input after the first undecodable message, so malformed JSON (-32700), invalid UTF-8
-/// (-32700) and broken envelopes (-32600) are answered here and never reach it.
-pub async fn serve_stdio(engine: Arc<Engine>) {
-    serve_guarded(engine, tokio::io::stdin(), tokio::io::stdout()).await;
+/// (-32700) and broken envelopes (-32600) are answered here and never reach it. Broken
+/// framing is answered -32700 and the guard resynchronises at the next `Content-Length:`; a
+/// body over the size limit is answered -32600 and skipped unread; a request whose id is
+/// already in flight is answered -32600. The editor's session survives all of them.
+pub async fn serve_stdio(engine: Arc<Engine>, limits: Limits) {
+    serve_guarded(engine, tokio::io::stdin(), tokio::io::stdout(), limits).await;
 }
 
-pub async fn serve_guarded<R, W>(engine: Arc<Engine>, input: R, output: W)
+pub async fn serve_guarded<R, W>(engine: Arc<Engine>, input: R, output: W, limits: Limits)
 where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    use std::collections::HashSet;
     use tokio::io::{AsyncWriteExt, BufReader};
     let (service, socket) = service(engine);
     let (to_lsp, lsp_in) = tokio::io::duplex(1 << 20);
     let (lsp_out, from_lsp) = tokio::io::duplex(1 << 20);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    // Ids of the client's requests tower-lsp has not answered yet.
+    let pending: Arc<Mutex<HashSet<String>>> = Arc::default();
     // Everything written to stdout goes through one task, a whole frame at a time.
     let writer = tokio::spawn(async move {
         let mut output = output;
@@ -144,12 +152,21 @@ where
         }
     });
     let tx_lsp = tx.clone();
+    let answered = pending.clone();
     let relay = tokio::spawn(async move {
         let mut from_lsp = BufReader::new(from_lsp);
-        while let Ok(Some(body)) = rpc::read_message(&mut from_lsp).await {
-            let mut frame = format!("Content-Length: {}\r\n\r\n", body.len()).into_bytes();
-            frame.extend_from_slice(&body);
-            if tx_lsp.send(frame).is_err() {
+        while let Ok(Some(body)) = framing::read_message(&mut from_lsp, usize::MAX).await {
+            if let Ok(Envelope {
+                id: Some(id),
+                method: None,
+                ..
+            }) = rpc::validate(&body)
+            {
+                if let Ok(mut p) = answered.lock() {
+                    p.remove(&id.to_string());
+                }
+            }
+            if tx_lsp.send(framing::frame_bytes(&body)).is_err() {
                 break;
             }
         }
@@ -158,32 +175,65 @@ where
     let guard = tokio::spawn(async move {
         let mut input = BufReader::new(input);
         let mut to_lsp = to_lsp;
+        let reply = |id: Value, e: RpcError| {
+            let _ = tx_guard.send(rpc::frame(&rpc::response(id, Err(e))));
+        };
+        let mut broken = false;
         loop {
-            match rpc::read_message(&mut input).await {
-                Ok(Some(body)) => match rpc::validate(&body) {
-                    Ok(envelope) => {
-                        let exit = envelope.method.as_deref() == Some("exit");
-                        let mut frame =
-                            format!("Content-Length: {}\r\n\r\n", body.len()).into_bytes();
-                        frame.extend_from_slice(&body);
-                        if to_lsp.write_all(&frame).await.is_err() || exit {
-                            break;
-                        }
-                    }
-                    Err((id, e)) => {
-                        tracing::warn!("bad message: {e}");
-                        let _ = tx_guard.send(rpc::frame(&rpc::response(id, Err(e))));
-                    }
-                },
+            let got = if broken {
+                framing::resync(&mut input, limits.max_message).await
+            } else {
+                framing::read_message(&mut input, limits.max_message).await
+            };
+            broken = false;
+            let body = match got {
+                Ok(Some(body)) => body,
                 Ok(None) => break,
-                Err(e) => {
+                Err(FrameError::Broken(e)) => {
                     tracing::error!("cannot read the LSP stream: {e}");
-                    let _ = tx_guard.send(rpc::frame(&rpc::response(
-                        Value::Null,
-                        Err(RpcError::parse(e)),
-                    )));
                     break;
                 }
+                Err(e @ FrameError::TooLarge { length, .. }) => {
+                    tracing::warn!("skipping a message: {e}");
+                    reply(Value::Null, RpcError::invalid_request(e.to_string()));
+                    if framing::skip(&mut input, length).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                Err(e @ FrameError::Malformed(_)) => {
+                    tracing::warn!("broken framing: {e}");
+                    reply(Value::Null, RpcError::parse(e.to_string()));
+                    broken = true;
+                    continue;
+                }
+            };
+            let envelope = match rpc::validate(&body) {
+                Ok(envelope) => envelope,
+                Err((id, e)) => {
+                    tracing::warn!("bad message: {e}");
+                    reply(id, e);
+                    continue;
+                }
+            };
+            if let (Some(id), Some(_)) = (&envelope.id, &envelope.method) {
+                let fresh = pending.lock().is_ok_and(|mut p| p.insert(id.to_string()));
+                if !fresh {
+                    reply(
+                        id.clone(),
+                        RpcError::invalid_request("a request with this id is already in flight"),
+                    );
+                    continue;
+                }
+            }
+            let exit = envelope.method.as_deref() == Some("exit");
+            if to_lsp
+                .write_all(&framing::frame_bytes(&body))
+                .await
+                .is_err()
+                || exit
+            {
+                break;
             }
         }
         // Closing tower-lsp's input ends the session.
@@ -215,7 +265,7 @@ impl LensLsp {
     }
 
     async fn custom(&self, method: &str, params: Value) -> LspResult<Value> {
-        rpc::call(self.engine.clone(), method, params)
+        rpc::call(self.engine.clone(), method, params, 0)
             .await
             .map_err(|e| e.to_lsp())
     }

@@ -8,15 +8,13 @@ use std::sync::{Arc, Mutex};
 use lens_core::Stop;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::engine::{AnalyzeParams, HeatmapParams, PositionParams, TokenizeParams};
-use crate::{wire, Engine, RpcError, Turns};
-
-/// Largest message body accepted (a document of a few MB plus JSON overhead).
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+use crate::framing::{self, FrameError};
+use crate::{wire, ClientId, Engine, Limits, RpcError, Turns};
 
 fn params<T: DeserializeOwned>(params: Value) -> Result<T, RpcError> {
     let params = if params.is_null() { json!({}) } else { params };
@@ -25,37 +23,56 @@ fn params<T: DeserializeOwned>(params: Value) -> Result<T, RpcError> {
 
 async fn blocking<T: Send + 'static>(
     turns: &Turns,
+    client: ClientId,
     f: impl FnOnce(&Stop) -> Result<T, RpcError> + Send + 'static,
 ) -> Result<T, RpcError> {
-    turns.compute(f).await?
+    turns.compute_for(client, Stop::new(), f).await?
+}
+
+/// Work that needs no turn (tokenizing): on a blocking thread of its own, so it never waits
+/// behind model work.
+async fn beside<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RpcError> + Send + 'static,
+) -> Result<T, RpcError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RpcError::internal(format!("worker failed: {e}")))?
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, RpcError> {
     serde_json::to_value(v).map_err(|e| RpcError::internal(e.to_string()))
 }
 
-/// Run one `lens/*` method. Model work runs on a blocking thread.
-pub async fn call(engine: Arc<Engine>, method: &str, p: Value) -> Result<Value, RpcError> {
+/// Run one `lens/*` method for `client`. Model work runs on a blocking thread and takes turns
+/// ([`Turns`]: fair between clients); cheap methods (tokenize, model info, cache stats) never
+/// wait for a turn.
+pub async fn call(
+    engine: Arc<Engine>,
+    method: &str,
+    p: Value,
+    client: ClientId,
+) -> Result<Value, RpcError> {
     let turns = engine.turns().clone();
     match method {
         "lens/analyze" => {
             let p: AnalyzeParams = params(p)?;
-            let report = blocking(&turns, move |stop| engine.analyze(&p, stop)).await?;
+            let report = blocking(&turns, client, move |stop| engine.analyze(&p, stop)).await?;
             to_value(&report)
         }
         "lens/position" => {
             let p: PositionParams = params(p)?;
-            let report = blocking(&turns, move |stop| engine.position(&p, stop)).await?;
+            let report = blocking(&turns, client, move |stop| engine.position(&p, stop)).await?;
             to_value(&report)
         }
         "lens/tokenize" => {
             let p: TokenizeParams = params(p)?;
-            let tokens = blocking(&turns, move |_| engine.tokenize(&p.text)).await?;
+            let tokens = beside(move || engine.tokenize_text(&p.text)).await?;
             Ok(json!({ "tokens": wire::token_json(&tokens) }))
         }
         "lens/heatmap" => {
             let p: HeatmapParams = params(p)?;
-            let (format, content) = blocking(&turns, move |stop| engine.heatmap(&p, stop)).await?;
+            let (format, content) =
+                blocking(&turns, client, move |stop| engine.heatmap(&p, stop)).await?;
             Ok(json!({ "format": format, "content": content }))
         }
         "lens/modelInfo" => to_value(&wire::model_json(engine.backend())),
@@ -74,67 +91,8 @@ pub const METHODS: [&str; 6] = [
     "lens/cacheStats",
 ];
 
-/// Read one framed message. `Ok(None)` at a clean end of stream; `Err` when the framing is
-/// broken (the connection cannot continue).
-pub async fn read_message<R: AsyncBufRead + Unpin>(
-    reader: &mut R,
-) -> Result<Option<Vec<u8>>, String> {
-    let mut length: Option<usize> = None;
-    let mut line = Vec::new();
-    let mut first = true;
-    loop {
-        line.clear();
-        let n = reader
-            .read_until(b'\n', &mut line)
-            .await
-            .map_err(|e| e.to_string())?;
-        if n == 0 {
-            return if first {
-                Ok(None)
-            } else {
-                Err("the stream ended inside a header".into())
-            };
-        }
-        first = false;
-        if line.len() > 1024 {
-            return Err("header line too long".into());
-        }
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim_end_matches(['\r', '\n']);
-        if text.is_empty() {
-            break;
-        }
-        let Some((name, value)) = text.split_once(':') else {
-            return Err(format!("malformed header `{text}`"));
-        };
-        if name.trim().eq_ignore_ascii_case("content-length") {
-            length = Some(
-                value
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("bad Content-Length `{}`", value.trim()))?,
-            );
-        }
-    }
-    let length = length.ok_or("missing Content-Length header")?;
-    if length > MAX_MESSAGE_BYTES {
-        return Err(format!(
-            "message of {length} bytes is larger than the limit of {MAX_MESSAGE_BYTES}"
-        ));
-    }
-    let mut body = vec![0; length];
-    reader
-        .read_exact(&mut body)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(Some(body))
-}
-
 pub fn frame(body: &Value) -> Vec<u8> {
-    let text = body.to_string();
-    let mut out = format!("Content-Length: {}\r\n\r\n", text.len()).into_bytes();
-    out.extend_from_slice(text.as_bytes());
-    out
+    framing::frame_bytes(body.to_string().as_bytes())
 }
 
 pub fn response(id: Value, result: Result<Value, RpcError>) -> Value {
@@ -146,12 +104,25 @@ pub fn response(id: Value, result: Result<Value, RpcError>) -> Value {
 
 type InFlight = Arc<Mutex<HashMap<String, AbortHandle>>>;
 
-/// Serve one connection until it closes or its framing breaks.
+/// Requests one connection may have in flight at once; more are answered -32016.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+/// A new client's id (for [`Turns`]' fairness).
+pub fn next_client() -> ClientId {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Serve one connection until it closes, its framing breaks (answered, then closed: a socket
+/// client can reconnect), or it has been idle for `limits.idle_timeout` (no message arriving
+/// and no request in flight).
 pub async fn serve_connection<R, W>(
     engine: Arc<Engine>,
     reader: R,
     writer: W,
     token: Option<Arc<str>>,
+    limits: Limits,
 ) where
     R: AsyncBufRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -164,20 +135,46 @@ pub async fn serve_connection<R, W>(
                 break;
             }
         }
+        let _ = writer.shutdown().await;
     });
     let in_flight: InFlight = Arc::default();
+    let client = next_client();
     let mut reader = reader;
     loop {
-        let body = match read_message(&mut reader).await {
-            Ok(Some(body)) => body,
-            Ok(None) => break,
-            Err(e) => {
+        let read = framing::read_message(&mut reader, limits.max_message);
+        tokio::pin!(read);
+        let got = loop {
+            tokio::select! {
+                got = &mut read => break Some(got),
+                () = tokio::time::sleep(limits.idle_timeout) => {
+                    if in_flight.lock().map(|m| m.is_empty()).unwrap_or(true) {
+                        break None;
+                    }
+                }
+            }
+        };
+        let body = match got {
+            None => {
+                tracing::info!("closing a connection idle for {:?}", limits.idle_timeout);
+                break;
+            }
+            Some(Ok(Some(body))) => body,
+            Some(Ok(None)) => break,
+            Some(Err(FrameError::Broken(e))) => {
+                tracing::info!("a connection broke: {e}");
+                break;
+            }
+            Some(Err(e)) => {
                 tracing::warn!("closing a connection: {e}");
-                let _ = tx.send(response(Value::Null, Err(RpcError::parse(e))));
+                let error = match e {
+                    FrameError::TooLarge { .. } => RpcError::invalid_request(e.to_string()),
+                    _ => RpcError::parse(e.to_string()),
+                };
+                let _ = tx.send(response(Value::Null, Err(error)));
                 break;
             }
         };
-        handle(&engine, &body, &tx, &in_flight, token.as_deref());
+        handle(&engine, &body, &tx, &in_flight, token.as_deref(), client);
     }
     for (_, h) in in_flight
         .lock()
@@ -188,6 +185,13 @@ pub async fn serve_connection<R, W>(
     }
     drop(tx);
     let _ = writer_task.await;
+}
+
+/// Compare a given token with the expected one in time that does not depend on where they
+/// differ.
+pub fn token_matches(given: Option<&str>, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(expected.as_bytes())))
 }
 
 /// A JSON-RPC 2.0 message that passed envelope checks.
@@ -252,6 +256,7 @@ fn handle(
     tx: &mpsc::UnboundedSender<Value>,
     in_flight: &InFlight,
     token: Option<&str>,
+    client: ClientId,
 ) {
     let send = |v: Value| {
         let _ = tx.send(v);
@@ -292,7 +297,7 @@ fn handle(
     };
     if let Some(expected) = token {
         let given = p.as_object_mut().and_then(|o| o.remove("token"));
-        if given.as_ref().and_then(Value::as_str) != Some(expected) {
+        if !token_matches(given.as_ref().and_then(Value::as_str), expected) {
             return send(response(id, Err(RpcError::unauthorized())));
         }
     } else if let Some(o) = p.as_object_mut() {
@@ -307,8 +312,24 @@ fn handle(
     let Ok(mut map) = in_flight.lock() else {
         return;
     };
+    if map.contains_key(&key) {
+        return send(response(
+            id,
+            Err(RpcError::invalid_request(
+                "a request with this id is already in flight on this connection",
+            )),
+        ));
+    }
+    if map.len() >= MAX_IN_FLIGHT {
+        return send(response(
+            id,
+            Err(RpcError::busy(format!(
+                "{MAX_IN_FLIGHT} requests are already in flight on this connection"
+            ))),
+        ));
+    }
     let task = tokio::spawn(async move {
-        let result = call(engine, &method, p).await;
+        let result = call(engine, &method, p, client).await;
         // Answer only if the request was not cancelled meanwhile.
         let still_ours = in_flight2
             .lock()

@@ -62,11 +62,20 @@ fn init_tracing(verbose: u8, log_file: Option<&std::path::Path>) -> anyhow::Resu
         None => builder.with_writer(std::io::stderr).init(),
         Some(path) => {
             use anyhow::Context;
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
+            let mut open = std::fs::OpenOptions::new();
+            open.create(true).append(true);
+            // Logs hold prompts: readable by their owner only, whatever the umask.
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+            let file = open
                 .open(path)
                 .with_context(|| format!("cannot open the log file {}", path.display()))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("cannot restrict the log file {}", path.display()))?;
+            }
             builder
                 .with_ansi(false)
                 .with_writer(std::sync::Mutex::new(file))
