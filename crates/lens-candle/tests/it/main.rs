@@ -6,6 +6,7 @@
 
 mod bad_input;
 mod conformance;
+mod mutation;
 mod oracle;
 mod reuse;
 mod smollm2;
