@@ -99,23 +99,48 @@ pub async fn read_message<R: AsyncBufRead + Unpin>(
     read_from(reader, max_body, None).await
 }
 
-/// Skip input up to the next `Content-Length:` header (case-insensitive, anywhere on a line:
-/// a broken message's body may run into the next header), then read that message. `Ok(None)`
-/// when the stream ends first.
+/// Skip input up to the next `Content-Length:` header (case-insensitive, anywhere: a broken
+/// message's body or a flood with no newline may run into the next header), then read that
+/// message. Holds a few bytes while it scans. `Ok(None)` when the stream ends first.
 pub async fn resync<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     max_body: usize,
 ) -> Result<Option<Vec<u8>>, FrameError> {
     const NEEDLE: &[u8] = b"content-length:";
+    // The end of what was scanned last time: a needle may straddle two reads.
+    let mut tail: Vec<u8> = Vec::with_capacity(NEEDLE.len() * 2);
     loop {
-        match read_line(reader, MAX_HEADER_LINE).await? {
-            Line::TooLong => continue,
-            Line::End(_) => return Ok(None),
-            Line::Text(line) => {
-                let lower = line.to_ascii_lowercase();
-                if let Some(at) = lower.windows(NEEDLE.len()).position(|w| w == NEEDLE) {
-                    return read_from(reader, max_body, Some(line[at..].to_vec())).await;
-                }
+        let buf = reader
+            .fill_buf()
+            .await
+            .map_err(|e| FrameError::Broken(e.to_string()))?;
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        let mut window = tail.clone();
+        window.extend_from_slice(&buf[..buf.len().min(4096)]);
+        let scanned = window.len() - tail.len();
+        let found = window
+            .windows(NEEDLE.len())
+            .position(|w| w.eq_ignore_ascii_case(NEEDLE));
+        match found {
+            Some(at) => {
+                // Consume through the needle, then the rest of its line is the value.
+                let through = at + NEEDLE.len() - tail.len();
+                reader.consume(through);
+                let rest = match read_line(reader, MAX_HEADER_LINE).await? {
+                    Line::Text(rest) => rest,
+                    Line::TooLong => continue,
+                    Line::End(_) => return Ok(None),
+                };
+                let mut first = b"Content-Length:".to_vec();
+                first.extend_from_slice(&rest);
+                return read_from(reader, max_body, Some(first)).await;
+            }
+            None => {
+                reader.consume(scanned);
+                let keep = window.len().min(NEEDLE.len() - 1);
+                tail = window[window.len() - keep..].to_vec();
             }
         }
     }
@@ -287,13 +312,12 @@ mod tests {
             "#]],
         );
         let mut flood = vec![b'a'; 5000];
-        flood.extend_from_slice(b"\r\nContent-Length: 2\r\n\r\n{}");
+        flood.extend_from_slice(b"CONTENT-length: 2\r\n\r\n{}");
         check(
             &flood,
             100,
             expect![[r#"
                 error: a header line is longer than 1024 bytes
-                body {}
             "#]],
         );
         check(

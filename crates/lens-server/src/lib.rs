@@ -333,10 +333,11 @@ pub fn run(backend: Arc<dyn Backend>, config: ServeConfig) -> Result<(), ServeEr
                 let listener =
                     tokio::net::TcpListener::bind(addrs.as_deref().unwrap_or_default()).await?;
                 let local = listener.local_addr()?;
-                announce(&format!(
-                    "listening on {local}{}",
-                    if tls.is_some() { " (TLS)" } else { "" }
-                ));
+                // Clients parse this line: the address only.
+                announce(&format!("listening on {local}"));
+                if tls.is_some() {
+                    tracing::info!("serving TLS on {local}");
+                }
                 let accept = async {
                     loop {
                         let (stream, peer) = listener.accept().await?;

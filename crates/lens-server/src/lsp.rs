@@ -212,7 +212,9 @@ where
                 Ok(envelope) => envelope,
                 Err((id, e)) => {
                     tracing::warn!("bad message: {e}");
-                    reply(id, e);
+                    if let Some(id) = id {
+                        reply(id, e);
+                    }
                     continue;
                 }
             };

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use lens_core::Stop;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
@@ -140,6 +140,7 @@ pub async fn serve_connection<R, W>(
     let in_flight: InFlight = Arc::default();
     let client = next_client();
     let mut reader = reader;
+    let mut linger = false;
     loop {
         let read = framing::read_message(&mut reader, limits.max_message);
         tokio::pin!(read);
@@ -171,6 +172,7 @@ pub async fn serve_connection<R, W>(
                     _ => RpcError::parse(e.to_string()),
                 };
                 let _ = tx.send(response(Value::Null, Err(error)));
+                linger = true;
                 break;
             }
         };
@@ -185,6 +187,14 @@ pub async fn serve_connection<R, W>(
     }
     drop(tx);
     let _ = writer_task.await;
+    if linger {
+        // The answer is sent and the write side shut: read (and drop) a little of what the
+        // client is still sending, so that closing does not reset the connection before the
+        // client has read the answer.
+        let (mut rest, mut sink) = ((&mut reader).take(4 << 20), tokio::io::sink());
+        let drain = tokio::io::copy(&mut rest, &mut sink);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+    }
 }
 
 /// Compare a given token with the expected one in time that does not depend on where they
@@ -202,13 +212,15 @@ pub struct Envelope {
 }
 
 /// Check a message's envelope. `Err` carries the id to answer with and the error
-/// (-32700 not JSON, -32600 not a JSON-RPC 2.0 object, -32602 params neither object nor array).
-pub fn validate(body: &[u8]) -> Result<Envelope, (Value, RpcError)> {
+/// (-32700 not JSON, -32600 not a JSON-RPC 2.0 object, -32602 params neither object nor array),
+/// or no id when the message is a notification, which is never answered (its error is only
+/// logged).
+pub fn validate(body: &[u8]) -> Result<Envelope, (Option<Value>, RpcError)> {
     let msg: Value = serde_json::from_slice(body)
-        .map_err(|e| (Value::Null, RpcError::parse(format!("not JSON: {e}"))))?;
+        .map_err(|e| (Some(Value::Null), RpcError::parse(format!("not JSON: {e}"))))?;
     let Value::Object(mut msg) = msg else {
         return Err((
-            Value::Null,
+            Some(Value::Null),
             RpcError::invalid_request(
                 "a message must be a JSON object (batches are not supported)",
             ),
@@ -218,12 +230,12 @@ pub fn validate(body: &[u8]) -> Result<Envelope, (Value, RpcError)> {
     if let Some(id) = &id {
         if !(id.is_string() || id.is_i64() || id.is_u64() || id.is_null()) {
             return Err((
-                Value::Null,
+                Some(Value::Null),
                 RpcError::invalid_request("id must be a string or an integer"),
             ));
         }
     }
-    let reply_id = id.clone().unwrap_or(Value::Null);
+    let reply_id = Some(id.clone().unwrap_or(Value::Null));
     if msg.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
         return Err((
             reply_id,
@@ -243,7 +255,7 @@ pub fn validate(body: &[u8]) -> Result<Envelope, (Value, RpcError)> {
     };
     if !(params.is_object() || params.is_array() || params.is_null()) {
         return Err((
-            reply_id,
+            id.clone(),
             RpcError::invalid_params("params must be an object"),
         ));
     }
@@ -267,7 +279,8 @@ fn handle(
         params: mut p,
     } = match validate(body) {
         Ok(e) => e,
-        Err((id, e)) => return send(response(id, Err(e))),
+        Err((Some(id), e)) => return send(response(id, Err(e))),
+        Err((None, e)) => return tracing::debug!("ignoring a notification: {e}"),
     };
     let Some(method) = method else { return };
     let reply_id = id.clone().unwrap_or(Value::Null);

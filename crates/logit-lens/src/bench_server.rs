@@ -30,6 +30,13 @@ pub struct BenchServerArgs {
     /// Different documents for the memory figure.
     #[arg(long, default_value_t = 100)]
     pub documents: usize,
+    /// Instead of the editor's latencies: this many clients at once against a real daemon
+    /// over TCP (see `--requests`).
+    #[arg(long, value_name = "N")]
+    pub clients: Option<usize>,
+    /// Requests per client in the `--clients` mode.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub requests: usize,
 }
 
 const PROSE: &str = "The logit lens reads the residual stream of a transformer at every layer \
@@ -74,6 +81,13 @@ fn hover_at(engine: &Engine, text: &str, byte: usize, opts: &HoverOptions) -> Re
 }
 
 pub fn run(a: BenchServerArgs) -> Result<()> {
+    if let Some(clients) = a.clients {
+        anyhow::ensure!(
+            clients > 0 && a.requests > 0,
+            "--clients and --requests must be at least 1"
+        );
+        return crate::bench_load::run(&a.model, clients, a.requests);
+    }
     let backend = cli::load(&a.model)?;
     let precision = backend.info().precision.clone();
     let backend: Arc<dyn Backend> = Arc::from(backend);

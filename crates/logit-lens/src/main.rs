@@ -2,6 +2,7 @@
 
 mod backends;
 mod bench;
+mod bench_load;
 mod bench_server;
 mod cli;
 mod plot;

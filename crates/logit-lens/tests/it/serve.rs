@@ -74,6 +74,10 @@ impl Server {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn port(&self) -> &str {
         self.addr.rsplit(':').next().expect("port")
     }
@@ -148,7 +152,7 @@ impl Conn {
 }
 
 #[track_caller]
-fn assert_error(resp: &Value, code: i64, kind: Option<&str>) {
+pub fn assert_error(resp: &Value, code: i64, kind: Option<&str>) {
     assert_eq!(resp["error"]["code"], json!(code), "{resp}");
     if let Some(kind) = kind {
         assert_eq!(resp["error"]["data"]["kind"], json!(kind), "{resp}");
@@ -541,9 +545,14 @@ impl Drop for Lsp {
 
 impl Lsp {
     pub fn start() -> Lsp {
+        Lsp::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Lsp {
         ensure_model();
         let mut child = Command::new(env!("CARGO_BIN_EXE_logit-lens"))
             .args(["serve", "--stdio"])
+            .args(extra)
             .env_remove("LOGIT_LENS_MODEL")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -578,6 +587,22 @@ impl Lsp {
 
     pub fn send(&mut self, v: &Value) {
         self.send_raw(&frame(v.to_string().as_bytes()));
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the server process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The next message the server writes, whatever it is.
+    pub fn next(&mut self) -> Value {
+        self.rx
+            .recv_timeout(Duration::from_secs(300))
+            .expect("a message from the server")
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
