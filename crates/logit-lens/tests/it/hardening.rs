@@ -82,6 +82,20 @@ fn framing_limits_and_duplicate_ids_over_tcp() {
         .collect();
     let mut c = server.connect();
     c.ok("lens/modelInfo", json!({}));
+    // A text longer than any prompt of the model's context is refused before tokenizing.
+    let t = Instant::now();
+    let huge = "word ".repeat(150_000);
+    for method in ["lens/tokenize", "lens/analyze"] {
+        let r = c.request(method, json!({ "text": huge }));
+        assert_error(&r, -32011, Some("prompt_too_long"));
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("bytes")),
+            "{r}"
+        );
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     let after = rss_mib(server.pid());
     eprintln!("server RSS {before:.0} MiB -> {after:.0} MiB after 8 MiB of header flood and 4 stalled bodies");
     assert!(after - before < 64.0, "{before} -> {after}");
@@ -615,4 +629,31 @@ fn the_socket_file_and_the_log_file() {
     assert!(!sock.exists(), "the socket file is removed on SIGTERM");
     let logged = std::fs::read_to_string(&log).expect("log");
     assert!(logged.contains("shutting down"), "{logged}");
+}
+
+/// A NaN in a weight: the daemon answers -32017 naming the layer, and keeps serving.
+#[test]
+fn the_daemon_reports_non_finite_numbers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fixture = crate::data_dir().join("oracle/tiny-llama/tiny-llama.f32.gguf");
+    let mut bytes = std::fs::read(&fixture).expect("fixture");
+    let header = lens_gguf::check_file(&fixture).expect("valid fixture");
+    let t = header.tensor("blk.2.ffn_norm.weight").expect("tensor");
+    let at = (header.data_start + t.offset) as usize;
+    bytes[at..at + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    let path = dir.path().join("inf.gguf");
+    std::fs::write(&path, bytes).expect("write");
+    let server = Server::tcp(&["--model", path.to_str().expect("utf8")]);
+    let mut c = server.connect();
+    let r = c.request(
+        "lens/analyze",
+        json!({ "text": "The capital of France is" }),
+    );
+    assert_error(&r, -32017, Some("non_finite"));
+    let msg = r["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.contains("at layer 3, position 0: block 3 produced it"),
+        "{msg}"
+    );
+    c.ok("lens/tokenize", json!({ "text": "still serving" }));
 }
