@@ -166,6 +166,14 @@ impl Stop {
         }
     }
 
+    /// Whether `self` and `other` are clones of one stop.
+    pub fn same(&self, other: &Stop) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
     pub fn is_stopped(&self) -> bool {
         self.0.as_ref().is_some_and(|f| f.load(Ordering::Relaxed))
     }

@@ -2,10 +2,12 @@
 //! hints, and the `lens/*` methods as custom requests.
 //!
 //! Responsiveness: every model call runs on a blocking thread; `$/cancelRequest` is handled
-//! by tower-lsp (the request's future is dropped and answered -32800). A hover first waits
-//! until its document has been quiet for [`SETTLE`] (a burst of edits costs one forward
-//! pass), and is answered -32801 ContentModified when the document changed meanwhile. After
-//! each edit, the hover last shown in the document is prepared at once (`LensLsp::prepare`).
+//! by tower-lsp (the request's future is dropped and answered -32800). After each edit the
+//! hovers most likely asked for next are prepared at once (`LensLsp::prepare`: the token the
+//! edit wrote, then the one last hovered), so the hover that follows a keystroke is usually a
+//! cache lookup. A hover runs at once (no settling delay); an edit that arrives meanwhile stops
+//! its work and it is answered -32801 ContentModified. Inlay hints first wait until their
+//! document has been quiet for [`SETTLE`] (editors ask for them after every change).
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -24,7 +26,7 @@ use crate::rpc::Envelope;
 use crate::text::{self, Encoding};
 use crate::{rpc, Engine, Limits, RpcError};
 
-/// How long a document must be unchanged before a hover runs the model.
+/// How long a document must be unchanged before inlay hints run the model.
 pub const SETTLE: Duration = Duration::from_millis(20);
 
 /// Hovers older than this are not prepared again after edits.
@@ -77,12 +79,13 @@ struct Doc {
     changed: Instant,
 }
 
-/// A hover being prepared after an edit (see [`LensLsp::prepare`]).
+/// Hovers being prepared after an edit (see [`LensLsp::prepare`]).
 struct Prepared {
     uri: Url,
     generation: u64,
-    /// The token's byte range in that generation of the document.
-    range: (usize, usize),
+    /// Byte ranges in that generation of the document, in the order they are prepared: the
+    /// text the edit wrote, then the token the last hover showed.
+    ranges: Vec<(usize, usize)>,
     stop: Stop,
 }
 
@@ -94,6 +97,9 @@ pub struct LensLsp {
     /// and when it was shown.
     hovered: DashMap<Url, ((usize, usize), Instant)>,
     preparing: Mutex<Option<Prepared>>,
+    /// The hovers being answered, per document: an edit stops them (their answer would be
+    /// ContentModified anyway).
+    answering: Mutex<Vec<(Url, Stop)>>,
     encoding: RwLock<Encoding>,
     config: RwLock<Config>,
 }
@@ -106,6 +112,7 @@ pub fn service(engine: Arc<Engine>) -> (LspService<LensLsp>, tower_lsp::ClientSo
         docs: DashMap::new(),
         hovered: DashMap::new(),
         preparing: Mutex::new(None),
+        answering: Mutex::new(Vec::new()),
         encoding: RwLock::new(Encoding::Utf16),
         config: RwLock::new(Config::default()),
     });
@@ -313,41 +320,56 @@ impl LensLsp {
         let doc = self.doc(&uri)?;
         let arrived = Instant::now();
         let since_edit = arrived - doc.changed;
-        let doc = self.settle(&uri, doc.generation).await?;
-        let settled = Instant::now();
         let byte = text::offset(&doc.text, pos.line, pos.character, enc).ok_or_else(|| {
             RpcError::out_of_range(format!(
                 "position {}:{} is outside the document",
                 pos.line, pos.character
             ))
         })?;
+        // Speculative work never delays a real request: unless it is preparing this very
+        // hover, it stops (within a layer) and gives up its turn.
         self.stop_preparing(|p| {
             p.uri != uri
                 || p.generation != doc.generation
-                || !(p.range.0..p.range.1).contains(&byte)
+                || !p
+                    .ranges
+                    .iter()
+                    .any(|r| (r.0..r.1.max(r.0 + 1)).contains(&byte))
         });
         let engine = self.engine.clone();
         let turns = engine.turns().clone();
         let options = self.config().hover();
         let t = doc.text.clone();
-        let out: Option<HoverOut> = turns
-            .compute(move |stop| engine.hover(&t, byte, &options, stop))
-            .await??;
+        let stop = Stop::new();
+        if let Ok(mut a) = self.answering.lock() {
+            a.push((uri.clone(), stop.clone()));
+        }
+        let out = turns
+            .compute_until(stop.clone(), move |stop| {
+                let waited = arrived.elapsed();
+                (waited, engine.hover(&t, byte, &options, stop))
+            })
+            .await;
+        if let Ok(mut a) = self.answering.lock() {
+            a.retain(|(_, s)| !s.same(&stop));
+        }
+        if self.doc(&uri)?.generation != doc.generation {
+            return Err(RpcError::content_modified());
+        }
+        let (waited, out) = out?;
+        let out: Option<HoverOut> = out?;
         if let Some(h) = &out {
             self.hovered
                 .insert(uri.clone(), ((h.start, h.end), Instant::now()));
         }
         tracing::debug!(
             since_edit_ms = since_edit.as_secs_f64() * 1e3,
-            settle_ms = (settled - arrived).as_secs_f64() * 1e3,
-            compute_ms = settled.elapsed().as_secs_f64() * 1e3,
+            turn_wait_ms = waited.as_secs_f64() * 1e3,
+            total_ms = arrived.elapsed().as_secs_f64() * 1e3,
             "hover at {}:{}",
             pos.line,
             pos.character
         );
-        if self.doc(&uri)?.generation != doc.generation {
-            return Err(RpcError::content_modified());
-        }
         Ok(out.map(|h| {
             let text = &*doc.text;
             let end = text::ceil_boundary(text, h.end);
@@ -375,28 +397,38 @@ impl LensLsp {
         }
     }
 
-    /// After an edit, prepare the hover the user last looked at in this document (its token
-    /// moved along with the edit): the hover that most often comes next is then an answer from
-    /// the hover cache. The work is speculative, so anything newer stops it: a further edit,
-    /// or a hover on another token. It starts at once: waiting for the document to settle
-    /// first (20 ms) made typing-to-hover in VS Code about 30 ms slower (median 191 ms instead
-    /// of 158, from the key press), and a keystroke stops the stale work within a layer.
-    fn prepare(&self, uri: &Url, doc: &Doc) {
+    /// After an edit, prepare the hovers the editor is most likely to ask for next, while
+    /// the user is still lifting the finger: first the token the edit just wrote (while typing,
+    /// the hover asked for is on the character just typed), then the token the user last looked
+    /// at in this document (moved along with the edit), if that is another one. Each lands in
+    /// the hover cache, so the request that follows is a lookup. The work is speculative, so
+    /// anything newer stops it: a further edit, or a hover on another token. It starts at once,
+    /// with no settling delay: a keystroke stops stale work within a layer.
+    fn prepare(&self, uri: &Url, doc: &Doc, edit: Option<(usize, usize)>) {
         self.stop_preparing(|_| true);
-        let Some(range) = self
+        let mut ranges = Vec::new();
+        if let Some((a, b)) = edit {
+            ranges.push((a, b));
+        }
+        if let Some(h) = self
             .hovered
             .get(uri)
             .filter(|h| h.1.elapsed() < PREPARE_WITHIN)
             .map(|h| h.0)
-        else {
+        {
+            if !ranges.iter().any(|r| r.0 < h.1 && h.0 < r.1.max(r.0 + 1)) {
+                ranges.push(h);
+            }
+        }
+        if ranges.is_empty() {
             return;
-        };
+        }
         let stop = Stop::new();
         if let Ok(mut p) = self.preparing.lock() {
             *p = Some(Prepared {
                 uri: uri.clone(),
                 generation: doc.generation,
-                range,
+                ranges: ranges.clone(),
                 stop: stop.clone(),
             });
         }
@@ -405,31 +437,47 @@ impl LensLsp {
         let options = self.config().hover();
         let text = doc.text.clone();
         let edited = doc.changed;
+        let edit_first = edit.is_some();
         tokio::spawn(async move {
-            let out = turns
-                .compute_until(stop, move |stop| {
-                    let started = edited.elapsed();
-                    let out = engine.hover(&text, range.0, &options, stop);
-                    (started, out)
-                })
-                .await;
-            let ms = |d: Duration| d.as_secs_f64() * 1e3;
-            let done = ms(edited.elapsed());
-            match out {
-                Ok((started, Ok(_))) => tracing::debug!(
-                    started_ms = ms(started),
-                    done_ms = done,
-                    "prepared the hover at byte {} after an edit",
-                    range.0
-                ),
-                Ok((started, Err(e))) => tracing::debug!(
-                    started_ms = ms(started),
-                    done_ms = done,
-                    "preparing the hover at byte {}: {}",
-                    range.0,
-                    e.message
-                ),
-                Err(e) => tracing::warn!("preparing a hover: {}", e.message),
+            for (i, range) in ranges.into_iter().enumerate() {
+                // The byte whose token to prepare: the last one the edit wrote (or, for a
+                // deletion, the one before it); the start of the hovered token.
+                let byte = match (i, edit_first) {
+                    (0, true) if range.1 > range.0 => range.1 - 1,
+                    (0, true) => range.0.saturating_sub(1),
+                    _ => range.0,
+                };
+                let engine = engine.clone();
+                let text = text.clone();
+                let out = turns
+                    .compute_until(stop.clone(), move |stop| {
+                        let started = edited.elapsed();
+                        let out = engine.hover(&text, byte, &options, stop);
+                        (started, out)
+                    })
+                    .await;
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                let done = ms(edited.elapsed());
+                match out {
+                    Ok((started, Ok(_))) => tracing::debug!(
+                        started_ms = ms(started),
+                        done_ms = done,
+                        "prepared the hover at byte {byte} after an edit"
+                    ),
+                    Ok((started, Err(e))) => {
+                        tracing::debug!(
+                            started_ms = ms(started),
+                            done_ms = done,
+                            "preparing the hover at byte {byte}: {}",
+                            e.message
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!("preparing a hover: {}", e.message);
+                        return;
+                    }
+                }
             }
         });
     }
@@ -584,17 +632,21 @@ impl LanguageServer for LensLsp {
         // The last hover's token (moved along below) and when it was shown.
         let mut hovered = self.hovered.get(&uri).map(|h| *h);
         let mut text = String::from(&*entry.text);
+        // What the last change wrote, in the new text.
+        let mut edit = None;
         for change in params.content_changes {
             match change.range {
                 None => {
                     text = change.text;
                     hovered = None;
+                    edit = None;
                 }
                 Some(r) => {
                     let a = text::offset_clamped(&text, r.start.line, r.start.character, enc);
                     let b = text::offset_clamped(&text, r.end.line, r.end.character, enc).max(a);
                     hovered = hovered
                         .and_then(|(h, at)| Some((text::moved(h, (a, b), change.text.len())?, at)));
+                    edit = Some((a, a + change.text.len()));
                     text.replace_range(a..b, &change.text);
                 }
             }
@@ -612,7 +664,15 @@ impl LanguageServer for LensLsp {
                 self.hovered.remove(&uri);
             }
         }
-        self.prepare(&uri, &doc);
+        // Hovers being answered for the old text are stale: stop their work.
+        if let Ok(a) = self.answering.lock() {
+            for (u, stop) in a.iter() {
+                if *u == uri {
+                    stop.stop();
+                }
+            }
+        }
+        self.prepare(&uri, &doc, edit);
     }
 
     async fn did_close(&self, params: DidCloseTextDocumentParams) {

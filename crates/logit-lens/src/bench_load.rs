@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::bench_server::percentile;
 use crate::cli::ModelArgs;
 
 /// The daemon, killed on drop.
@@ -66,14 +67,14 @@ fn start(model: &ModelArgs, clients: usize) -> Result<(Daemon, String)> {
     Ok((daemon, addr))
 }
 
-fn frame(v: &Value) -> Vec<u8> {
+pub(crate) fn frame(v: &Value) -> Vec<u8> {
     let body = v.to_string();
     let mut out = format!("Content-Length: {}\r\n\r\n", body.len()).into_bytes();
     out.extend_from_slice(body.as_bytes());
     out
 }
 
-fn read_frame(r: &mut impl BufRead) -> Option<Value> {
+pub(crate) fn read_frame(r: &mut impl BufRead) -> Option<Value> {
     let mut len = None;
     loop {
         let mut line = String::new();
@@ -142,12 +143,6 @@ fn client(addr: &str, c: usize, requests: usize, only_model: bool) -> Result<Vec
         out.push(Sample { method, took, ok });
     }
     Ok(out)
-}
-
-fn percentile(xs: &mut [Duration], p: f64) -> f64 {
-    xs.sort();
-    let i = ((xs.len() as f64 - 1.0) * p).round() as usize;
-    xs.get(i).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
 }
 
 /// Peak resident memory of process `pid` (VmHWM), in MiB.

@@ -37,6 +37,10 @@ pub struct BenchServerArgs {
     /// Requests per client in the `--clients` mode.
     #[arg(long, default_value_t = 20, value_name = "N")]
     pub requests: usize,
+    /// Instead of timing the engine in-process: the editor's cases by name, against a real
+    /// `serve --stdio` driven over LSP from outside.
+    #[arg(long, conflicts_with = "clients")]
+    pub lsp: bool,
 }
 
 const PROSE: &str = "The logit lens reads the residual stream of a transformer at every layer \
@@ -45,7 +49,7 @@ Early layers tend to echo the current token; middle layers sketch plausible cont
 last layers settle on the answer. Watching a prediction form, layer by layer, tells you where \
 in the network a fact is recalled, where a pattern is copied, and where the model changes its mind. ";
 
-fn percentile(xs: &mut [Duration], p: f64) -> f64 {
+pub(crate) fn percentile(xs: &mut [Duration], p: f64) -> f64 {
     xs.sort();
     let i = ((xs.len() as f64 - 1.0) * p).round() as usize;
     xs.get(i).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
@@ -87,6 +91,9 @@ pub fn run(a: BenchServerArgs) -> Result<()> {
             "--clients and --requests must be at least 1"
         );
         return crate::bench_load::run(&a.model, clients, a.requests);
+    }
+    if a.lsp {
+        return crate::bench_lsp::run(&a.model, a.tokens, a.edits.min(40));
     }
     let backend = cli::load(&a.model)?;
     let precision = backend.info().precision.clone();

@@ -3,6 +3,7 @@
 mod backends;
 mod bench;
 mod bench_load;
+mod bench_lsp;
 mod bench_server;
 mod cli;
 mod plot;
