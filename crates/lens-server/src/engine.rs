@@ -373,9 +373,11 @@ impl Engine {
         if text.is_empty() {
             return Ok(None);
         }
+        let t_start = std::time::Instant::now();
         // The hovered token ends within a token's bytes of `byte`.
         let longest = self.max_prompt_bytes / self.backend.info().context_length.max(1);
         let tokens = self.tokenize_window(text, byte.saturating_add(longest + 1))?;
+        let tokenized = t_start.elapsed();
         // The last token starting at or before the byte (tokens that split one character
         // share its range; the later one completes it).
         let Some(t) = tokens
@@ -428,6 +430,7 @@ impl Engine {
             0 => None,
             _ => self.cached_previous(&ids[..pos], &layers, stamp),
         };
+        let cached_prev = pos == 0 || cached.is_some();
         let missing = || RpcError::internal("the lens returned fewer positions");
         let (here, here_logits, prev) = match (pos, cached) {
             (0, _) => {
@@ -454,17 +457,22 @@ impl Engine {
                 .map(|i| prev.prob_and_rank(i, id))
                 .collect::<Vec<_>>()
         });
-        tracing::debug!(
-            forward_ms = (t1 - t0).as_secs_f64() * 1e3,
-            lens_ms = t1.elapsed().as_secs_f64() * 1e3,
-            "hover work"
-        );
+        let t2 = std::time::Instant::now();
         let markdown = hover::markdown(
             &*self.backend,
             &tokens[first..=t],
             t,
             &here,
             written.as_deref(),
+        );
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        tracing::debug!(
+            tokenize_ms = ms(tokenized),
+            forward_ms = ms(t1 - t0),
+            lens_ms = ms(t2 - t1),
+            markdown_ms = ms(t2.elapsed()),
+            positions_read = if cached_prev { 1 } else { 2 },
+            "hover work"
         );
         self.remember_previous((ids.clone(), layers), stamp, Arc::new(here_logits));
         self.remember_hover(key, stamp, Arc::new(markdown.clone()));
