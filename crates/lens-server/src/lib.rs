@@ -469,3 +469,54 @@ fn announce(line: &str) {
     tracing::info!("{line}");
     let _ = writeln!(std::io::stderr(), "{line}");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Turns go round-robin between waiting clients: a client with many queued requests
+    /// delays another client's request by one turn, not by all of its own; a waiter that gave
+    /// up is skipped.
+    #[test]
+    fn turns_are_fair_between_clients() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let turns = Turns::default();
+            let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let held = turns.take(1).await;
+            let mut tasks = Vec::new();
+            for (client, name) in [
+                (1, "a2"),
+                (1, "a3"),
+                (1, "a4"),
+                (3, "gone"),
+                (2, "b1"),
+                (1, "a5"),
+            ] {
+                let (turns, order) = (turns.clone(), order.clone());
+                let task = tokio::spawn(async move {
+                    let turn = turns.take(client).await;
+                    order.lock().expect("order").push(name);
+                    drop(turn);
+                });
+                // Let it queue before the next one.
+                tokio::task::yield_now().await;
+                tasks.push((name, task));
+            }
+            for (name, task) in &tasks {
+                if *name == "gone" {
+                    task.abort();
+                }
+            }
+            tokio::task::yield_now().await;
+            drop(held);
+            for (_, task) in tasks {
+                let _ = task.await;
+            }
+            let order = order.lock().expect("order").clone();
+            assert_eq!(order, ["a2", "b1", "a3", "a4", "a5"]);
+        });
+    }
+}
