@@ -1,4 +1,4 @@
-//! Loading a Llama-family model from a GGUF file (candle's reader).
+//! Loading a Llama-family or Gemma 3 model from a GGUF file (candle's reader).
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek};
@@ -10,7 +10,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::kernels::Matrix;
-use crate::model::{Block, Config, Linear, Model, RopeLayout};
+use crate::model::{Activation, Block, Config, Linear, Model, RopeLayout, SlidingWindow};
 use crate::tokenizer::ModelTokenizer;
 use crate::{Error, Precision};
 
@@ -57,7 +57,8 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         .ok_or_else(|| Error::Format("the GGUF file has no general.architecture".into()))?;
     let rope = match arch.as_str() {
         "llama" | "mistral" => RopeLayout::Interleaved,
-        "qwen2" => RopeLayout::Halves,
+        // Gemma's q/k rows are not permuted (llama.cpp's NEOX rope).
+        "qwen2" | "gemma3" => RopeLayout::Halves,
         other => return Err(Error::UnsupportedArchitecture(other.to_string())),
     };
     let get = |key: &str| -> Result<&Value, Error> {
@@ -86,6 +87,7 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         .get("token_embd.weight")
         .ok_or_else(|| Error::Format("missing tensor token_embd.weight".into()))?;
     let vocab = embed_info.shape.dims().first().copied().unwrap_or(0);
+    let gemma = arch == "gemma3";
     let cfg = Config {
         architecture: arch.clone(),
         n_layers: get_usize("block_count")?,
@@ -93,12 +95,28 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         n_heads,
         n_kv_heads,
         head_dim: get_usize("rope.dimension_count")
+            .or_else(|_| get_usize("attention.key_length"))
             .unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
         vocab,
         rms_eps: f64::from(get_f32("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta: get_f32("rope.freq_base", 10_000.0),
         context: get_usize("context_length").unwrap_or(2048),
         rope,
+        // Gemma 3 (as llama.cpp and transformers define it): embeddings scaled by √hidden,
+        // GELU, and five sliding-window blocks (RoPE base 10k) before each global one.
+        embed_scale: gemma.then(|| (hidden as f32).sqrt()),
+        activation: match gemma {
+            true => Activation::GeluTanh,
+            false => Activation::Silu,
+        },
+        sliding: match gemma {
+            true => Some(SlidingWindow {
+                window: get_usize("attention.sliding_window")?,
+                rope_theta: 10_000.0,
+                period: 6,
+            }),
+            false => None,
+        },
     };
     cfg.validate()?;
     if let Ok(v) = get("rope.scaling.type") {
@@ -137,6 +155,20 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
         let p = format!("blk.{i}");
+        // Gemma's extra norms. The file stores `1 + w` (transformers' `x * (1 + w)`), so every
+        // norm is a plain RMSNorm with the file's weights.
+        let mut gemma_norm = |n: &str| -> Result<Option<Tensor>, Error> {
+            match gemma {
+                true => r.dense(&format!("{p}.{n}.weight")).map(Some),
+                false => Ok(None),
+            }
+        };
+        let (q_norm, k_norm, post_attn_norm, post_ffn_norm) = (
+            gemma_norm("attn_q_norm")?,
+            gemma_norm("attn_k_norm")?,
+            gemma_norm("post_attention_norm")?,
+            gemma_norm("post_ffw_norm")?,
+        );
         let lin = |r: &mut TensorReader<'_, _>, n: &str| -> Result<Linear, Error> {
             let bias = r.optional(&format!("{p}.{n}.bias"))?;
             let q = r.qtensor(&format!("{p}.{n}.weight"))?;
@@ -160,6 +192,10 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
             gate: lin(&mut r, "ffn_gate")?,
             up: lin(&mut r, "ffn_up")?,
             down: lin(&mut r, "ffn_down")?,
+            q_norm,
+            k_norm,
+            post_attn_norm,
+            post_ffn_norm,
         });
     }
     let final_norm = r.dense("output_norm.weight")?;

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::gguf::Loaded;
-use crate::model::{Block, Config, Linear, Model, RopeLayout};
+use crate::model::{Activation, Block, Config, Linear, Model, RopeLayout};
 use crate::tokenizer::ModelTokenizer;
 use crate::Error;
 
@@ -104,6 +104,9 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
         rope_theta,
         context,
         rope: RopeLayout::Halves,
+        embed_scale: None,
+        activation: Activation::Silu,
+        sliding: None,
     };
     cfg.validate()?;
 
@@ -184,6 +187,10 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
             gate,
             up,
             down,
+            q_norm: None,
+            k_norm: None,
+            post_attn_norm: None,
+            post_ffn_norm: None,
         });
     }
     let final_norm = take("model.norm.weight")?;

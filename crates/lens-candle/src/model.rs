@@ -1,4 +1,5 @@
-//! A Llama-family decoder (Llama, Mistral, SmolLM, Qwen2) that captures its residual stream.
+//! A decoder of the Llama family (Llama, Mistral, SmolLM, Qwen2) and Gemma 3 that captures its
+//! residual stream.
 
 use std::sync::Arc;
 
@@ -11,7 +12,29 @@ use crate::kernels::Matrix;
 use crate::Error;
 
 /// The architectures (`general.architecture` / `model_type`) this forward pass implements.
-pub(crate) const ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2"];
+pub(crate) const ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "gemma3"];
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// SwiGLU (Llama).
+    Silu,
+    /// GELU with the tanh approximation (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// A block's RoPE base and attention window (`None`: every earlier position).
+type LayerKind = (f32, Option<usize>);
+
+/// Sliding-window attention on all blocks but every `period`-th (Gemma 3: five local blocks,
+/// then one global), the local ones with their own RoPE base.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct SlidingWindow {
+    /// A position attends to itself and the `window - 1` before it.
+    pub window: usize,
+    pub rope_theta: f32,
+    pub period: usize,
+}
 
 /// How q/k rows are laid out for rotary embeddings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +58,11 @@ pub(crate) struct Config {
     pub rope_theta: f32,
     pub context: usize,
     pub rope: RopeLayout,
+    /// Embeddings are multiplied by this (Gemma: √hidden) before block 1; layer 0 is the
+    /// scaled embedding.
+    pub embed_scale: Option<f32>,
+    pub activation: Activation,
+    pub sliding: Option<SlidingWindow>,
 }
 
 impl Config {
@@ -52,7 +80,18 @@ impl Config {
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!("odd head dimension {}", self.head_dim));
         }
+        if self.sliding.is_some_and(|s| s.window == 0 || s.period == 0) {
+            return bad(format!("empty sliding window in {self:?}"));
+        }
         Ok(())
+    }
+
+    /// Block `i`'s RoPE base and attention window (`None`: every earlier position).
+    fn layer_attention(&self, i: usize) -> LayerKind {
+        match self.sliding {
+            Some(s) if !(i + 1).is_multiple_of(s.period) => (s.rope_theta, Some(s.window)),
+            _ => (self.rope_theta, None),
+        }
     }
 }
 
@@ -142,6 +181,12 @@ pub(crate) struct Block {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
+    /// Gemma: RMSNorm of each query and key head before RoPE (`[head_dim]`).
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    /// Gemma: RMSNorm of the attention and MLP outputs before they join the residual stream.
+    pub post_attn_norm: Option<Tensor>,
+    pub post_ffn_norm: Option<Tensor>,
 }
 
 impl Block {
@@ -158,6 +203,10 @@ impl Block {
 struct Norms {
     attn: Vec<f32>,
     ffn: Vec<f32>,
+    q: Option<Vec<f32>>,
+    k: Option<Vec<f32>>,
+    post_attn: Option<Vec<f32>>,
+    post_ffn: Option<Vec<f32>>,
 }
 
 pub(crate) struct Model {
@@ -241,10 +290,22 @@ impl Model {
             QMatMul::Tensor(w) => Matrix::from_f32(w),
             _ => None,
         };
+        let values =
+            |t: &Tensor| -> Option<Vec<f32>> { t.to_dtype(DType::F32).ok()?.to_vec1().ok() };
+        let optional = |t: &Option<Tensor>| -> Option<Option<Vec<f32>>> {
+            match t {
+                Some(t) => values(t).map(Some),
+                None => Some(None),
+            }
+        };
         let norms = |b: &Block| -> Option<Norms> {
             Some(Norms {
-                attn: b.attn_norm.to_dtype(DType::F32).ok()?.to_vec1().ok()?,
-                ffn: b.ffn_norm.to_dtype(DType::F32).ok()?.to_vec1().ok()?,
+                attn: values(&b.attn_norm)?,
+                ffn: values(&b.ffn_norm)?,
+                q: optional(&b.q_norm)?,
+                k: optional(&b.k_norm)?,
+                post_attn: optional(&b.post_attn_norm)?,
+                post_ffn: optional(&b.post_ffn_norm)?,
             })
         };
         let small_norms = match device.is_cpu() && blocks.iter().all(Block::small_ready) {
@@ -307,14 +368,29 @@ impl Model {
         let cfg = &self.cfg;
         let ids = Tensor::new(new, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?; // [t, hidden]
+        if let Some(scale) = cfg.embed_scale {
+            x = (x * f64::from(scale))?;
+        }
 
         let mut layers: Vec<Vec<f32>> = Vec::with_capacity(cfg.n_layers + 1);
         let mut mids: Vec<Vec<f32>> = Vec::new();
         let mut kvs: Vec<Vec<f32>> = Vec::with_capacity(2 * cfg.n_layers);
         layers.push(x.flatten_all()?.to_vec1::<f32>()?);
 
-        let (cos, sin) = self.rope_tables(start, t)?;
-        let mask = causal_mask(start, t, cfg.n_heads / cfg.n_kv_heads, &self.device)?;
+        let rep = cfg.n_heads / cfg.n_kv_heads;
+        // RoPE tables and masks per kind of block (global, and sliding-window if any).
+        let mut kinds: Vec<(LayerKind, (Tensor, Tensor), Option<Tensor>)> = Vec::new();
+        for i in 0..cfg.n_layers {
+            let kind = cfg.layer_attention(i);
+            if kinds.iter().all(|(k, ..)| *k != kind) {
+                let (theta, window) = kind;
+                kinds.push((
+                    kind,
+                    self.rope_tables(theta, start, t)?,
+                    causal_mask(start, t, rep, window, &self.device)?,
+                ));
+            }
+        }
         let (nkv, hd) = (cfg.n_kv_heads, cfg.head_dim);
         for (i, b) in self.blocks.iter().enumerate() {
             let _span = tracing::trace_span!("block", i).entered();
@@ -328,15 +404,23 @@ impl Model {
                     self.past_tensor(past, i, nkv * hd)?,
                 )),
             };
-            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, cfg.rms_eps as f32)?;
-            let (att, k, v) = self.attention(
+            let kind = cfg.layer_attention(i);
+            let Some((_, (cos, sin), mask)) = kinds.iter().find(|(k, ..)| *k == kind) else {
+                return Err(Error::Format(format!("no RoPE table for block {i}")));
+            };
+            let eps = cfg.rms_eps as f32;
+            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
+            let (mut att, k, v) = self.attention(
                 b,
                 &h,
-                &cos,
-                &sin,
+                cos,
+                sin,
                 mask.as_ref(),
                 cached.as_ref().map(|(k, v)| (k, v)),
             )?;
+            if let Some(w) = &b.post_attn_norm {
+                att = candle_nn::ops::rms_norm(&att, w, eps)?;
+            }
             // New keys and values, position-major: [t, nkv * hd].
             for kv in [k, v] {
                 kvs.push(
@@ -350,10 +434,16 @@ impl Model {
             if mid_block {
                 mids.push(x.flatten_all()?.to_vec1::<f32>()?);
             }
-            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, cfg.rms_eps as f32)?;
-            let mlp = b
-                .down
-                .forward(&(candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
+            let gate = b.gate.forward(&h)?;
+            let gate = match cfg.activation {
+                Activation::Silu => candle_nn::ops::silu(&gate)?,
+                Activation::GeluTanh => gate.gelu()?,
+            };
+            let mut mlp = b.down.forward(&(gate * b.up.forward(&h)?)?)?;
+            if let Some(w) = &b.post_ffn_norm {
+                mlp = candle_nn::ops::rms_norm(&mlp, w, eps)?;
+            }
             x = (x + mlp)?;
             layers.push(x.flatten_all()?.to_vec1::<f32>()?);
         }
@@ -413,6 +503,9 @@ impl Model {
             .index_select(&ids, 0)?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        if let Some(scale) = cfg.embed_scale {
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
 
         let per = (cfg.n_layers + 1) * hidden;
         let mut resid: Vec<Vec<f32>> = (0..t).map(|_| Vec::with_capacity(per)).collect();
@@ -432,7 +525,10 @@ impl Model {
         };
         push(&mut resid, &x);
 
-        let (cos, sin) = self.rope_values(start, t);
+        let global = self.rope_values(cfg.rope_theta, start, t);
+        let local = cfg
+            .sliding
+            .map(|s| self.rope_values(s.rope_theta, start, t));
         let half = hd / 2;
         let missing = || Error::Format("a weight has no small-batch kernel".into());
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
@@ -444,6 +540,19 @@ impl Model {
             let h = rms_norm_rows(&x, &n.attn, hidden, eps);
             let [mut q, mut k, v] =
                 Linear::apply_small_many([&b.q, &b.k, &b.v], &h).ok_or_else(missing)?;
+            if let Some(w) = &n.q {
+                q = rms_norm_rows(&q, w, hd, eps);
+            }
+            if let Some(w) = &n.k {
+                k = rms_norm_rows(&k, w, hd, eps);
+            }
+            let (theta, window) = cfg.layer_attention(i);
+            let (cos, sin) = match &local {
+                Some(l) if theta != cfg.rope_theta || window.is_some() => l,
+                _ => &global,
+            };
+            // The first key position each new position sees.
+            let first = |pos: usize| window.map_or(0, |w| (pos + 1).saturating_sub(w));
             for p in 0..t {
                 let (c, s) = (
                     &cos[p * half..(p + 1) * half],
@@ -474,29 +583,39 @@ impl Model {
                 let (p, head) = (at / nh, at % nh);
                 let g = head / rep;
                 let qh = &q[at * hd..(at + 1) * hd];
-                let mut scores: Vec<f32> = (0..start + p + 1)
+                let from = first(start + p);
+                let mut scores: Vec<f32> = (from..start + p + 1)
                     .map(|j| dot(qh, key(j, g)) * scale)
                     .collect();
                 softmax_in_place(&mut scores);
-                for (j, &w) in scores.iter().enumerate() {
+                for (j, &w) in (from..).zip(&scores) {
                     for (o, v) in out.iter_mut().zip(value(j, g)) {
                         *o += w * v;
                     }
                 }
             });
-            let o = b.o.apply_small(&att).ok_or_else(missing)?;
+            let mut o = b.o.apply_small(&att).ok_or_else(missing)?;
+            if let Some(w) = &n.post_attn {
+                o = rms_norm_rows(&o, w, hidden, eps);
+            }
             add_in_place(&mut x, &o);
             if mid_block {
                 push(&mut mids, &x);
             }
             let h = rms_norm_rows(&x, &n.ffn, hidden, eps);
             let [gate, up] = Linear::apply_small_many([&b.gate, &b.up], &h).ok_or_else(missing)?;
-            let act: Vec<f32> = gate
-                .iter()
-                .zip(&up)
-                .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-                .collect();
-            let down = b.down.apply_small(&act).ok_or_else(missing)?;
+            let act: Vec<f32> = match cfg.activation {
+                Activation::Silu => gate
+                    .iter()
+                    .zip(&up)
+                    .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+                    .collect(),
+                Activation::GeluTanh => gate.iter().zip(&up).map(|(&g, &u)| gelu(g) * u).collect(),
+            };
+            let mut down = b.down.apply_small(&act).ok_or_else(missing)?;
+            if let Some(w) = &n.post_ffn {
+                down = rms_norm_rows(&down, w, hidden, eps);
+            }
             add_in_place(&mut x, &down);
             push(&mut resid, &x);
         }
@@ -536,6 +655,15 @@ impl Model {
                 .reshape((1, t, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
+        let eps = cfg.rms_eps as f32;
+        let q = match &b.q_norm {
+            Some(w) => candle_nn::ops::rms_norm(&q, w, eps)?,
+            None => q,
+        };
+        let k = match &b.k_norm {
+            Some(w) => candle_nn::ops::rms_norm(&k, w, eps)?,
+            None => k,
+        };
         let (q, k) = match cfg.rope {
             RopeLayout::Interleaved => (
                 candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
@@ -569,15 +697,10 @@ impl Model {
 
     /// cos/sin for positions `start..start + t` (`[t][head_dim / 2]`), in f32 as HF
     /// transformers computes them.
-    fn rope_values(&self, start: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
+    fn rope_values(&self, theta: f32, start: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
         let half = self.cfg.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| {
-                1.0 / self
-                    .cfg
-                    .rope_theta
-                    .powf((2 * i) as f32 / self.cfg.head_dim as f32)
-            })
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / self.cfg.head_dim as f32))
             .collect();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
@@ -591,9 +714,9 @@ impl Model {
         (cos, sin)
     }
 
-    fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor), Error> {
+    fn rope_tables(&self, theta: f32, start: usize, t: usize) -> Result<(Tensor, Tensor), Error> {
         let half = self.cfg.head_dim / 2;
-        let (cos, sin) = self.rope_values(start, t);
+        let (cos, sin) = self.rope_values(theta, start, t);
         Ok((
             Tensor::from_vec(cos, (t, half), &self.device)?,
             Tensor::from_vec(sin, (t, half), &self.device)?,
@@ -653,6 +776,12 @@ fn rms_norm_rows(x: &[f32], w: &[f32], hidden: usize, eps: f32) -> Vec<f32> {
     out
 }
 
+/// GELU with the tanh approximation, as candle's `gelu` computes it in f32.
+fn gelu(v: f32) -> f32 {
+    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+    0.5 * v * (1.0 + (SQRT_TWO_OVER_PI * v * (1.0 + 0.044_715 * v * v)).tanh())
+}
+
 /// Rotary embedding of one head in place, as candle's `rope_i` (adjacent pairs) or `rope`
 /// (halves) does it.
 fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], layout: RopeLayout) {
@@ -706,22 +835,26 @@ fn rows_of(x: &Tensor) -> Option<Vec<f32>> {
 }
 
 /// Additive mask for `t` new queries after `start` cached positions, repeated for the `rep`
-/// query heads grouped on each KV head: `[rep * t, start + t]`. `None` for a single query.
+/// query heads grouped on each KV head: `[rep * t, start + t]`; with a `window`, a query also
+/// sees no key `window` or more positions before it. `None` when nothing is masked.
 fn causal_mask(
     start: usize,
     t: usize,
     rep: usize,
+    window: Option<usize>,
     device: &Device,
 ) -> Result<Option<Tensor>, Error> {
-    if t == 1 {
+    let window = window.filter(|&w| w < start + t);
+    if t == 1 && window.is_none() {
         return Ok(None);
     }
     let s = start + t;
     let mut m = Vec::with_capacity(rep * t * s);
     for _ in 0..rep {
         for i in 0..t {
+            let q = start + i;
             m.extend((0..s).map(|j| {
-                if j <= start + i {
+                if j <= q && window.is_none_or(|w| q - j < w) {
                     0.0f32
                 } else {
                     f32::NEG_INFINITY

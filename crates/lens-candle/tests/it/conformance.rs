@@ -45,6 +45,10 @@ fn smollm2() -> Source {
     Source::Gguf(crate::default_model_path())
 }
 
+fn gemma3() -> Source {
+    Source::Gguf(crate::gemma3_model_path())
+}
+
 /// A prompt of a dozen tokens: short prompts and their edits take the small-batch path.
 const PROMPT: &str = "The capital of France is Paris, and the capital of Italy is";
 
@@ -114,6 +118,20 @@ fn smollm2_raw_lens_matches_hf_transformers() {
     assert_eq!(dev.cells, 31 * (20 + 5));
 }
 
+/// Gemma 3 270M (Q4_K_M GGUF dequantized to f32): `1 + w` norms, q/k norms, post-norms, GELU,
+/// scaled embeddings, sliding-window and global blocks with their two RoPE bases.
+#[test]
+fn gemma3_norm_lens_matches_hf_transformers() {
+    let dev = suite::oracle_goldens(
+        &SUBJECT,
+        &gemma3(),
+        &oracle("golden_gemma3.json"),
+        LensKind::Norm,
+        suite::F32_RAW,
+    );
+    assert_eq!(dev.cells, 19 * (19 + 6 + 22 + 15));
+}
+
 #[test]
 fn tokenization_matches_the_goldens() {
     for (source, golden, tokens) in [
@@ -125,6 +143,7 @@ fn tokenization_matches_the_goldens() {
         (tiny_llama_gguf(), oracle("tiny-llama/golden.json"), 8 + 26),
         (tiny_qwen2(), tiny_qwen2_golden(), 8 + 26),
         (smollm2(), oracle("golden_smollm2.json"), 20 + 5 + 18 + 14),
+        (gemma3(), oracle("golden_gemma3.json"), 19 + 6 + 22 + 15),
     ] {
         let checked = suite::tokenization(&*SUBJECT.backend(&source), &golden);
         assert_eq!(checked, tokens, "{source}");
@@ -133,7 +152,7 @@ fn tokenization_matches_the_goldens() {
 
 #[test]
 fn prefix_reuse_equals_a_fresh_forward() {
-    for source in [smollm2(), tiny_llama_gguf()] {
+    for source in [smollm2(), tiny_llama_gguf(), gemma3()] {
         let backend = SUBJECT.backend(&source);
         let ids = suite::ids(&*backend, PROMPT);
         let t = Instant::now();
@@ -148,7 +167,7 @@ fn prefix_reuse_equals_a_fresh_forward() {
 
 #[test]
 fn mid_block_capture_is_complete() {
-    for source in [smollm2(), tiny_qwen2()] {
+    for source in [smollm2(), tiny_qwen2(), gemma3()] {
         let backend = SUBJECT.backend(&source);
         suite::mid_block(&*backend, &suite::ids(&*backend, PROMPT));
     }
@@ -174,7 +193,7 @@ fn the_lens_reduce_matches_the_host_math() {
 
 #[test]
 fn bad_inputs_are_errors() {
-    for source in [tiny_llama_folder(), smollm2()] {
+    for source in [tiny_llama_folder(), smollm2(), gemma3()] {
         let backend = SUBJECT.backend(&source);
         suite::bad_inputs(&*backend, &suite::ids(&*backend, PROMPT));
     }
