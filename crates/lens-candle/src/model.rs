@@ -864,3 +864,176 @@ fn causal_mask(
     }
     Ok(Some(Tensor::from_vec(m, (rep * t, s), device)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny Gemma-shaped model with random weights: `n_layers` blocks, all sliding-window
+    /// (window `window`) unless `period` makes some global.
+    fn tiny(n_layers: usize, window: usize, period: usize) -> Model {
+        let dev = Device::Cpu;
+        let (hidden, nh, nkv, hd, ffn, vocab) = (16, 2, 1, 8, 32, 50);
+        let cfg = Config {
+            architecture: "gemma3".into(),
+            n_layers,
+            hidden,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            vocab,
+            rms_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            context: 64,
+            rope: RopeLayout::Halves,
+            embed_scale: Some((hidden as f32).sqrt()),
+            activation: Activation::GeluTanh,
+            sliding: Some(SlidingWindow {
+                window,
+                rope_theta: 10_000.0,
+                period,
+            }),
+        };
+        let rand = |shape: &[usize]| Tensor::randn(0f32, 0.5, shape, &dev).expect("randn");
+        let norm = |n: usize| (rand(&[n]) + 1.0).expect("norm");
+        let lin = |out: usize, inp: usize| {
+            let w = rand(&[out, inp]);
+            let small = Matrix::from_f32(&w);
+            Linear::new(QMatMul::Tensor(w), None).with_small(small)
+        };
+        let blocks = (0..n_layers)
+            .map(|_| Block {
+                attn_norm: norm(hidden),
+                q: lin(nh * hd, hidden),
+                k: lin(nkv * hd, hidden),
+                v: lin(nkv * hd, hidden),
+                o: lin(hidden, nh * hd),
+                ffn_norm: norm(hidden),
+                gate: lin(ffn, hidden),
+                up: lin(ffn, hidden),
+                down: lin(hidden, ffn),
+                q_norm: Some(norm(hd)),
+                k_norm: Some(norm(hd)),
+                post_attn_norm: Some(norm(hidden)),
+                post_ffn_norm: Some(norm(hidden)),
+            })
+            .collect();
+        let embed = rand(&[vocab, hidden]);
+        Model::new(
+            cfg,
+            embed.clone(),
+            blocks,
+            norm(hidden),
+            QMatMul::Tensor(embed),
+            dev,
+        )
+        .expect("model")
+    }
+
+    /// Layer `layer`'s row at `position` of a capture.
+    fn row(c: &Capture, position: usize, layer: usize, hidden: usize) -> Vec<f32> {
+        c.resid[position][layer * hidden..(layer + 1) * hidden].to_vec()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// One sliding-window block: a position's output depends on the `window` tokens up to it
+    /// and on nothing before them, on the tensor path and on the small-batch path alike.
+    #[test]
+    fn a_sliding_window_block_sees_only_its_window() {
+        let m = tiny(1, 2, 100);
+        let never = Stop::never();
+        let ids = [3u32, 7, 11, 13, 17, 19, 23, 29, 31, 37];
+        let mut other = ids;
+        other[0] = 5;
+        let a = m.forward(&ids, None, false, &never).expect("forward");
+        let b = m.forward(&other, None, false, &never).expect("forward");
+        assert!(ids.len() > SMALL_ROWS, "the tensor path");
+        // Position 1 sees token 0; positions 2.. do not.
+        assert!(max_diff(&row(&a, 1, 1, 16), &row(&b, 1, 1, 16)) > 1e-3);
+        for p in 2..ids.len() {
+            assert_eq!(row(&a, p, 1, 16), row(&b, p, 1, 16), "position {p}");
+        }
+        // The small-batch path, appending after a cached prefix, gives the same rows.
+        for keep in [4, ids.len() - 1] {
+            let prefix = KvCache {
+                tokens: ids[..keep].to_vec(),
+                positions: a.kv[..keep].to_vec(),
+            };
+            assert!(ids.len() - keep <= SMALL_ROWS);
+            let c = m
+                .forward(&ids, Some(&prefix), false, &never)
+                .expect("forward_small");
+            for p in keep..ids.len() {
+                let d = max_diff(&row(&c, p - keep, 1, 16), &row(&a, p, 1, 16));
+                assert!(d < 1e-5, "keep {keep}, position {p}: {d}");
+            }
+        }
+    }
+
+    /// Blocks 1 and 3 of four slide (window 2), blocks 2 and 4 are global: the tensor path
+    /// and the small-batch path agree; token 0 reaches the last position only through the
+    /// global blocks, so it does.
+    #[test]
+    fn sliding_and_global_blocks_on_both_paths() {
+        let m = tiny(4, 2, 2);
+        assert_eq!(m.cfg.layer_attention(0), (10_000.0, Some(2)));
+        assert_eq!(m.cfg.layer_attention(1), (1_000_000.0, None));
+        let never = Stop::never();
+        let ids = [3u32, 7, 11, 13, 17, 19, 23, 29, 31, 37];
+        let full = m.forward(&ids, None, false, &never).expect("forward");
+        let prefix = KvCache {
+            tokens: ids[..6].to_vec(),
+            positions: full.kv[..6].to_vec(),
+        };
+        let tail = m
+            .forward(&ids, Some(&prefix), false, &never)
+            .expect("forward_small");
+        for p in 6..ids.len() {
+            for l in 0..=4 {
+                let d = max_diff(&row(&tail, p - 6, l, 16), &row(&full, p, l, 16));
+                assert!(d < 1e-4, "position {p} layer {l}: {d}");
+            }
+        }
+        let mut other = ids;
+        other[0] = 5;
+        let b = m.forward(&other, None, false, &never).expect("forward");
+        let last = ids.len() - 1;
+        assert!(max_diff(&row(&full, last, 4, 16), &row(&b, last, 4, 16)) > 1e-4);
+    }
+
+    #[test]
+    fn masks() {
+        let dev = Device::Cpu;
+        let mask = |start, t, window| {
+            causal_mask(start, t, 1, window, &dev)
+                .expect("mask")
+                .map(|m| m.to_vec2::<f32>().expect("values"))
+        };
+        let seen = |m: Vec<Vec<f32>>| -> Vec<Vec<usize>> {
+            m.iter()
+                .map(|r| (0..r.len()).filter(|&j| r[j] == 0.0).collect())
+                .collect()
+        };
+        assert_eq!(mask(0, 1, None), None);
+        assert_eq!(mask(3, 1, Some(8)), None, "the window holds every position");
+        assert_eq!(
+            mask(2, 1, Some(2)).map(seen),
+            Some(vec![vec![1, 2]]),
+            "one query after a cache"
+        );
+        assert_eq!(
+            mask(0, 4, Some(2)).map(seen),
+            Some(vec![vec![0], vec![0, 1], vec![1, 2], vec![2, 3]])
+        );
+        assert_eq!(
+            mask(1, 2, None).map(seen),
+            Some(vec![vec![0, 1], vec![0, 1, 2]])
+        );
+    }
+}
