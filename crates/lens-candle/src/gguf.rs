@@ -10,7 +10,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::kernels::Matrix;
-use crate::model::{Activation, Block, Config, Linear, Model, RopeLayout, SlidingWindow};
+use crate::model::{Activation, Block, Config, Linear, Model, NormKind, RopeLayout, SlidingWindow};
 use crate::tokenizer::ModelTokenizer;
 use crate::{Error, Precision};
 
@@ -109,6 +109,7 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
             true => Activation::GeluTanh,
             false => Activation::Silu,
         },
+        norm: NormKind::Rms,
         sliding: match gemma {
             true => Some(SlidingWindow {
                 window: get_usize("attention.sliding_window")?,
@@ -189,7 +190,9 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
             v: lin(&mut r, "attn_v")?,
             o: lin(&mut r, "attn_output")?,
             ffn_norm: r.dense(&format!("{p}.ffn_norm.weight"))?,
-            gate: lin(&mut r, "ffn_gate")?,
+            gate: Some(lin(&mut r, "ffn_gate")?),
+            attn_norm_bias: None,
+            ffn_norm_bias: None,
             up: lin(&mut r, "ffn_up")?,
             down: lin(&mut r, "ffn_down")?,
             q_norm,

@@ -1,5 +1,5 @@
-//! A decoder of the Llama family (Llama, Mistral, SmolLM, Qwen2) and Gemma 3 that captures its
-//! residual stream.
+//! A decoder of the Llama family (Llama, Mistral, SmolLM, Qwen2, Qwen3), Gemma 3 and GPT-2
+//! that captures its residual stream.
 
 use std::sync::Arc;
 
@@ -12,7 +12,16 @@ use crate::kernels::Matrix;
 use crate::Error;
 
 /// The architectures (`general.architecture` / `model_type`) this forward pass implements.
-pub(crate) const ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "gemma3"];
+pub(crate) const ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma3", "gpt2"];
+
+/// The norms' kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NormKind {
+    /// `x / sqrt(mean(x²) + eps) · w`.
+    Rms,
+    /// `(x - mean) / sqrt(var + eps) · w + b` (GPT-2), two passes as torch computes it.
+    Layer,
+}
 
 /// The MLP's gate activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +52,8 @@ pub(crate) enum RopeLayout {
     Interleaved,
     /// Rotate the two halves (HF weights; llama.cpp's "neox" rope).
     Halves,
+    /// No rotary embedding: learned absolute positions added to the embeddings (GPT-2).
+    Learned,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +74,7 @@ pub(crate) struct Config {
     pub embed_scale: Option<f32>,
     pub activation: Activation,
     pub sliding: Option<SlidingWindow>,
+    pub norm: NormKind,
 }
 
 impl Config {
@@ -178,9 +190,13 @@ pub(crate) struct Block {
     pub v: Linear,
     pub o: Linear,
     pub ffn_norm: Tensor,
-    pub gate: Linear,
+    /// `None`: a plain MLP, `down(act(up(x)))` (GPT-2).
+    pub gate: Option<Linear>,
     pub up: Linear,
     pub down: Linear,
+    /// LayerNorm biases (GPT-2).
+    pub attn_norm_bias: Option<Tensor>,
+    pub ffn_norm_bias: Option<Tensor>,
     /// Gemma: RMSNorm of each query and key head before RoPE (`[head_dim]`).
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
@@ -191,11 +207,10 @@ pub(crate) struct Block {
 
 impl Block {
     fn small_ready(&self) -> bool {
-        [
-            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-        ]
-        .iter()
-        .all(|l| l.small.is_some())
+        [&self.q, &self.k, &self.v, &self.o, &self.up, &self.down]
+            .into_iter()
+            .chain(&self.gate)
+            .all(|l| l.small.is_some())
     }
 }
 
@@ -203,6 +218,8 @@ impl Block {
 struct Norms {
     attn: Vec<f32>,
     ffn: Vec<f32>,
+    attn_b: Option<Vec<f32>>,
+    ffn_b: Option<Vec<f32>>,
     q: Option<Vec<f32>>,
     k: Option<Vec<f32>>,
     post_attn: Option<Vec<f32>>,
@@ -215,6 +232,9 @@ pub(crate) struct Model {
     pub embed: Tensor,
     pub blocks: Vec<Block>,
     pub final_norm: Tensor,
+    pub final_norm_bias: Option<Tensor>,
+    /// Learned absolute position embeddings `[positions, hidden]` (GPT-2).
+    pub positions: Option<Tensor>,
     /// The unembedding `W_U`, `[vocab, hidden]`.
     pub unembed: QMatMul,
     /// `W_Uᵀ`, `[hidden, vocab]` contiguous, when the unembedding is dense.
@@ -302,6 +322,8 @@ impl Model {
             Some(Norms {
                 attn: values(&b.attn_norm)?,
                 ffn: values(&b.ffn_norm)?,
+                attn_b: optional(&b.attn_norm_bias)?,
+                ffn_b: optional(&b.ffn_norm_bias)?,
                 q: optional(&b.q_norm)?,
                 k: optional(&b.k_norm)?,
                 post_attn: optional(&b.post_attn_norm)?,
@@ -317,12 +339,62 @@ impl Model {
             embed,
             blocks,
             final_norm,
+            final_norm_bias: None,
+            positions: None,
             unembed,
             unembed_t,
             unembed_small,
             small_norms,
             device,
         })
+    }
+
+    /// LayerNorm's final bias and learned position embeddings (GPT-2).
+    pub(crate) fn with_gpt2_parts(mut self, final_norm_bias: Tensor, positions: Tensor) -> Self {
+        self.final_norm_bias = Some(final_norm_bias);
+        self.positions = Some(positions);
+        self
+    }
+
+    /// The model's norm (RMSNorm or LayerNorm) of each row of `x`.
+    fn norm(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor, Error> {
+        let eps = self.cfg.rms_eps;
+        Ok(match self.cfg.norm {
+            NormKind::Rms => candle_nn::ops::rms_norm(x, w, eps as f32)?,
+            NormKind::Layer => {
+                let mean = x.mean_keepdim(candle_core::D::Minus1)?;
+                let xc = x.broadcast_sub(&mean)?;
+                let var = xc.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+                let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?;
+                match b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+        })
+    }
+
+    /// The embeddings of `ids` at positions `start..`: `[t, hidden]`, scaled (Gemma) or with
+    /// the learned positions added (GPT-2).
+    fn embed(&self, ids: &[u32], start: usize) -> Result<Tensor, Error> {
+        let t = ids.len();
+        let mut x = self
+            .embed
+            .index_select(&Tensor::new(ids, &self.device)?, 0)?;
+        if let Some(scale) = self.cfg.embed_scale {
+            x = (x * f64::from(scale))?;
+        }
+        if let Some(pos) = &self.positions {
+            let n = pos.dim(0)?;
+            if start + t > n {
+                return Err(Error::Format(format!(
+                    "position {} is beyond the model's {n} learned positions",
+                    start + t - 1
+                )));
+            }
+            x = (x + pos.narrow(0, start, t)?)?;
+        }
+        Ok(x)
     }
 
     /// Use `m` (e.g. the file's Q8_0 blocks: a quarter of the bytes to stream) for small
@@ -366,11 +438,7 @@ impl Model {
         let start = past.len();
         let t = new.len();
         let cfg = &self.cfg;
-        let ids = Tensor::new(new, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?; // [t, hidden]
-        if let Some(scale) = cfg.embed_scale {
-            x = (x * f64::from(scale))?;
-        }
+        let mut x = self.embed(new, start)?; // [t, hidden]
 
         let mut layers: Vec<Vec<f32>> = Vec::with_capacity(cfg.n_layers + 1);
         let mut mids: Vec<Vec<f32>> = Vec::new();
@@ -409,7 +477,7 @@ impl Model {
                 return Err(Error::Format(format!("no RoPE table for block {i}")));
             };
             let eps = cfg.rms_eps as f32;
-            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
+            let h = self.norm(&x, &b.attn_norm, b.attn_norm_bias.as_ref())?;
             let (mut att, k, v) = self.attention(
                 b,
                 &h,
@@ -434,13 +502,16 @@ impl Model {
             if mid_block {
                 mids.push(x.flatten_all()?.to_vec1::<f32>()?);
             }
-            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
-            let gate = b.gate.forward(&h)?;
-            let gate = match cfg.activation {
-                Activation::Silu => candle_nn::ops::silu(&gate)?,
-                Activation::GeluTanh => gate.gelu()?,
+            let h = self.norm(&x, &b.ffn_norm, b.ffn_norm_bias.as_ref())?;
+            let act = |y: Tensor| match cfg.activation {
+                Activation::Silu => candle_nn::ops::silu(&y),
+                Activation::GeluTanh => y.gelu(),
             };
-            let mut mlp = b.down.forward(&(gate * b.up.forward(&h)?)?)?;
+            let inner = match &b.gate {
+                Some(gate) => (act(gate.forward(&h)?)? * b.up.forward(&h)?)?,
+                None => act(b.up.forward(&h)?)?,
+            };
+            let mut mlp = b.down.forward(&inner)?;
             if let Some(w) = &b.post_ffn_norm {
                 mlp = candle_nn::ops::rms_norm(&mlp, w, eps)?;
             }
@@ -497,15 +568,7 @@ impl Model {
         let (start, t) = (past.len(), new.len());
         let kvw = nkv * hd;
         let eps = cfg.rms_eps as f32;
-        let ids = Tensor::new(new, &self.device)?;
-        let mut x = self
-            .embed
-            .index_select(&ids, 0)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        if let Some(scale) = cfg.embed_scale {
-            x.iter_mut().for_each(|v| *v *= scale);
-        }
+        let mut x = self.embed(new, start)?.flatten_all()?.to_vec1::<f32>()?;
 
         let per = (cfg.n_layers + 1) * hidden;
         let mut resid: Vec<Vec<f32>> = (0..t).map(|_| Vec::with_capacity(per)).collect();
@@ -537,7 +600,7 @@ impl Model {
             if stop.is_stopped() {
                 return Err(Error::Stopped);
             }
-            let h = rms_norm_rows(&x, &n.attn, hidden, eps);
+            let h = self.norm_rows(&x, &n.attn, n.attn_b.as_deref());
             let [mut q, mut k, v] =
                 Linear::apply_small_many([&b.q, &b.k, &b.v], &h).ok_or_else(missing)?;
             if let Some(w) = &n.q {
@@ -602,15 +665,22 @@ impl Model {
             if mid_block {
                 push(&mut mids, &x);
             }
-            let h = rms_norm_rows(&x, &n.ffn, hidden, eps);
-            let [gate, up] = Linear::apply_small_many([&b.gate, &b.up], &h).ok_or_else(missing)?;
-            let act: Vec<f32> = match cfg.activation {
-                Activation::Silu => gate
-                    .iter()
-                    .zip(&up)
-                    .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-                    .collect(),
-                Activation::GeluTanh => gate.iter().zip(&up).map(|(&g, &u)| gelu(g) * u).collect(),
+            let h = self.norm_rows(&x, &n.ffn, n.ffn_b.as_deref());
+            let f = |g: f32| match cfg.activation {
+                Activation::Silu => g / (1.0 + (-g).exp()),
+                Activation::GeluTanh => gelu(g),
+            };
+            let act: Vec<f32> = match &b.gate {
+                Some(gate) => {
+                    let [gate, up] =
+                        Linear::apply_small_many([gate, &b.up], &h).ok_or_else(missing)?;
+                    gate.iter().zip(&up).map(|(&g, &u)| f(g) * u).collect()
+                }
+                None => {
+                    let mut up = b.up.apply_small(&h).ok_or_else(missing)?;
+                    up.iter_mut().for_each(|u| *u = f(*u));
+                    up
+                }
             };
             let mut down = b.down.apply_small(&act).ok_or_else(missing)?;
             if let Some(w) = &n.post_ffn {
@@ -673,6 +743,7 @@ impl Model {
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
                 candle_nn::rotary_emb::rope(&k, cos, sin)?,
             ),
+            RopeLayout::Learned => (q, k),
         };
         let (k_all, v_all) = match past {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
@@ -732,7 +803,7 @@ impl Model {
         }
         let x = Tensor::from_slice(rows, (n, hidden), &self.device)?;
         let x = if norm {
-            candle_nn::ops::rms_norm(&x, &self.final_norm, self.cfg.rms_eps as f32)?
+            self.norm(&x, &self.final_norm, self.final_norm_bias.as_ref())?
         } else {
             x
         };
@@ -765,6 +836,32 @@ impl Model {
     }
 }
 
+impl Model {
+    /// [`Model::norm`] on plain rows, for the small-batch forward pass.
+    fn norm_rows(&self, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+        let (hidden, eps) = (self.cfg.hidden, self.cfg.rms_eps as f32);
+        match self.cfg.norm {
+            NormKind::Rms => rms_norm_rows(x, w, hidden, eps),
+            NormKind::Layer => {
+                let mut out = Vec::with_capacity(x.len());
+                for row in x.chunks(hidden) {
+                    let mean = row.iter().sum::<f32>() / hidden as f32;
+                    let var =
+                        row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / hidden as f32;
+                    let sd = (var + eps).sqrt();
+                    out.extend(
+                        row.iter()
+                            .zip(w)
+                            .enumerate()
+                            .map(|(i, (v, w))| (v - mean) / sd * w + b.map_or(0.0, |b| b[i])),
+                    );
+                }
+                out
+            }
+        }
+    }
+}
+
 /// candle's `rms_norm` on each row of `x`: `x / sqrt(mean(x²) + eps) · w`.
 fn rms_norm_rows(x: &[f32], w: &[f32], hidden: usize, eps: f32) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
@@ -790,6 +887,7 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], layout: RopeLayout) {
         let (a, b) = match layout {
             RopeLayout::Interleaved => (2 * i, 2 * i + 1),
             RopeLayout::Halves => (i, i + half),
+            RopeLayout::Learned => return,
         };
         let (u, v) = (x[a], x[b]);
         x[a] = u * cos[i] - v * sin[i];
@@ -893,6 +991,7 @@ mod tests {
                 rope_theta: 10_000.0,
                 period,
             }),
+            norm: NormKind::Rms,
         };
         let rand = |shape: &[usize]| Tensor::randn(0f32, 0.5, shape, &dev).expect("randn");
         let norm = |n: usize| (rand(&[n]) + 1.0).expect("norm");
@@ -909,7 +1008,9 @@ mod tests {
                 v: lin(nkv * hd, hidden),
                 o: lin(hidden, nh * hd),
                 ffn_norm: norm(hidden),
-                gate: lin(ffn, hidden),
+                gate: Some(lin(ffn, hidden)),
+                attn_norm_bias: None,
+                ffn_norm_bias: None,
                 up: lin(ffn, hidden),
                 down: lin(hidden, ffn),
                 q_norm: Some(norm(hd)),

@@ -33,6 +33,10 @@ fn tiny_llama_gguf() -> Source {
     Source::Gguf(oracle("tiny-llama/tiny-llama.f32.gguf"))
 }
 
+fn tiny_gpt2() -> Source {
+    Source::HfFolder(oracle("tiny-gpt2"))
+}
+
 fn tiny_qwen2() -> Source {
     Source::HfFolder(crate::data_dir().join("fixtures/tiny-qwen2"))
 }
@@ -94,6 +98,18 @@ fn tiny_qwen2_folder_matches_hf() {
     check_tiny(tiny_qwen2(), tiny_qwen2_golden(), 3, 4 * (8 + 26));
 }
 
+/// GPT-2: LayerNorm with biases, learned positions, gelu_new, fused Conv1D `c_attn`, tied
+/// `wte` (keys prefixed `transformer.`).
+#[test]
+fn tiny_gpt2_folder_matches_hf() {
+    check_tiny(
+        tiny_gpt2(),
+        oracle("tiny-gpt2/golden.json"),
+        3,
+        4 * (8 + 26),
+    );
+}
+
 #[test]
 fn smollm2_norm_lens_matches_hf_transformers() {
     let dev = suite::oracle_goldens(
@@ -142,6 +158,7 @@ fn tokenization_matches_the_goldens() {
         ),
         (tiny_llama_gguf(), oracle("tiny-llama/golden.json"), 8 + 26),
         (tiny_qwen2(), tiny_qwen2_golden(), 8 + 26),
+        (tiny_gpt2(), oracle("tiny-gpt2/golden.json"), 8 + 26),
         (smollm2(), oracle("golden_smollm2.json"), 20 + 5 + 18 + 14),
         (gemma3(), oracle("golden_gemma3.json"), 19 + 6 + 22 + 15),
     ] {
@@ -152,7 +169,7 @@ fn tokenization_matches_the_goldens() {
 
 #[test]
 fn prefix_reuse_equals_a_fresh_forward() {
-    for source in [smollm2(), tiny_llama_gguf(), gemma3()] {
+    for source in [smollm2(), tiny_llama_gguf(), gemma3(), tiny_gpt2()] {
         let backend = SUBJECT.backend(&source);
         let ids = suite::ids(&*backend, PROMPT);
         let t = Instant::now();
@@ -167,7 +184,7 @@ fn prefix_reuse_equals_a_fresh_forward() {
 
 #[test]
 fn mid_block_capture_is_complete() {
-    for source in [smollm2(), tiny_qwen2(), gemma3()] {
+    for source in [smollm2(), tiny_qwen2(), gemma3(), tiny_gpt2()] {
         let backend = SUBJECT.backend(&source);
         suite::mid_block(&*backend, &suite::ids(&*backend, PROMPT));
     }
@@ -193,7 +210,7 @@ fn the_lens_reduce_matches_the_host_math() {
 
 #[test]
 fn bad_inputs_are_errors() {
-    for source in [tiny_llama_folder(), smollm2(), gemma3()] {
+    for source in [tiny_llama_folder(), smollm2(), gemma3(), tiny_gpt2()] {
         let backend = SUBJECT.backend(&source);
         suite::bad_inputs(&*backend, &suite::ids(&*backend, PROMPT));
     }
