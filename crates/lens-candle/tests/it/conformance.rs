@@ -41,6 +41,14 @@ fn tiny_qwen2() -> Source {
     Source::HfFolder(crate::data_dir().join("fixtures/tiny-qwen2"))
 }
 
+fn tiny_qwen3() -> Source {
+    Source::HfFolder(crate::data_dir().join("fixtures/tiny-qwen3"))
+}
+
+fn tiny_qwen3_golden() -> PathBuf {
+    crate::data_dir().join("fixtures/tiny-qwen3/golden.json")
+}
+
 fn tiny_qwen2_golden() -> PathBuf {
     crate::data_dir().join("fixtures/tiny-qwen2/golden.json")
 }
@@ -110,6 +118,14 @@ fn tiny_gpt2_folder_matches_hf() {
     );
 }
 
+/// Qwen3: RMSNorm of each query and key head, no biases, head dimension 24 (not hidden /
+/// heads), untied `lm_head` (fixture made by tests/data/fixtures/make_tiny_qwen3.py with HF
+/// transformers).
+#[test]
+fn tiny_qwen3_folder_matches_hf() {
+    check_tiny(tiny_qwen3(), tiny_qwen3_golden(), 3, 4 * (8 + 26));
+}
+
 #[test]
 fn smollm2_norm_lens_matches_hf_transformers() {
     let dev = suite::oracle_goldens(
@@ -159,6 +175,7 @@ fn tokenization_matches_the_goldens() {
         (tiny_llama_gguf(), oracle("tiny-llama/golden.json"), 8 + 26),
         (tiny_qwen2(), tiny_qwen2_golden(), 8 + 26),
         (tiny_gpt2(), oracle("tiny-gpt2/golden.json"), 8 + 26),
+        (tiny_qwen3(), tiny_qwen3_golden(), 8 + 26),
         (smollm2(), oracle("golden_smollm2.json"), 20 + 5 + 18 + 14),
         (gemma3(), oracle("golden_gemma3.json"), 19 + 6 + 22 + 15),
     ] {
@@ -169,7 +186,13 @@ fn tokenization_matches_the_goldens() {
 
 #[test]
 fn prefix_reuse_equals_a_fresh_forward() {
-    for source in [smollm2(), tiny_llama_gguf(), gemma3(), tiny_gpt2()] {
+    for source in [
+        smollm2(),
+        tiny_llama_gguf(),
+        gemma3(),
+        tiny_gpt2(),
+        tiny_qwen3(),
+    ] {
         let backend = SUBJECT.backend(&source);
         let ids = suite::ids(&*backend, PROMPT);
         let t = Instant::now();
