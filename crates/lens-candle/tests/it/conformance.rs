@@ -150,8 +150,23 @@ fn smollm2_raw_lens_matches_hf_transformers() {
     assert_eq!(dev.cells, 31 * (20 + 5));
 }
 
+/// The bounds against `golden_gemma3.json`: [`suite::F32`]'s, with 5e-4 on probabilities and
+/// entropy and ranks above 10 within 1e-4 relative. The golden's own float32 arithmetic is that
+/// far from exact over a 262,144-token vocabulary (measured with the same transformers and
+/// torch): torch's float32 `log_softmax` leaves the log-sum-exp off by up to 7.7e-5 (the
+/// probabilities sum to 1 + 7.7e-5), which moves the golden's entropies by up to 2.7e-4 from
+/// those of its own logits normalised exactly, and its float32 readout puts its probabilities up
+/// to 5.2e-5 from an exact readout of its own hidden states. Layer 0 has logits up to 1.7e3
+/// (the final norm's weights reach 283), where one float32 rounding of a logit is 1.2e-4.
+const GEMMA3_F32: suite::Tolerance = suite::Tolerance {
+    prob: 5e-4,
+    rank_abs: 1,
+    rank_rel: 1e-4,
+};
+
 /// Gemma 3 270M (Q4_K_M GGUF dequantized to f32): `1 + w` norms, q/k norms, post-norms, GELU,
-/// scaled embeddings, sliding-window and global blocks with their two RoPE bases.
+/// scaled embeddings, sliding-window and global blocks with their two RoPE bases. Measured:
+/// |Δp| ≤ 1.7e-4, |Δentropy| ≤ 2.7e-4, KL within 3.3e-4 relative, top-5 identical.
 #[test]
 fn gemma3_norm_lens_matches_hf_transformers() {
     let dev = suite::oracle_goldens(
@@ -159,9 +174,11 @@ fn gemma3_norm_lens_matches_hf_transformers() {
         &gemma3(),
         &oracle("golden_gemma3.json"),
         LensKind::Norm,
-        suite::F32_RAW,
+        GEMMA3_F32,
     );
     assert_eq!(dev.cells, 19 * (19 + 6 + 22 + 15));
+    assert_eq!(dev.top5_mismatches, 0);
+    assert!(dev.kl_rel < 2e-3, "{dev:?}");
 }
 
 #[test]
