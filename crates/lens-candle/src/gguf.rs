@@ -9,7 +9,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 
-use crate::kernels::Matrix;
+use crate::kernels::{BlockKind, Matrix};
 use crate::model::{Activation, Block, Config, Linear, Model, NormKind, RopeLayout, SlidingWindow};
 use crate::tokenizer::ModelTokenizer;
 use crate::{Error, Precision};
@@ -176,7 +176,7 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
             // The f32 path multiplies the few rows of an edit straight from the blocks.
             let small = if dense { small_matrix(&q) } else { None };
             let w = matmul_from(Arc::new(q), dense)?;
-            // Other types (f32, f16, k-quants) are read from their dense f32 copy.
+            // Other types (f32, f16, Q4_0, Q5_1, Q2_K…) are read from their dense f32 copy.
             let small = match (&w, small) {
                 (QMatMul::Tensor(t), None) => Matrix::from_f32(t),
                 (_, small) => small,
@@ -282,6 +282,9 @@ fn small_matrix(q: &QTensor) -> Option<Matrix> {
     match q.dtype() {
         GgmlDType::Q4_1 => Matrix::from_q4_1(n, k, &raw),
         GgmlDType::Q8_0 => Matrix::from_q8_0(n, k, &raw),
+        GgmlDType::Q5_0 => Matrix::from_blocks(n, k, &raw, BlockKind::Q5_0),
+        GgmlDType::Q4K => Matrix::from_blocks(n, k, &raw, BlockKind::Q4K),
+        GgmlDType::Q6K => Matrix::from_blocks(n, k, &raw, BlockKind::Q6K),
         _ => None,
     }
 }
