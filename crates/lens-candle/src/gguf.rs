@@ -1,4 +1,5 @@
-//! Loading a Llama-family or Gemma 3 model from a GGUF file (candle's reader).
+//! Loading a Llama-family (Llama, Mistral, Qwen2, Qwen3) or Gemma 3 model from a GGUF file
+//! (candle's reader).
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek};
@@ -58,7 +59,7 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
     let rope = match arch.as_str() {
         "llama" | "mistral" => RopeLayout::Interleaved,
         // Gemma's q/k rows are not permuted (llama.cpp's NEOX rope).
-        "qwen2" | "gemma3" => RopeLayout::Halves,
+        "qwen2" | "qwen3" | "gemma3" => RopeLayout::Halves,
         other => return Err(Error::UnsupportedArchitecture(other.to_string())),
     };
     let get = |key: &str| -> Result<&Value, Error> {
@@ -88,6 +89,8 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         .ok_or_else(|| Error::Format("missing tensor token_embd.weight".into()))?;
     let vocab = embed_info.shape.dims().first().copied().unwrap_or(0);
     let gemma = arch == "gemma3";
+    // Per-head q/k norms: Gemma 3 and Qwen3.
+    let qk_norms = gemma || arch == "qwen3";
     let cfg = Config {
         architecture: arch.clone(),
         n_layers: get_usize("block_count")?,
@@ -156,19 +159,19 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
         let p = format!("blk.{i}");
-        // Gemma's extra norms. The file stores `1 + w` (transformers' `x * (1 + w)`), so every
-        // norm is a plain RMSNorm with the file's weights.
-        let mut gemma_norm = |n: &str| -> Result<Option<Tensor>, Error> {
-            match gemma {
+        // Gemma's and Qwen3's extra norms. Gemma's file stores `1 + w` (transformers'
+        // `x * (1 + w)`), so every norm is a plain RMSNorm with the file's weights.
+        let mut norm_if = |yes: bool, n: &str| -> Result<Option<Tensor>, Error> {
+            match yes {
                 true => r.dense(&format!("{p}.{n}.weight")).map(Some),
                 false => Ok(None),
             }
         };
         let (q_norm, k_norm, post_attn_norm, post_ffn_norm) = (
-            gemma_norm("attn_q_norm")?,
-            gemma_norm("attn_k_norm")?,
-            gemma_norm("post_attention_norm")?,
-            gemma_norm("post_ffw_norm")?,
+            norm_if(qk_norms, "attn_q_norm")?,
+            norm_if(qk_norms, "attn_k_norm")?,
+            norm_if(gemma, "post_attention_norm")?,
+            norm_if(gemma, "post_ffw_norm")?,
         );
         let lin = |r: &mut TensorReader<'_, _>, n: &str| -> Result<Linear, Error> {
             let bias = r.optional(&format!("{p}.{n}.bias"))?;

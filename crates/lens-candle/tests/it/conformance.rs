@@ -45,6 +45,10 @@ fn tiny_qwen3() -> Source {
     Source::HfFolder(crate::data_dir().join("fixtures/tiny-qwen3"))
 }
 
+fn tiny_qwen3_gguf() -> Source {
+    Source::Gguf(crate::data_dir().join("fixtures/tiny-qwen3/tiny-qwen3.f32.gguf"))
+}
+
 fn tiny_qwen3_golden() -> PathBuf {
     crate::data_dir().join("fixtures/tiny-qwen3/golden.json")
 }
@@ -126,6 +130,12 @@ fn tiny_qwen3_folder_matches_hf() {
     check_tiny(tiny_qwen3(), tiny_qwen3_golden(), 3, 4 * (8 + 26));
 }
 
+/// The same weights as an f32 GGUF of architecture `qwen3` (make_tiny_qwen3_gguf.py).
+#[test]
+fn tiny_qwen3_f32_gguf_matches_hf() {
+    check_tiny(tiny_qwen3_gguf(), tiny_qwen3_golden(), 3, 4 * (8 + 26));
+}
+
 #[test]
 fn smollm2_norm_lens_matches_hf_transformers() {
     let dev = suite::oracle_goldens(
@@ -193,6 +203,7 @@ fn tokenization_matches_the_goldens() {
         (tiny_qwen2(), tiny_qwen2_golden(), 8 + 26),
         (tiny_gpt2(), oracle("tiny-gpt2/golden.json"), 8 + 26),
         (tiny_qwen3(), tiny_qwen3_golden(), 8 + 26),
+        (tiny_qwen3_gguf(), tiny_qwen3_golden(), 8 + 26),
         (smollm2(), oracle("golden_smollm2.json"), 20 + 5 + 18 + 14),
         (gemma3(), oracle("golden_gemma3.json"), 19 + 6 + 22 + 15),
     ] {
