@@ -6,6 +6,7 @@
 
 mod bad_input;
 mod conformance;
+mod gemma3;
 mod oracle;
 mod reuse;
 mod smollm2;
