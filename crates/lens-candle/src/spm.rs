@@ -1,10 +1,17 @@
 //! A SentencePiece-style BPE tokenizer driven by piece scores (GGUF `tokenizer.ggml.model =
-//! llama`), as llama.cpp's SPM tokenizer runs it: control and user-defined pieces are cut out
-//! of the text first (longest match at the leftmost position), spaces become `▁` (no space
-//! prefix unless the file asks for one), the rest starts as one symbol per character, and the
-//! adjacent pair whose concatenation is a vocabulary piece with the highest score is merged
-//! (ties to the leftmost) until no pair merges; a character that is no piece falls back to its
-//! UTF-8 bytes as `<0xNN>` pieces.
+//! llama`), giving the ids HF transformers gives for the same file (its GGUF converter turns
+//! the scores into BPE merges), which are llama.cpp's up to ties:
+//!
+//! - control and user-defined pieces are cut out of the text first (longest match at the
+//!   leftmost position), except user-defined pieces with a space (Gemma's runs of spaces):
+//!   HF matches its added tokens after normalisation, where spaces are `▁`, so those are
+//!   pieces (in their `▁` form) that merges build, before any other merge (40 spaces and
+//!   `x` are 16 + 24 spaces and `x` in HF, not 31 + 9, nor 16 + 23 and `▁x`);
+//! - spaces become `▁` (no space prefix unless the file asks for one), the rest starts as one
+//!   symbol per character, and the adjacent pair whose concatenation is a vocabulary piece
+//!   with the highest score is merged until no pair merges; among equal scores the piece with
+//!   the lower id first (HF's merge ranks; llama.cpp takes the leftmost), then the leftmost;
+//! - a character that is no piece falls back to its UTF-8 bytes as `<0xNN>` pieces.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
@@ -46,11 +53,12 @@ struct Symbol {
     gone: bool,
 }
 
-/// A candidate merge of `left` with its right neighbour into a piece of `score`, `len` bytes
-/// long in the original text (a stale candidate's length no longer matches).
+/// A candidate merge of `left` with its right neighbour into piece `id` of `score`, `len`
+/// bytes long in the original text (a stale candidate's length no longer matches).
 #[derive(PartialEq)]
 struct Bigram {
     score: f32,
+    id: u32,
     left: usize,
     right: usize,
     len: usize,
@@ -60,9 +68,10 @@ impl Eq for Bigram {}
 
 impl Ord for Bigram {
     fn cmp(&self, other: &Self) -> Ordering {
-        // Highest score first, then leftmost.
+        // Highest score first, then the lower id, then leftmost.
         self.score
             .total_cmp(&other.score)
+            .then_with(|| other.id.cmp(&self.id))
             .then_with(|| other.left.cmp(&self.left))
     }
 }
@@ -76,7 +85,7 @@ impl PartialOrd for Bigram {
 impl Spm {
     pub(crate) fn new(
         pieces: Vec<String>,
-        scores: Vec<f32>,
+        mut scores: Vec<f32>,
         types: Vec<i32>,
         unk: Option<u32>,
         space_prefix: bool,
@@ -100,6 +109,11 @@ impl Spm {
                 if let Some(b) = byte_piece(p) {
                     bytes[usize::from(b)].get_or_insert(id);
                 }
+            }
+            if t == TYPE_USER_DEFINED && p.contains(' ') {
+                ids.entry(p.replace(' ', &SPACE.to_string())).or_insert(id);
+                scores[i] = f32::MAX;
+                continue;
             }
             if (t == TYPE_CONTROL || t == TYPE_USER_DEFINED) && !p.is_empty() {
                 specials
@@ -211,6 +225,7 @@ impl Spm {
             if let Some(&id) = self.ids.get(&piece(s, e)) {
                 queue.push(Bigram {
                     score: self.scores[id as usize],
+                    id,
                     left,
                     right,
                     len: e - s,
@@ -308,6 +323,8 @@ mod tests {
             ("▁a", -4.0, 1),
         ];
         pieces.push(("▁abc", -10.0, 1));
+        pieces.extend([("x", -1.0, 1), ("y", -1.0, 1), ("z", -1.0, 1)]);
+        pieces.extend([("yz", -7.0, 1), ("xy", -7.0, 1)]);
         let (p, s, t) = pieces.into_iter().fold(
             (Vec::new(), Vec::new(), Vec::new()),
             |(mut p, mut s, mut t), (a, b, c)| {
@@ -344,18 +361,25 @@ mod tests {
         // "bc", then "abc", then "▁" + "abc": the stale "▁a" candidate is skipped.
         check(" abc", &[("▁abc", 0, 4)]);
         check("cab", &[("c", 0, 1), ("ab", 1, 3)]);
+        // "xy" and "yz" score the same: the lower id ("yz") merges first, as in HF.
+        check("xyz", &[("x", 0, 1), ("yz", 1, 3)]);
     }
 
     #[test]
     fn specials_are_cut_out_first_and_bytes_fall_back() {
         check("<bos>a", &[("<bos>", 0, 5), ("a", 5, 6)]);
+        // A user-defined run of spaces is an ordinary piece, built by merges.
         check(
             "a\n  b",
             &[("a", 0, 1), ("\n", 1, 2), ("  ", 2, 4), ("b", 4, 5)],
         );
+        check("a \n", &[("a", 0, 1), ("▁", 1, 2), ("\n", 2, 3)]);
+        // Runs of spaces merge before anything else: "▁a" does not form.
+        check("b  a", &[("b", 0, 1), ("  ", 1, 3), ("a", 3, 4)]);
+        check("b   a", &[("b", 0, 1), ("  ", 1, 3), ("▁a", 3, 5)]);
         check("é", &[("<0xC3>", 0, 2), ("<0xA9>", 0, 2)]);
         // A byte without a byte piece is <unk>.
-        check("z", &[("<unk>", 0, 1)]);
+        check("w", &[("<unk>", 0, 1)]);
     }
 
     #[test]

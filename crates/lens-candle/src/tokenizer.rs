@@ -205,15 +205,14 @@ impl ModelTokenizer {
             }
         };
         let mut out = Vec::with_capacity(tokens.len() + 1);
+        // Always, even before a BOS written in the text, as HF transformers and llama.cpp do.
         if let Some(bos) = self.bos.filter(|_| self.add_bos) {
-            if tokens.first().map(|t| t.id) != Some(bos) {
-                out.push(Token {
-                    id: bos,
-                    text: self.decode(bos),
-                    start: 0,
-                    end: 0,
-                });
-            }
+            out.push(Token {
+                id: bos,
+                text: self.decode(bos),
+                start: 0,
+                end: 0,
+            });
         }
         out.extend(tokens);
         Ok(out)

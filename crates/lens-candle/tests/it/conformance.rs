@@ -191,6 +191,31 @@ fn gemma3_norm_lens_matches_hf_transformers() {
     assert!(dev.kl_rel < 2e-3, "{dev:?}");
 }
 
+/// Gemma's SentencePiece tokenizer against HF transformers' on 64 more texts (whitespace runs,
+/// newlines, tabs, specials written in the text, byte fallback, scripts, emoji; made by
+/// tests/data/fixtures/make_gemma3_tokens.py): the same ids, offsets that cover the text.
+#[test]
+fn gemma3_tokenizer_matches_hf_on_hard_texts() {
+    let backend = SUBJECT.backend(&gemma3());
+    let golden =
+        lens_conformance::oracle::load_json(&crate::data_dir().join("fixtures/gemma3_tokens.json"));
+    let texts = golden["texts"].as_array().expect("texts");
+    assert_eq!(texts.len(), 64);
+    for t in texts {
+        let text = t["text"].as_str().expect("text");
+        let want: Vec<u64> = t["token_ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .filter_map(serde_json::Value::as_u64)
+            .collect();
+        let tokens = backend.tokenize(text).expect("tokenize");
+        let got: Vec<u64> = tokens.iter().map(|t| u64::from(t.id)).collect();
+        assert_eq!(got, want, "{text:?}");
+        suite::check_offsets(&*backend, text, &tokens);
+    }
+}
+
 #[test]
 fn tokenization_matches_the_goldens() {
     for (source, golden, tokens) in [
