@@ -216,6 +216,74 @@ fn gemma3_tokenizer_matches_hf_on_hard_texts() {
     }
 }
 
+/// Gemma on 1,129 tokens, past its sliding window (512): positions on both sides of the
+/// window's edge and the last one, every layer, against HF transformers (exact normalisation
+/// of its float32 logits; tests/data/fixtures/make_gemma3_long.py), within the f32 bounds
+/// ([`suite::F32`]: 1e-4): with the golden's own float32 log-softmax out of the way, the
+/// deviations are those of SmolLM2's (measured 3.0e-5 and 4.1e-5).
+#[test]
+fn gemma3_beyond_the_sliding_window_matches_hf() {
+    let backend = SUBJECT.backend(&gemma3());
+    let golden =
+        lens_conformance::oracle::load_json(&crate::data_dir().join("fixtures/gemma3_long.json"));
+    let text = golden["text"].as_str().expect("text");
+    let ids: Vec<u32> = suite::ids(&*backend, text);
+    let want: Vec<u32> = golden["token_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .filter_map(|v| v.as_u64().map(|v| v as u32))
+        .collect();
+    assert_eq!(ids, want);
+    assert!(ids.len() > 1024);
+    let positions: Vec<usize> = golden["positions"]
+        .as_array()
+        .expect("positions")
+        .iter()
+        .filter_map(|v| v.as_u64().map(|v| v as usize))
+        .collect();
+    let states = backend
+        .forward(&ids, lens_core::CaptureOptions::default())
+        .expect("forward");
+    let lens = lens_core::Lens::new(&*backend, &states, LensKind::Norm, 5);
+    let views = lens
+        .positions(&positions, &lens.all_layers())
+        .expect("lens");
+    let (mut worst_p, mut worst_h) = (0f64, 0f64);
+    for (l, layer) in golden["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .enumerate()
+    {
+        for (view, want) in views.iter().zip(layer.as_array().expect("cells")) {
+            let at = format!("layer {l} position {}", view.position);
+            let cell = &view.cells[l];
+            let probs: Vec<f64> = want["top5_probs"]
+                .as_array()
+                .expect("probs")
+                .iter()
+                .filter_map(serde_json::Value::as_f64)
+                .collect();
+            for (i, p) in probs.iter().enumerate() {
+                worst_p = worst_p.max((f64::from(cell.top[i].prob) - p).abs());
+            }
+            if probs[0] - probs[1] > 1e-3 {
+                assert_eq!(
+                    Some(u64::from(cell.top[0].id)),
+                    want["top5_ids"][0].as_u64(),
+                    "{at}"
+                );
+            }
+            let h = want["entropy"].as_f64().expect("entropy");
+            worst_h = worst_h.max((cell.entropy - h).abs());
+        }
+    }
+    eprintln!("Gemma, 1,129 tokens: max |dp| {worst_p:.2e}, max |d entropy| {worst_h:.2e}");
+    assert!(worst_p < suite::F32.prob, "max |dp| {worst_p}");
+    assert!(worst_h < suite::F32.prob, "max |d entropy| {worst_h}");
+}
+
 #[test]
 fn tokenization_matches_the_goldens() {
     for (source, golden, tokens) in [
