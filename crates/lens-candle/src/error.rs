@@ -10,7 +10,10 @@ pub enum Error {
     NotAModel { path: String },
     #[error("{path} is truncated: {detail}")]
     Truncated { path: String, detail: String },
-    #[error("unsupported architecture `{0}` (this backend knows: llama, mistral, qwen2)")]
+    #[error(
+        "unsupported architecture `{0}` (this backend knows: {known})",
+        known = crate::model::ARCHITECTURES.join(", ")
+    )]
     UnsupportedArchitecture(String),
     /// A load option this backend cannot honour.
     #[error("{0}")]

@@ -1,4 +1,5 @@
-//! Loading a Llama-family model from a GGUF file (candle's reader).
+//! Loading a Llama-family (Llama, Mistral, Qwen2, Qwen3) or Gemma 3 model from a GGUF file
+//! (candle's reader).
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek};
@@ -9,8 +10,8 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 
-use crate::kernels::Matrix;
-use crate::model::{Block, Config, Linear, Model, RopeLayout};
+use crate::kernels::{BlockKind, Matrix};
+use crate::model::{Activation, Block, Config, Linear, Model, NormKind, RopeLayout, SlidingWindow};
 use crate::tokenizer::ModelTokenizer;
 use crate::{Error, Precision};
 
@@ -63,7 +64,8 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         .ok_or_else(|| Error::Format("the GGUF file has no general.architecture".into()))?;
     let rope = match arch.as_str() {
         "llama" | "mistral" => RopeLayout::Interleaved,
-        "qwen2" => RopeLayout::Halves,
+        // Gemma's q/k rows are not permuted (llama.cpp's NEOX rope).
+        "qwen2" | "qwen3" | "gemma3" => RopeLayout::Halves,
         other => return Err(Error::UnsupportedArchitecture(other.to_string())),
     };
     let get = |key: &str| -> Result<&Value, Error> {
@@ -92,6 +94,9 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         .get("token_embd.weight")
         .ok_or_else(|| Error::Format("missing tensor token_embd.weight".into()))?;
     let vocab = embed_info.shape.dims().first().copied().unwrap_or(0);
+    let gemma = arch == "gemma3";
+    // Per-head q/k norms: Gemma 3 and Qwen3.
+    let qk_norms = gemma || arch == "qwen3";
     let cfg = Config {
         architecture: arch.clone(),
         n_layers: get_usize("block_count")?,
@@ -99,12 +104,29 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         n_heads,
         n_kv_heads,
         head_dim: get_usize("rope.dimension_count")
+            .or_else(|_| get_usize("attention.key_length"))
             .unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
         vocab,
         rms_eps: f64::from(get_f32("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta: get_f32("rope.freq_base", 10_000.0),
         context: get_usize("context_length").unwrap_or(2048),
         rope,
+        // Gemma 3 (as llama.cpp and transformers define it): embeddings scaled by √hidden,
+        // GELU, and five sliding-window blocks (RoPE base 10k) before each global one.
+        embed_scale: gemma.then(|| (hidden as f32).sqrt()),
+        activation: match gemma {
+            true => Activation::GeluTanh,
+            false => Activation::Silu,
+        },
+        norm: NormKind::Rms,
+        sliding: match gemma {
+            true => Some(SlidingWindow {
+                window: get_usize("attention.sliding_window")?,
+                rope_theta: 10_000.0,
+                period: 6,
+            }),
+            false => None,
+        },
     };
     cfg.validate()?;
     if let Ok(v) = get("rope.scaling.type") {
@@ -143,13 +165,27 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
         let p = format!("blk.{i}");
+        // Gemma's and Qwen3's extra norms. Gemma's file stores `1 + w` (transformers'
+        // `x * (1 + w)`), so every norm is a plain RMSNorm with the file's weights.
+        let mut norm_if = |yes: bool, n: &str| -> Result<Option<Tensor>, Error> {
+            match yes {
+                true => r.dense(&format!("{p}.{n}.weight")).map(Some),
+                false => Ok(None),
+            }
+        };
+        let (q_norm, k_norm, post_attn_norm, post_ffn_norm) = (
+            norm_if(qk_norms, "attn_q_norm")?,
+            norm_if(qk_norms, "attn_k_norm")?,
+            norm_if(gemma, "post_attention_norm")?,
+            norm_if(gemma, "post_ffw_norm")?,
+        );
         let lin = |r: &mut TensorReader<'_, _>, n: &str| -> Result<Linear, Error> {
             let bias = r.optional(&format!("{p}.{n}.bias"))?;
             let q = r.qtensor(&format!("{p}.{n}.weight"))?;
             // The f32 path multiplies the few rows of an edit straight from the blocks.
             let small = if dense { small_matrix(&q) } else { None };
             let w = matmul_from(Arc::new(q), dense)?;
-            // Other types (f32, f16, k-quants) are read from their dense f32 copy.
+            // Other types (f32, f16, Q4_0, Q5_1, Q2_K…) are read from their dense f32 copy.
             let small = match (&w, small) {
                 (QMatMul::Tensor(t), None) => Matrix::from_f32(t),
                 (_, small) => small,
@@ -163,9 +199,15 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
             v: lin(&mut r, "attn_v")?,
             o: lin(&mut r, "attn_output")?,
             ffn_norm: r.dense(&format!("{p}.ffn_norm.weight"))?,
-            gate: lin(&mut r, "ffn_gate")?,
+            gate: Some(lin(&mut r, "ffn_gate")?),
+            attn_norm_bias: None,
+            ffn_norm_bias: None,
             up: lin(&mut r, "ffn_up")?,
             down: lin(&mut r, "ffn_down")?,
+            q_norm,
+            k_norm,
+            post_attn_norm,
+            post_ffn_norm,
         });
     }
     let final_norm = r.dense("output_norm.weight")?;
@@ -232,6 +274,9 @@ fn small_matrix(q: &QTensor) -> Option<Matrix> {
     match q.dtype() {
         GgmlDType::Q4_1 => Matrix::from_q4_1(n, k, &raw),
         GgmlDType::Q8_0 => Matrix::from_q8_0(n, k, &raw),
+        GgmlDType::Q5_0 => Matrix::from_blocks(n, k, &raw, BlockKind::Q5_0),
+        GgmlDType::Q4K => Matrix::from_blocks(n, k, &raw, BlockKind::Q4K),
+        GgmlDType::Q6K => Matrix::from_blocks(n, k, &raw, BlockKind::Q6K),
         _ => None,
     }
 }

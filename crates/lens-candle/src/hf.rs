@@ -1,5 +1,5 @@
-//! Loading a Llama-family model from an HF-style folder:
-//! `config.json` + `*.safetensors` + `tokenizer.json`.
+//! Loading a Llama-family (Llama, Mistral, Qwen2, Qwen3) or GPT-2 model from an HF-style
+//! folder: `config.json` + `*.safetensors` + `tokenizer.json`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,27 +11,34 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::gguf::Loaded;
-use crate::model::{Block, Config, Linear, Model, RopeLayout};
+use crate::model::{Activation, Block, Config, Linear, Model, NormKind, RopeLayout};
 use crate::tokenizer::ModelTokenizer;
 use crate::Error;
 
 #[derive(Deserialize)]
 struct HfConfig {
     model_type: Option<String>,
+    #[serde(alias = "n_embd")]
     hidden_size: usize,
+    #[serde(alias = "n_layer")]
     num_hidden_layers: usize,
+    #[serde(alias = "n_head")]
     num_attention_heads: usize,
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
     vocab_size: usize,
     rms_norm_eps: Option<f64>,
+    /// GPT-2's LayerNorm epsilon.
+    layer_norm_epsilon: Option<f64>,
     rope_theta: Option<f32>,
+    #[serde(alias = "n_positions")]
     max_position_embeddings: Option<usize>,
     #[serde(default)]
     tie_word_embeddings: bool,
     rope_scaling: Option<serde_json::Value>,
     /// transformers ≥ 5: `{ "rope_theta": …, "rope_type": "default" | "llama3" | … }`.
     rope_parameters: Option<RopeParameters>,
+    #[serde(alias = "activation_function")]
     hidden_act: Option<String>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
@@ -60,9 +67,11 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
     let hf: HfConfig = serde_json::from_str(&read("config.json")?)
         .map_err(|e| Error::Format(format!("{}: {e}", dir.join("config.json").display())))?;
     let arch = hf.model_type.clone().unwrap_or_else(|| "llama".into());
-    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
-        return Err(Error::UnsupportedArchitecture(arch));
-    }
+    let gpt2 = match arch.as_str() {
+        "llama" | "mistral" | "qwen2" | "qwen3" => false,
+        "gpt2" => true,
+        _ => return Err(Error::UnsupportedArchitecture(arch)),
+    };
     let rope_type = hf
         .rope_parameters
         .as_ref()
@@ -73,11 +82,16 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
             "RoPE scaling (`{rope_type}`) is not implemented"
         )));
     }
-    if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != "silu") {
-        return Err(Error::Unsupported(format!(
-            "activation `{act}` (only SwiGLU with silu)"
-        )));
-    }
+    let activation = match (gpt2, hf.hidden_act.as_deref()) {
+        (false, None | Some("silu")) => Activation::Silu,
+        (true, Some("gelu_new" | "gelu_pytorch_tanh")) => Activation::GeluTanh,
+        (_, act) => {
+            return Err(Error::Unsupported(format!(
+                "activation `{}` (only SwiGLU with silu, and GPT-2's gelu_new)",
+                act.unwrap_or("none")
+            )))
+        }
+    };
     let rope_theta = hf
         .rope_theta
         .or(hf.rope_parameters.as_ref().and_then(|r| r.rope_theta))
@@ -100,10 +114,23 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
             .head_dim
             .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
         vocab: hf.vocab_size,
-        rms_eps: hf.rms_norm_eps.unwrap_or(1e-6),
+        rms_eps: match gpt2 {
+            true => hf.layer_norm_epsilon.unwrap_or(1e-5),
+            false => hf.rms_norm_eps.unwrap_or(1e-6),
+        },
         rope_theta,
         context,
-        rope: RopeLayout::Halves,
+        rope: match gpt2 {
+            true => RopeLayout::Learned,
+            false => RopeLayout::Halves,
+        },
+        embed_scale: None,
+        activation,
+        sliding: None,
+        norm: match gpt2 {
+            true => NormKind::Layer,
+            false => NormKind::Rms,
+        },
     };
     cfg.validate()?;
 
@@ -139,6 +166,9 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
             .ok_or_else(|| Error::Format(format!("missing tensor `{name}`")))?;
         Ok(t.to_dtype(DType::F32)?)
     };
+    if gpt2 {
+        return load_gpt2(cfg, tensors, tokenizer, dir, device);
+    }
     let embed = take("model.embed_tokens.weight")?;
     let unembed = if hf.tie_word_embeddings {
         embed.clone()
@@ -174,6 +204,9 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
             lin("mlp.up_proj")?,
             lin("mlp.down_proj")?,
         );
+        // Qwen3: RMSNorm of each query and key head.
+        let q_norm = take(&format!("{p}.self_attn.q_norm.weight")).ok();
+        let k_norm = take(&format!("{p}.self_attn.k_norm.weight")).ok();
         blocks.push(Block {
             attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
             q,
@@ -181,9 +214,15 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
             v,
             o,
             ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
-            gate,
+            gate: Some(gate),
             up,
             down,
+            attn_norm_bias: None,
+            ffn_norm_bias: None,
+            q_norm,
+            k_norm,
+            post_attn_norm: None,
+            post_ffn_norm: None,
         });
     }
     let final_norm = take("model.norm.weight")?;
@@ -201,6 +240,111 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
             QMatMul::Tensor(unembed),
             device.clone(),
         )?,
+        tokenizer,
+        name,
+        precision: "f32 (safetensors)".into(),
+    })
+}
+
+/// GPT-2 (`transformer.` prefix or none): learned positions, LayerNorm with biases, the fused
+/// `c_attn` and the MLP as Conv1D weights `[in, out]` (transposed here), tied `wte`.
+fn load_gpt2(
+    cfg: Config,
+    mut tensors: HashMap<String, Tensor>,
+    tokenizer: ModelTokenizer,
+    dir: &Path,
+    device: &Device,
+) -> Result<Loaded, Error> {
+    let prefix = match tensors.contains_key("transformer.wte.weight") {
+        true => "transformer.",
+        false => "",
+    };
+    let mut take = |name: &str| -> Result<Tensor, Error> {
+        let t = tensors
+            .remove(&format!("{prefix}{name}"))
+            .ok_or_else(|| Error::Format(format!("missing tensor `{prefix}{name}`")))?;
+        Ok(t.to_dtype(DType::F32)?)
+    };
+    let (h, n_layers, vocab) = (cfg.hidden, cfg.n_layers, cfg.vocab);
+    let expect = |t: &Tensor, dims: &[usize], what: &str| -> Result<(), Error> {
+        match t.dims() == dims {
+            true => Ok(()),
+            false => Err(Error::Format(format!(
+                "`{what}` has shape {:?}, expected {dims:?}",
+                t.dims()
+            ))),
+        }
+    };
+    let embed = take("wte.weight")?;
+    expect(&embed, &[vocab, h], "wte.weight")?;
+    let positions = take("wpe.weight")?;
+    expect(&positions, &[cfg.context, h], "wpe.weight")?;
+    // A Conv1D `[in, out]` as a linear map `[out, in]`, with its bias.
+    let linear = |w: Tensor, b: Tensor| -> Result<Linear, Error> {
+        let w = w.t()?.contiguous()?;
+        let small = Matrix::from_f32(&w);
+        Ok(Linear::new(QMatMul::Tensor(w), Some(b)).with_small(small))
+    };
+    let mut blocks = Vec::with_capacity(n_layers);
+    for i in 0..n_layers {
+        let p = format!("h.{i}");
+        let attn = take(&format!("{p}.attn.c_attn.weight"))?;
+        expect(&attn, &[h, 3 * h], "c_attn.weight")?;
+        let attn_b = take(&format!("{p}.attn.c_attn.bias"))?;
+        expect(&attn_b, &[3 * h], "c_attn.bias")?;
+        let part = |j: usize| -> Result<Linear, Error> {
+            linear(
+                attn.narrow(1, j * h, h)?,
+                attn_b.narrow(0, j * h, h)?.contiguous()?,
+            )
+        };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let o = linear(
+            take(&format!("{p}.attn.c_proj.weight"))?,
+            take(&format!("{p}.attn.c_proj.bias"))?,
+        )?;
+        let up = linear(
+            take(&format!("{p}.mlp.c_fc.weight"))?,
+            take(&format!("{p}.mlp.c_fc.bias"))?,
+        )?;
+        let down = linear(
+            take(&format!("{p}.mlp.c_proj.weight"))?,
+            take(&format!("{p}.mlp.c_proj.bias"))?,
+        )?;
+        blocks.push(Block {
+            attn_norm: take(&format!("{p}.ln_1.weight"))?,
+            attn_norm_bias: Some(take(&format!("{p}.ln_1.bias"))?),
+            q,
+            k,
+            v,
+            o,
+            ffn_norm: take(&format!("{p}.ln_2.weight"))?,
+            ffn_norm_bias: Some(take(&format!("{p}.ln_2.bias"))?),
+            gate: None,
+            up,
+            down,
+            q_norm: None,
+            k_norm: None,
+            post_attn_norm: None,
+            post_ffn_norm: None,
+        });
+    }
+    let final_norm = take("ln_f.weight")?;
+    let final_bias = take("ln_f.bias")?;
+    let name = dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Loaded {
+        model: Model::new(
+            cfg,
+            embed.clone(),
+            blocks,
+            final_norm,
+            QMatMul::Tensor(embed),
+            device.clone(),
+        )?
+        .with_gpt2_parts(final_bias, positions),
         tokenizer,
         name,
         precision: "f32 (safetensors)".into(),

@@ -5,8 +5,9 @@
 //! more than the product. These kernels take the weights as stored (`[n, k]` row-major, f32 or
 //! ggml blocks) and the rows as `[m, k]`, and produce `[m, n]` with every product and sum in
 //! f32: quantized weights are dequantized on the fly to exactly the values candle's
-//! `dequantize` gives (Q4_1: `q·d + m` with one rounding; Q8_0: `q·d`, exact), so the results
-//! differ from the dense path only in the order of the sums.
+//! `dequantize` gives (Q4_1: `q·d + m` with one rounding; Q8_0 and Q5_0: `q·d`, exact; Q4_K:
+//! `(d·sc)·q - dmin·m`; Q6_K: `(d·sc)·q`, candle's order of operations), so the results differ
+//! from the dense path only in the order of the sums.
 //!
 //! The code is plain safe Rust over `[f32; 8]` lanes, which LLVM turns into AVX2/FMA
 //! instructions under the workspace's `target-cpu=x86-64-v3` (and into correct, slower code
@@ -41,6 +42,106 @@ pub(crate) enum Weights {
     },
     /// ggml Q8_0, repacked: per block of 32 a scale and 32 signed bytes.
     Q8_0 { scale: Vec<f32>, qs: Vec<[i8; 32]> },
+    /// Other ggml blocks as stored (each weight row a whole number of blocks), dequantized a
+    /// few rows at a time.
+    Blocks { kind: BlockKind, raw: Vec<u8> },
+}
+
+/// The ggml block types [`Weights::Blocks`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlockKind {
+    /// `d: f16, qh: [u8; 4], qs: [u8; 16]`: 32 weights `(q - 16)·d`, q of 5 bits.
+    Q5_0,
+    /// `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`: 256 weights in 8 groups of 32 with
+    /// 6-bit scales and minimums.
+    Q4K,
+    /// `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`: 256 weights `d·sc·(q - 32)`,
+    /// q of 6 bits, in 16 groups of 16.
+    Q6K,
+}
+
+impl BlockKind {
+    /// Weights per block.
+    fn elems(self) -> usize {
+        match self {
+            BlockKind::Q5_0 => 32,
+            BlockKind::Q4K | BlockKind::Q6K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    fn bytes(self) -> usize {
+        match self {
+            BlockKind::Q5_0 => 22,
+            BlockKind::Q4K => 144,
+            BlockKind::Q6K => 210,
+        }
+    }
+
+    /// One block's weights, with candle's arithmetic (`k_quants.rs`, `to_float`).
+    fn dequantize(self, b: &[u8], out: &mut [f32]) {
+        match self {
+            BlockKind::Q5_0 => {
+                let d = f16(b[0], b[1]);
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                for j in 0..16 {
+                    let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                    let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                    let x0 = i32::from((b[6 + j] & 0x0f) | h0) - 16;
+                    let x1 = i32::from((b[6 + j] >> 4) | h1) - 16;
+                    out[j] = x0 as f32 * d;
+                    out[j + 16] = x1 as f32 * d;
+                }
+            }
+            BlockKind::Q4K => {
+                let (d, min) = (f16(b[0], b[1]), f16(b[2], b[3]));
+                let scales = &b[4..16];
+                let qs = &b[16..144];
+                for (g, out) in out.chunks_exact_mut(64).enumerate() {
+                    let q = &qs[g * 32..g * 32 + 32];
+                    let (sc1, m1) = scale_min_k4(2 * g, scales);
+                    let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
+                    let (d1, m1) = (d * f32::from(sc1), min * f32::from(m1));
+                    let (d2, m2) = (d * f32::from(sc2), min * f32::from(m2));
+                    for (i, q) in q.iter().enumerate() {
+                        out[i] = d1 * f32::from(q & 0x0f) - m1;
+                        out[i + 32] = d2 * f32::from(q >> 4) - m2;
+                    }
+                }
+            }
+            BlockKind::Q6K => {
+                let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
+                let d = f16(b[208], b[209]);
+                for (h, out) in out.chunks_exact_mut(128).enumerate() {
+                    let (ql, qh, sc) = (&ql[64 * h..], &qh[32 * h..], &sc[8 * h..]);
+                    let scale = |i: usize| f32::from(sc[i] as i8);
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i8 - 32;
+                        let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+                        out[l] = d * scale(is) * f32::from(q1);
+                        out[l + 32] = d * scale(is + 2) * f32::from(q2);
+                        out[l + 64] = d * scale(is + 4) * f32::from(q3);
+                        out[l + 96] = d * scale(is + 6) * f32::from(q4);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The 6-bit scale and minimum of group `j` of a Q4_K block (ggml's `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
 }
 
 /// A weight matrix and its shape.
@@ -84,6 +185,22 @@ impl Matrix {
             n,
             k,
             w: Weights::Q8_0 { scale, qs },
+        })
+    }
+
+    /// Raw ggml blocks of `kind` for an `[n, k]` matrix, kept as stored.
+    pub(crate) fn from_blocks(n: usize, k: usize, raw: &[u8], kind: BlockKind) -> Option<Matrix> {
+        let ok = n > 0
+            && k > 0
+            && k.is_multiple_of(kind.elems())
+            && raw.len() == n * (k / kind.elems()) * kind.bytes();
+        ok.then(|| Matrix {
+            n,
+            k,
+            w: Weights::Blocks {
+                kind,
+                raw: raw.to_vec(),
+            },
         })
     }
 
@@ -166,6 +283,16 @@ impl Matrix {
                 q4_1_tile(rows, &scale[r.clone()], &min[r.clone()], &qs[r], nb, cols)
             }
             Weights::Q8_0 { scale, qs } => q8_0_tile(rows, &scale[r.clone()], &qs[r], nb, cols),
+            Weights::Blocks { kind, raw } => {
+                let row_bytes = k / kind.elems() * kind.bytes();
+                let raw = &raw[j0 * row_bytes..j1 * row_bytes];
+                quant_tile(rows, j1 - j0, k, cols, |j, out| {
+                    let blocks = raw[j * row_bytes..(j + 1) * row_bytes].chunks_exact(kind.bytes());
+                    for (b, out) in blocks.zip(out.chunks_exact_mut(kind.elems())) {
+                        kind.dequantize(b, out);
+                    }
+                });
+            }
         }
     }
 }
@@ -670,6 +797,51 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Q5_0, Q4_K and Q6_K: the weights every kernel size multiplies with are candle's
+    /// `dequantize` values, bit for bit (a zero may come back as +0 where candle has -0), and
+    /// products agree with an f64 reference on them.
+    #[test]
+    fn block_kernels_dequantize_like_candle() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let cpu = candle_core::Device::Cpu;
+        let (n, k) = (70, 512);
+        for (dtype, kind) in [
+            (GgmlDType::Q5_0, BlockKind::Q5_0),
+            (GgmlDType::Q4K, BlockKind::Q4K),
+            (GgmlDType::Q6K, BlockKind::Q6K),
+        ] {
+            let t = Tensor::from_vec(pseudo(n * k, 9), (n, k), &cpu).expect("tensor");
+            let q = QTensor::quantize(&t, dtype).expect("quantize");
+            let raw = q.data().expect("raw").into_owned();
+            let want = q
+                .dequantize(&cpu)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("dequantize");
+            assert!(want.iter().filter(|w| **w > 0.0).count() > n * k / 4);
+            assert!(want.iter().filter(|w| **w < 0.0).count() > n * k / 4);
+            let mm = Matrix::from_blocks(n, k, &raw, kind).expect("matrix");
+            for group in [1, 3, 8] {
+                let got = weights_seen_by_kernel(&mm, group);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        g.to_bits() == w.to_bits() || (*g == 0.0 && *w == 0.0),
+                        "{dtype:?}, {group} rows: weight [{}, {}]: {g:e} vs candle's {w:e}",
+                        i / k,
+                        i % k
+                    );
+                }
+            }
+            for m in [1, 2, 5] {
+                let x = pseudo(m * k, 10);
+                let got = mm.matmul_nt(&x).unwrap_or_default();
+                check_close(&got, &naive(&x, &want, k), k);
+            }
+            assert!(Matrix::from_blocks(n, k, &raw[1..], kind).is_none());
+            assert!(Matrix::from_blocks(n, k + 32 * 8, &raw, kind).is_none());
         }
     }
 

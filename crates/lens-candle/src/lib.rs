@@ -9,6 +9,7 @@ mod gguf;
 mod hf;
 mod kernels;
 mod model;
+mod spm;
 mod tokenizer;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -1,4 +1,5 @@
-//! A Llama-family decoder (Llama, Mistral, SmolLM, Qwen2) that captures its residual stream.
+//! A decoder of the Llama family (Llama, Mistral, SmolLM, Qwen2, Qwen3), Gemma 3 and GPT-2
+//! that captures its residual stream.
 
 use std::sync::Arc;
 
@@ -11,7 +12,38 @@ use crate::kernels::Matrix;
 use crate::Error;
 
 /// The architectures (`general.architecture` / `model_type`) this forward pass implements.
-pub(crate) const ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2"];
+pub(crate) const ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma3", "gpt2"];
+
+/// The norms' kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NormKind {
+    /// `x / sqrt(mean(x²) + eps) · w`.
+    Rms,
+    /// `(x - mean) / sqrt(var + eps) · w + b` (GPT-2), two passes as torch computes it.
+    Layer,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// SwiGLU (Llama).
+    Silu,
+    /// GELU with the tanh approximation (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// A block's RoPE base and attention window (`None`: every earlier position).
+type LayerKind = (f32, Option<usize>);
+
+/// Sliding-window attention on all blocks but every `period`-th (Gemma 3: five local blocks,
+/// then one global), the local ones with their own RoPE base.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct SlidingWindow {
+    /// A position attends to itself and the `window - 1` before it.
+    pub window: usize,
+    pub rope_theta: f32,
+    pub period: usize,
+}
 
 /// How q/k rows are laid out for rotary embeddings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +52,8 @@ pub(crate) enum RopeLayout {
     Interleaved,
     /// Rotate the two halves (HF weights; llama.cpp's "neox" rope).
     Halves,
+    /// No rotary embedding: learned absolute positions added to the embeddings (GPT-2).
+    Learned,
 }
 
 #[derive(Debug, Clone)]
@@ -35,6 +69,12 @@ pub(crate) struct Config {
     pub rope_theta: f32,
     pub context: usize,
     pub rope: RopeLayout,
+    /// Embeddings are multiplied by this (Gemma: √hidden) before block 1; layer 0 is the
+    /// scaled embedding.
+    pub embed_scale: Option<f32>,
+    pub activation: Activation,
+    pub sliding: Option<SlidingWindow>,
+    pub norm: NormKind,
 }
 
 impl Config {
@@ -52,7 +92,18 @@ impl Config {
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!("odd head dimension {}", self.head_dim));
         }
+        if self.sliding.is_some_and(|s| s.window == 0 || s.period == 0) {
+            return bad(format!("empty sliding window in {self:?}"));
+        }
         Ok(())
+    }
+
+    /// Block `i`'s RoPE base and attention window (`None`: every earlier position).
+    fn layer_attention(&self, i: usize) -> LayerKind {
+        match self.sliding {
+            Some(s) if !(i + 1).is_multiple_of(s.period) => (s.rope_theta, Some(s.window)),
+            _ => (self.rope_theta, None),
+        }
     }
 }
 
@@ -139,18 +190,27 @@ pub(crate) struct Block {
     pub v: Linear,
     pub o: Linear,
     pub ffn_norm: Tensor,
-    pub gate: Linear,
+    /// `None`: a plain MLP, `down(act(up(x)))` (GPT-2).
+    pub gate: Option<Linear>,
     pub up: Linear,
     pub down: Linear,
+    /// LayerNorm biases (GPT-2).
+    pub attn_norm_bias: Option<Tensor>,
+    pub ffn_norm_bias: Option<Tensor>,
+    /// Gemma: RMSNorm of each query and key head before RoPE (`[head_dim]`).
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    /// Gemma: RMSNorm of the attention and MLP outputs before they join the residual stream.
+    pub post_attn_norm: Option<Tensor>,
+    pub post_ffn_norm: Option<Tensor>,
 }
 
 impl Block {
     fn small_ready(&self) -> bool {
-        [
-            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-        ]
-        .iter()
-        .all(|l| l.small.is_some())
+        [&self.q, &self.k, &self.v, &self.o, &self.up, &self.down]
+            .into_iter()
+            .chain(&self.gate)
+            .all(|l| l.small.is_some())
     }
 }
 
@@ -158,6 +218,12 @@ impl Block {
 struct Norms {
     attn: Vec<f32>,
     ffn: Vec<f32>,
+    attn_b: Option<Vec<f32>>,
+    ffn_b: Option<Vec<f32>>,
+    q: Option<Vec<f32>>,
+    k: Option<Vec<f32>>,
+    post_attn: Option<Vec<f32>>,
+    post_ffn: Option<Vec<f32>>,
 }
 
 pub(crate) struct Model {
@@ -166,6 +232,9 @@ pub(crate) struct Model {
     pub embed: Tensor,
     pub blocks: Vec<Block>,
     pub final_norm: Tensor,
+    pub final_norm_bias: Option<Tensor>,
+    /// Learned absolute position embeddings `[positions, hidden]` (GPT-2).
+    pub positions: Option<Tensor>,
     /// The unembedding `W_U`, `[vocab, hidden]`.
     pub unembed: QMatMul,
     /// `W_Uᵀ`, `[hidden, vocab]` contiguous, when the unembedding is dense.
@@ -241,10 +310,24 @@ impl Model {
             QMatMul::Tensor(w) => Matrix::from_f32(w),
             _ => None,
         };
+        let values =
+            |t: &Tensor| -> Option<Vec<f32>> { t.to_dtype(DType::F32).ok()?.to_vec1().ok() };
+        let optional = |t: &Option<Tensor>| -> Option<Option<Vec<f32>>> {
+            match t {
+                Some(t) => values(t).map(Some),
+                None => Some(None),
+            }
+        };
         let norms = |b: &Block| -> Option<Norms> {
             Some(Norms {
-                attn: b.attn_norm.to_dtype(DType::F32).ok()?.to_vec1().ok()?,
-                ffn: b.ffn_norm.to_dtype(DType::F32).ok()?.to_vec1().ok()?,
+                attn: values(&b.attn_norm)?,
+                ffn: values(&b.ffn_norm)?,
+                attn_b: optional(&b.attn_norm_bias)?,
+                ffn_b: optional(&b.ffn_norm_bias)?,
+                q: optional(&b.q_norm)?,
+                k: optional(&b.k_norm)?,
+                post_attn: optional(&b.post_attn_norm)?,
+                post_ffn: optional(&b.post_ffn_norm)?,
             })
         };
         let small_norms = match device.is_cpu() && blocks.iter().all(Block::small_ready) {
@@ -256,12 +339,62 @@ impl Model {
             embed,
             blocks,
             final_norm,
+            final_norm_bias: None,
+            positions: None,
             unembed,
             unembed_t,
             unembed_small,
             small_norms,
             device,
         })
+    }
+
+    /// LayerNorm's final bias and learned position embeddings (GPT-2).
+    pub(crate) fn with_gpt2_parts(mut self, final_norm_bias: Tensor, positions: Tensor) -> Self {
+        self.final_norm_bias = Some(final_norm_bias);
+        self.positions = Some(positions);
+        self
+    }
+
+    /// The model's norm (RMSNorm or LayerNorm) of each row of `x`.
+    fn norm(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor, Error> {
+        let eps = self.cfg.rms_eps;
+        Ok(match self.cfg.norm {
+            NormKind::Rms => candle_nn::ops::rms_norm(x, w, eps as f32)?,
+            NormKind::Layer => {
+                let mean = x.mean_keepdim(candle_core::D::Minus1)?;
+                let xc = x.broadcast_sub(&mean)?;
+                let var = xc.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+                let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?;
+                match b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+        })
+    }
+
+    /// The embeddings of `ids` at positions `start..`: `[t, hidden]`, scaled (Gemma) or with
+    /// the learned positions added (GPT-2).
+    fn embed(&self, ids: &[u32], start: usize) -> Result<Tensor, Error> {
+        let t = ids.len();
+        let mut x = self
+            .embed
+            .index_select(&Tensor::new(ids, &self.device)?, 0)?;
+        if let Some(scale) = self.cfg.embed_scale {
+            x = (x * f64::from(scale))?;
+        }
+        if let Some(pos) = &self.positions {
+            let n = pos.dim(0)?;
+            if start + t > n {
+                return Err(Error::Format(format!(
+                    "position {} is beyond the model's {n} learned positions",
+                    start + t - 1
+                )));
+            }
+            x = (x + pos.narrow(0, start, t)?)?;
+        }
+        Ok(x)
     }
 
     /// Use `m` (e.g. the file's Q8_0 blocks: a quarter of the bytes to stream) for small
@@ -305,16 +438,27 @@ impl Model {
         let start = past.len();
         let t = new.len();
         let cfg = &self.cfg;
-        let ids = Tensor::new(new, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?; // [t, hidden]
+        let mut x = self.embed(new, start)?; // [t, hidden]
 
         let mut layers: Vec<Vec<f32>> = Vec::with_capacity(cfg.n_layers + 1);
         let mut mids: Vec<Vec<f32>> = Vec::new();
         let mut kvs: Vec<Vec<f32>> = Vec::with_capacity(2 * cfg.n_layers);
         layers.push(x.flatten_all()?.to_vec1::<f32>()?);
 
-        let (cos, sin) = self.rope_tables(start, t)?;
-        let mask = causal_mask(start, t, cfg.n_heads / cfg.n_kv_heads, &self.device)?;
+        let rep = cfg.n_heads / cfg.n_kv_heads;
+        // RoPE tables and masks per kind of block (global, and sliding-window if any).
+        let mut kinds: Vec<(LayerKind, (Tensor, Tensor), Option<Tensor>)> = Vec::new();
+        for i in 0..cfg.n_layers {
+            let kind = cfg.layer_attention(i);
+            if kinds.iter().all(|(k, ..)| *k != kind) {
+                let (theta, window) = kind;
+                kinds.push((
+                    kind,
+                    self.rope_tables(theta, start, t)?,
+                    causal_mask(start, t, rep, window, &self.device)?,
+                ));
+            }
+        }
         let (nkv, hd) = (cfg.n_kv_heads, cfg.head_dim);
         for (i, b) in self.blocks.iter().enumerate() {
             let _span = tracing::trace_span!("block", i).entered();
@@ -328,15 +472,23 @@ impl Model {
                     self.past_tensor(past, i, nkv * hd)?,
                 )),
             };
-            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, cfg.rms_eps as f32)?;
-            let (att, k, v) = self.attention(
+            let kind = cfg.layer_attention(i);
+            let Some((_, (cos, sin), mask)) = kinds.iter().find(|(k, ..)| *k == kind) else {
+                return Err(Error::Format(format!("no RoPE table for block {i}")));
+            };
+            let eps = cfg.rms_eps as f32;
+            let h = self.norm(&x, &b.attn_norm, b.attn_norm_bias.as_ref())?;
+            let (mut att, k, v) = self.attention(
                 b,
                 &h,
-                &cos,
-                &sin,
+                cos,
+                sin,
                 mask.as_ref(),
                 cached.as_ref().map(|(k, v)| (k, v)),
             )?;
+            if let Some(w) = &b.post_attn_norm {
+                att = candle_nn::ops::rms_norm(&att, w, eps)?;
+            }
             // New keys and values, position-major: [t, nkv * hd].
             for kv in [k, v] {
                 kvs.push(
@@ -350,10 +502,19 @@ impl Model {
             if mid_block {
                 mids.push(x.flatten_all()?.to_vec1::<f32>()?);
             }
-            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, cfg.rms_eps as f32)?;
-            let mlp = b
-                .down
-                .forward(&(candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?)?;
+            let h = self.norm(&x, &b.ffn_norm, b.ffn_norm_bias.as_ref())?;
+            let act = |y: Tensor| match cfg.activation {
+                Activation::Silu => candle_nn::ops::silu(&y),
+                Activation::GeluTanh => y.gelu(),
+            };
+            let inner = match &b.gate {
+                Some(gate) => (act(gate.forward(&h)?)? * b.up.forward(&h)?)?,
+                None => act(b.up.forward(&h)?)?,
+            };
+            let mut mlp = b.down.forward(&inner)?;
+            if let Some(w) = &b.post_ffn_norm {
+                mlp = candle_nn::ops::rms_norm(&mlp, w, eps)?;
+            }
             x = (x + mlp)?;
             layers.push(x.flatten_all()?.to_vec1::<f32>()?);
         }
@@ -407,12 +568,7 @@ impl Model {
         let (start, t) = (past.len(), new.len());
         let kvw = nkv * hd;
         let eps = cfg.rms_eps as f32;
-        let ids = Tensor::new(new, &self.device)?;
-        let mut x = self
-            .embed
-            .index_select(&ids, 0)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let mut x = self.embed(new, start)?.flatten_all()?.to_vec1::<f32>()?;
 
         let per = (cfg.n_layers + 1) * hidden;
         let mut resid: Vec<Vec<f32>> = (0..t).map(|_| Vec::with_capacity(per)).collect();
@@ -432,7 +588,10 @@ impl Model {
         };
         push(&mut resid, &x);
 
-        let (cos, sin) = self.rope_values(start, t);
+        let global = self.rope_values(cfg.rope_theta, start, t);
+        let local = cfg
+            .sliding
+            .map(|s| self.rope_values(s.rope_theta, start, t));
         let half = hd / 2;
         let missing = || Error::Format("a weight has no small-batch kernel".into());
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
@@ -441,9 +600,22 @@ impl Model {
             if stop.is_stopped() {
                 return Err(Error::Stopped);
             }
-            let h = rms_norm_rows(&x, &n.attn, hidden, eps);
+            let h = self.norm_rows(&x, &n.attn, n.attn_b.as_deref());
             let [mut q, mut k, v] =
                 Linear::apply_small_many([&b.q, &b.k, &b.v], &h).ok_or_else(missing)?;
+            if let Some(w) = &n.q {
+                q = rms_norm_rows(&q, w, hd, eps);
+            }
+            if let Some(w) = &n.k {
+                k = rms_norm_rows(&k, w, hd, eps);
+            }
+            let (theta, window) = cfg.layer_attention(i);
+            let (cos, sin) = match &local {
+                Some(l) if theta != cfg.rope_theta || window.is_some() => l,
+                _ => &global,
+            };
+            // The first key position each new position sees.
+            let first = |pos: usize| window.map_or(0, |w| (pos + 1).saturating_sub(w));
             for p in 0..t {
                 let (c, s) = (
                     &cos[p * half..(p + 1) * half],
@@ -474,29 +646,46 @@ impl Model {
                 let (p, head) = (at / nh, at % nh);
                 let g = head / rep;
                 let qh = &q[at * hd..(at + 1) * hd];
-                let mut scores: Vec<f32> = (0..start + p + 1)
+                let from = first(start + p);
+                let mut scores: Vec<f32> = (from..start + p + 1)
                     .map(|j| dot(qh, key(j, g)) * scale)
                     .collect();
                 softmax_in_place(&mut scores);
-                for (j, &w) in scores.iter().enumerate() {
+                for (j, &w) in (from..).zip(&scores) {
                     for (o, v) in out.iter_mut().zip(value(j, g)) {
                         *o += w * v;
                     }
                 }
             });
-            let o = b.o.apply_small(&att).ok_or_else(missing)?;
+            let mut o = b.o.apply_small(&att).ok_or_else(missing)?;
+            if let Some(w) = &n.post_attn {
+                o = rms_norm_rows(&o, w, hidden, eps);
+            }
             add_in_place(&mut x, &o);
             if mid_block {
                 push(&mut mids, &x);
             }
-            let h = rms_norm_rows(&x, &n.ffn, hidden, eps);
-            let [gate, up] = Linear::apply_small_many([&b.gate, &b.up], &h).ok_or_else(missing)?;
-            let act: Vec<f32> = gate
-                .iter()
-                .zip(&up)
-                .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-                .collect();
-            let down = b.down.apply_small(&act).ok_or_else(missing)?;
+            let h = self.norm_rows(&x, &n.ffn, n.ffn_b.as_deref());
+            let f = |g: f32| match cfg.activation {
+                Activation::Silu => g / (1.0 + (-g).exp()),
+                Activation::GeluTanh => gelu(g),
+            };
+            let act: Vec<f32> = match &b.gate {
+                Some(gate) => {
+                    let [gate, up] =
+                        Linear::apply_small_many([gate, &b.up], &h).ok_or_else(missing)?;
+                    gate.iter().zip(&up).map(|(&g, &u)| f(g) * u).collect()
+                }
+                None => {
+                    let mut up = b.up.apply_small(&h).ok_or_else(missing)?;
+                    up.iter_mut().for_each(|u| *u = f(*u));
+                    up
+                }
+            };
+            let mut down = b.down.apply_small(&act).ok_or_else(missing)?;
+            if let Some(w) = &n.post_ffn {
+                down = rms_norm_rows(&down, w, hidden, eps);
+            }
             add_in_place(&mut x, &down);
             push(&mut resid, &x);
         }
@@ -536,6 +725,15 @@ impl Model {
                 .reshape((1, t, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
+        let eps = cfg.rms_eps as f32;
+        let q = match &b.q_norm {
+            Some(w) => candle_nn::ops::rms_norm(&q, w, eps)?,
+            None => q,
+        };
+        let k = match &b.k_norm {
+            Some(w) => candle_nn::ops::rms_norm(&k, w, eps)?,
+            None => k,
+        };
         let (q, k) = match cfg.rope {
             RopeLayout::Interleaved => (
                 candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
@@ -545,6 +743,7 @@ impl Model {
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
                 candle_nn::rotary_emb::rope(&k, cos, sin)?,
             ),
+            RopeLayout::Learned => (q, k),
         };
         let (k_all, v_all) = match past {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
@@ -569,15 +768,10 @@ impl Model {
 
     /// cos/sin for positions `start..start + t` (`[t][head_dim / 2]`), in f32 as HF
     /// transformers computes them.
-    fn rope_values(&self, start: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
+    fn rope_values(&self, theta: f32, start: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
         let half = self.cfg.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| {
-                1.0 / self
-                    .cfg
-                    .rope_theta
-                    .powf((2 * i) as f32 / self.cfg.head_dim as f32)
-            })
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / self.cfg.head_dim as f32))
             .collect();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
@@ -591,9 +785,9 @@ impl Model {
         (cos, sin)
     }
 
-    fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor), Error> {
+    fn rope_tables(&self, theta: f32, start: usize, t: usize) -> Result<(Tensor, Tensor), Error> {
         let half = self.cfg.head_dim / 2;
-        let (cos, sin) = self.rope_values(start, t);
+        let (cos, sin) = self.rope_values(theta, start, t);
         Ok((
             Tensor::from_vec(cos, (t, half), &self.device)?,
             Tensor::from_vec(sin, (t, half), &self.device)?,
@@ -609,7 +803,7 @@ impl Model {
         }
         let x = Tensor::from_slice(rows, (n, hidden), &self.device)?;
         let x = if norm {
-            candle_nn::ops::rms_norm(&x, &self.final_norm, self.cfg.rms_eps as f32)?
+            self.norm(&x, &self.final_norm, self.final_norm_bias.as_ref())?
         } else {
             x
         };
@@ -642,6 +836,32 @@ impl Model {
     }
 }
 
+impl Model {
+    /// [`Model::norm`] on plain rows, for the small-batch forward pass.
+    fn norm_rows(&self, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+        let (hidden, eps) = (self.cfg.hidden, self.cfg.rms_eps as f32);
+        match self.cfg.norm {
+            NormKind::Rms => rms_norm_rows(x, w, hidden, eps),
+            NormKind::Layer => {
+                let mut out = Vec::with_capacity(x.len());
+                for row in x.chunks(hidden) {
+                    let mean = row.iter().sum::<f32>() / hidden as f32;
+                    let var =
+                        row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / hidden as f32;
+                    let sd = (var + eps).sqrt();
+                    out.extend(
+                        row.iter()
+                            .zip(w)
+                            .enumerate()
+                            .map(|(i, (v, w))| (v - mean) / sd * w + b.map_or(0.0, |b| b[i])),
+                    );
+                }
+                out
+            }
+        }
+    }
+}
+
 /// candle's `rms_norm` on each row of `x`: `x / sqrt(mean(x²) + eps) · w`.
 fn rms_norm_rows(x: &[f32], w: &[f32], hidden: usize, eps: f32) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
@@ -653,6 +873,12 @@ fn rms_norm_rows(x: &[f32], w: &[f32], hidden: usize, eps: f32) -> Vec<f32> {
     out
 }
 
+/// GELU with the tanh approximation, as candle's `gelu` computes it in f32.
+fn gelu(v: f32) -> f32 {
+    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+    0.5 * v * (1.0 + (SQRT_TWO_OVER_PI * v * (1.0 + 0.044_715 * v * v)).tanh())
+}
+
 /// Rotary embedding of one head in place, as candle's `rope_i` (adjacent pairs) or `rope`
 /// (halves) does it.
 fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], layout: RopeLayout) {
@@ -661,6 +887,7 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], layout: RopeLayout) {
         let (a, b) = match layout {
             RopeLayout::Interleaved => (2 * i, 2 * i + 1),
             RopeLayout::Halves => (i, i + half),
+            RopeLayout::Learned => return,
         };
         let (u, v) = (x[a], x[b]);
         x[a] = u * cos[i] - v * sin[i];
@@ -706,22 +933,26 @@ fn rows_of(x: &Tensor) -> Option<Vec<f32>> {
 }
 
 /// Additive mask for `t` new queries after `start` cached positions, repeated for the `rep`
-/// query heads grouped on each KV head: `[rep * t, start + t]`. `None` for a single query.
+/// query heads grouped on each KV head: `[rep * t, start + t]`; with a `window`, a query also
+/// sees no key `window` or more positions before it. `None` when nothing is masked.
 fn causal_mask(
     start: usize,
     t: usize,
     rep: usize,
+    window: Option<usize>,
     device: &Device,
 ) -> Result<Option<Tensor>, Error> {
-    if t == 1 {
+    let window = window.filter(|&w| w < start + t);
+    if t == 1 && window.is_none() {
         return Ok(None);
     }
     let s = start + t;
     let mut m = Vec::with_capacity(rep * t * s);
     for _ in 0..rep {
         for i in 0..t {
+            let q = start + i;
             m.extend((0..s).map(|j| {
-                if j <= start + i {
+                if j <= q && window.is_none_or(|w| q - j < w) {
                     0.0f32
                 } else {
                     f32::NEG_INFINITY
@@ -730,4 +961,180 @@ fn causal_mask(
         }
     }
     Ok(Some(Tensor::from_vec(m, (rep * t, s), device)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny Gemma-shaped model with random weights: `n_layers` blocks, all sliding-window
+    /// (window `window`) unless `period` makes some global.
+    fn tiny(n_layers: usize, window: usize, period: usize) -> Model {
+        let dev = Device::Cpu;
+        let (hidden, nh, nkv, hd, ffn, vocab) = (16, 2, 1, 8, 32, 50);
+        let cfg = Config {
+            architecture: "gemma3".into(),
+            n_layers,
+            hidden,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            vocab,
+            rms_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            context: 64,
+            rope: RopeLayout::Halves,
+            embed_scale: Some((hidden as f32).sqrt()),
+            activation: Activation::GeluTanh,
+            sliding: Some(SlidingWindow {
+                window,
+                rope_theta: 10_000.0,
+                period,
+            }),
+            norm: NormKind::Rms,
+        };
+        let rand = |shape: &[usize]| Tensor::randn(0f32, 0.5, shape, &dev).expect("randn");
+        let norm = |n: usize| (rand(&[n]) + 1.0).expect("norm");
+        let lin = |out: usize, inp: usize| {
+            let w = rand(&[out, inp]);
+            let small = Matrix::from_f32(&w);
+            Linear::new(QMatMul::Tensor(w), None).with_small(small)
+        };
+        let blocks = (0..n_layers)
+            .map(|_| Block {
+                attn_norm: norm(hidden),
+                q: lin(nh * hd, hidden),
+                k: lin(nkv * hd, hidden),
+                v: lin(nkv * hd, hidden),
+                o: lin(hidden, nh * hd),
+                ffn_norm: norm(hidden),
+                gate: Some(lin(ffn, hidden)),
+                attn_norm_bias: None,
+                ffn_norm_bias: None,
+                up: lin(ffn, hidden),
+                down: lin(hidden, ffn),
+                q_norm: Some(norm(hd)),
+                k_norm: Some(norm(hd)),
+                post_attn_norm: Some(norm(hidden)),
+                post_ffn_norm: Some(norm(hidden)),
+            })
+            .collect();
+        let embed = rand(&[vocab, hidden]);
+        Model::new(
+            cfg,
+            embed.clone(),
+            blocks,
+            norm(hidden),
+            QMatMul::Tensor(embed),
+            dev,
+        )
+        .expect("model")
+    }
+
+    /// Layer `layer`'s row at `position` of a capture.
+    fn row(c: &Capture, position: usize, layer: usize, hidden: usize) -> Vec<f32> {
+        c.resid[position][layer * hidden..(layer + 1) * hidden].to_vec()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// One sliding-window block: a position's output depends on the `window` tokens up to it
+    /// and on nothing before them, on the tensor path and on the small-batch path alike.
+    #[test]
+    fn a_sliding_window_block_sees_only_its_window() {
+        let m = tiny(1, 2, 100);
+        let never = Stop::never();
+        let ids = [3u32, 7, 11, 13, 17, 19, 23, 29, 31, 37];
+        let mut other = ids;
+        other[0] = 5;
+        let a = m.forward(&ids, None, false, &never).expect("forward");
+        let b = m.forward(&other, None, false, &never).expect("forward");
+        assert!(ids.len() > SMALL_ROWS, "the tensor path");
+        // Position 1 sees token 0; positions 2.. do not.
+        assert!(max_diff(&row(&a, 1, 1, 16), &row(&b, 1, 1, 16)) > 1e-3);
+        for p in 2..ids.len() {
+            assert_eq!(row(&a, p, 1, 16), row(&b, p, 1, 16), "position {p}");
+        }
+        // The small-batch path, appending after a cached prefix, gives the same rows.
+        for keep in [4, ids.len() - 1] {
+            let prefix = KvCache {
+                tokens: ids[..keep].to_vec(),
+                positions: a.kv[..keep].to_vec(),
+            };
+            assert!(ids.len() - keep <= SMALL_ROWS);
+            let c = m
+                .forward(&ids, Some(&prefix), false, &never)
+                .expect("forward_small");
+            for p in keep..ids.len() {
+                let d = max_diff(&row(&c, p - keep, 1, 16), &row(&a, p, 1, 16));
+                assert!(d < 1e-5, "keep {keep}, position {p}: {d}");
+            }
+        }
+    }
+
+    /// Blocks 1 and 3 of four slide (window 2), blocks 2 and 4 are global: the tensor path
+    /// and the small-batch path agree; token 0 reaches the last position only through the
+    /// global blocks, so it does.
+    #[test]
+    fn sliding_and_global_blocks_on_both_paths() {
+        let m = tiny(4, 2, 2);
+        assert_eq!(m.cfg.layer_attention(0), (10_000.0, Some(2)));
+        assert_eq!(m.cfg.layer_attention(1), (1_000_000.0, None));
+        let never = Stop::never();
+        let ids = [3u32, 7, 11, 13, 17, 19, 23, 29, 31, 37];
+        let full = m.forward(&ids, None, false, &never).expect("forward");
+        let prefix = KvCache {
+            tokens: ids[..6].to_vec(),
+            positions: full.kv[..6].to_vec(),
+        };
+        let tail = m
+            .forward(&ids, Some(&prefix), false, &never)
+            .expect("forward_small");
+        for p in 6..ids.len() {
+            for l in 0..=4 {
+                let d = max_diff(&row(&tail, p - 6, l, 16), &row(&full, p, l, 16));
+                assert!(d < 1e-4, "position {p} layer {l}: {d}");
+            }
+        }
+        let mut other = ids;
+        other[0] = 5;
+        let b = m.forward(&other, None, false, &never).expect("forward");
+        let last = ids.len() - 1;
+        assert!(max_diff(&row(&full, last, 4, 16), &row(&b, last, 4, 16)) > 1e-4);
+    }
+
+    #[test]
+    fn masks() {
+        let dev = Device::Cpu;
+        let mask = |start, t, window| {
+            causal_mask(start, t, 1, window, &dev)
+                .expect("mask")
+                .map(|m| m.to_vec2::<f32>().expect("values"))
+        };
+        let seen = |m: Vec<Vec<f32>>| -> Vec<Vec<usize>> {
+            m.iter()
+                .map(|r| (0..r.len()).filter(|&j| r[j] == 0.0).collect())
+                .collect()
+        };
+        assert_eq!(mask(0, 1, None), None);
+        assert_eq!(mask(3, 1, Some(8)), None, "the window holds every position");
+        assert_eq!(
+            mask(2, 1, Some(2)).map(seen),
+            Some(vec![vec![1, 2]]),
+            "one query after a cache"
+        );
+        assert_eq!(
+            mask(0, 4, Some(2)).map(seen),
+            Some(vec![vec![0], vec![0, 1], vec![1, 2], vec![2, 3]])
+        );
+        assert_eq!(
+            mask(1, 2, None).map(seen),
+            Some(vec![vec![0, 1], vec![0, 1, 2]])
+        );
+    }
 }

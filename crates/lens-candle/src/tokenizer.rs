@@ -14,6 +14,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
+use crate::spm::Spm;
 use crate::Error;
 
 /// GGUF `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
@@ -26,14 +27,22 @@ const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p
 const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 pub(crate) struct ModelTokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Inner,
     bos: Option<u32>,
     add_bos: bool,
     vocab_size: usize,
 }
 
+/// The two kinds of tokenizer: HF's library (byte-level BPE, `tokenizer.json`) or our own
+/// score-driven SentencePiece BPE.
+enum Inner {
+    Hf(Box<tokenizers::Tokenizer>),
+    Spm(Spm),
+}
+
 impl ModelTokenizer {
-    /// Build the tokenizer a GGUF file describes (`tokenizer.ggml.*`); byte-level BPE only.
+    /// Build the tokenizer a GGUF file describes (`tokenizer.ggml.*`): byte-level BPE (`gpt2`)
+    /// or SentencePiece BPE driven by scores (`llama`).
     pub(crate) fn from_gguf(content: &Content) -> Result<Self, Error> {
         let md = &content.metadata;
         let model = md
@@ -42,17 +51,55 @@ impl ModelTokenizer {
             .ok_or_else(|| {
                 Error::Unsupported("the GGUF file has no tokenizer (tokenizer.ggml.model)".into())
             })?;
-        if model != "gpt2" {
-            return Err(Error::Unsupported(format!(
-                "tokenizer model `{model}`: only byte-level BPE (`gpt2`) tokenizers are supported in GGUF files"
-            )));
-        }
         let tokens = string_array(md, "tokenizer.ggml.tokens")?;
-        let merges = string_array(md, "tokenizer.ggml.merges")?;
         let types: Vec<i32> = match md.get("tokenizer.ggml.token_type").map(|v| v.to_vec()) {
             Some(Ok(v)) => v.iter().map(|x| x.to_i32().unwrap_or(1)).collect(),
             _ => Vec::new(),
         };
+        let bos = md
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(|v| v.to_u32().ok());
+        let flag = |key: &str, default: bool| {
+            md.get(key)
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(default)
+        };
+        match model.as_str() {
+            "gpt2" => {}
+            "llama" => {
+                let scores: Vec<f32> = match md.get("tokenizer.ggml.scores").map(|v| v.to_vec()) {
+                    Some(Ok(v)) => v.iter().map(|x| x.to_f32().unwrap_or(0.0)).collect(),
+                    _ => {
+                        return Err(Error::Format(
+                            "the GGUF file lacks `tokenizer.ggml.scores`".into(),
+                        ))
+                    }
+                };
+                let unk = md
+                    .get("tokenizer.ggml.unknown_token_id")
+                    .and_then(|v| v.to_u32().ok());
+                let spm = Spm::new(
+                    tokens.into_iter().cloned().collect(),
+                    scores,
+                    types,
+                    unk,
+                    flag("tokenizer.ggml.add_space_prefix", true),
+                )?;
+                return Ok(ModelTokenizer {
+                    vocab_size: spm.vocab_size(),
+                    inner: Inner::Spm(spm),
+                    bos,
+                    add_bos: flag("tokenizer.ggml.add_bos_token", true),
+                });
+            }
+            _ => {
+                return Err(Error::Unsupported(format!(
+                    "tokenizer model `{model}`: only byte-level BPE (`gpt2`) and SentencePiece BPE \
+                     (`llama`) tokenizers are supported in GGUF files"
+                )))
+            }
+        }
+        let merges = string_array(md, "tokenizer.ggml.merges")?;
         let pre = md
             .get("tokenizer.ggml.pre")
             .and_then(|v| v.to_string().ok())
@@ -113,17 +160,10 @@ impl ModelTokenizer {
             .collect();
         inner.add_special_tokens(&specials);
 
-        let bos = md
-            .get("tokenizer.ggml.bos_token_id")
-            .and_then(|v| v.to_u32().ok());
-        let add_bos = md
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
         Ok(ModelTokenizer {
-            inner,
+            inner: Inner::Hf(Box::new(inner)),
             bos,
-            add_bos,
+            add_bos: flag("tokenizer.ggml.add_bos_token", false),
             vocab_size: tokens.len(),
         })
     }
@@ -134,7 +174,7 @@ impl ModelTokenizer {
             .map_err(|e| Error::Format(format!("{}: {e}", path.display())))?;
         let vocab_size = inner.get_vocab_size(true);
         Ok(ModelTokenizer {
-            inner,
+            inner: Inner::Hf(Box::new(inner)),
             bos: None,
             add_bos: false,
             vocab_size,
@@ -146,36 +186,43 @@ impl ModelTokenizer {
     }
 
     pub(crate) fn tokenize(&self, text: &str) -> Result<Vec<Token>, lens_core::Error> {
-        let enc = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| lens_core::Error::Tokenizer(e.to_string()))?;
-        let mut out = Vec::with_capacity(enc.len() + 1);
-        if self.add_bos {
-            if let Some(bos) = self.bos {
-                if enc.get_ids().first() != Some(&bos) {
-                    out.push(Token {
-                        id: bos,
-                        text: self.decode(bos),
-                        start: 0,
-                        end: 0,
-                    });
-                }
+        let tokens = match &self.inner {
+            Inner::Spm(spm) => spm.encode(text)?,
+            Inner::Hf(hf) => {
+                let enc = hf
+                    .encode(text, true)
+                    .map_err(|e| lens_core::Error::Tokenizer(e.to_string()))?;
+                enc.get_ids()
+                    .iter()
+                    .zip(enc.get_offsets())
+                    .map(|(&id, &(start, end))| Token {
+                        id,
+                        text: self.decode(id),
+                        start,
+                        end,
+                    })
+                    .collect()
             }
-        }
-        for (&id, &(start, end)) in enc.get_ids().iter().zip(enc.get_offsets()) {
+        };
+        let mut out = Vec::with_capacity(tokens.len() + 1);
+        // Always, even before a BOS written in the text, as HF transformers and llama.cpp do.
+        if let Some(bos) = self.bos.filter(|_| self.add_bos) {
             out.push(Token {
-                id,
-                text: self.decode(id),
-                start,
-                end,
+                id: bos,
+                text: self.decode(bos),
+                start: 0,
+                end: 0,
             });
         }
+        out.extend(tokens);
         Ok(out)
     }
 
     pub(crate) fn decode(&self, id: u32) -> String {
-        self.inner.decode(&[id], false).unwrap_or_default()
+        match &self.inner {
+            Inner::Hf(hf) => hf.decode(&[id], false).unwrap_or_default(),
+            Inner::Spm(spm) => spm.decode(id),
+        }
     }
 }
 

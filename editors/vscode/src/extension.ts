@@ -19,7 +19,7 @@ import {
   State,
 } from 'vscode-languageclient/node';
 import { assessServer, findServer, type ProbeResult } from './discovery';
-import { heatmapPage, infoDetail, isFullPage, reportToHtmlTable, statusText, type CacheStats, type DaemonState, type ModelInfo, type RunReport } from './render';
+import { catalogueItems, heatmapPage, infoDetail, isFullPage, reportToHtmlTable, statusText, type CacheStats, type DaemonState, type ModelInfo, type RunReport } from './render';
 import { isLensEnabled, needsRestart, serverArgs, toServerOptions, validateSettings, type LensSettings } from './settings';
 
 const MAX_RESTARTS = 3;
@@ -64,6 +64,7 @@ class Lens implements vscode.Disposable {
     reg('logitLens.showHeatmap', () => this.showHeatmap());
     reg('logitLens.restart', () => this.restart());
     reg('logitLens.pickModel', () => this.pickModel());
+    reg('logitLens.chooseModel', () => this.chooseModel());
     reg('logitLens.showInfo', () => this.showInfo());
     this.disposables.push(
       vscode.workspace.onDidChangeConfiguration((e) => this.onConfigChange(e)),
@@ -106,16 +107,20 @@ class Lens implements vscode.Disposable {
     return isLensEnabled(doc.languageId, this.settings.enabledLanguages, this.overrides.get(doc.uri.toString()));
   }
 
-  async start(): Promise<void> {
-    if (this.client) return;
-    this.setState('starting');
-    const found = findServer(this.settings.serverPath, {
+  private findServer(): ReturnType<typeof findServer> {
+    return findServer(this.settings.serverPath, {
       pathEnv: process.env.PATH ?? '',
       platform: process.platform,
       workspaceFolders: (vscode.workspace.workspaceFolders ?? []).filter((f) => f.uri.scheme === 'file').map((f) => f.uri.fsPath),
       isExecutable,
       home: os.homedir(),
     });
+  }
+
+  async start(): Promise<void> {
+    if (this.client) return;
+    this.setState('starting');
+    const found = this.findServer();
     if (found.kind === 'missing') {
       this.output.info(`${found.message} Searched: ${found.searched.join(', ')}`);
       return this.noServer(found.message, found.fix);
@@ -353,6 +358,26 @@ class Lens implements vscode.Disposable {
     if (!uri) return;
     // The configuration change restarts the daemon with --model.
     await vscode.workspace.getConfiguration('logitLens').update('model', uri.fsPath, vscode.ConfigurationTarget.Global);
+  }
+
+  /** A model of the binary's catalogue by name (`logit-lens models`), or the file dialog. */
+  private async chooseModel(): Promise<void> {
+    const found = this.findServer();
+    if (found.kind === 'missing') return void vscode.window.showErrorMessage(`Logit Lens: ${found.message}`);
+    const listed = await run(found.path, ['models', '--format', 'json']);
+    let items;
+    try {
+      if (listed.code !== 0) throw new Error(listed.stderr.trim() || `exit code ${String(listed.code)}`);
+      items = catalogueItems(listed.stdout);
+    } catch (err) {
+      return void vscode.window.showErrorMessage(`Logit Lens: cannot list the models: ${err instanceof Error ? err.message : String(err)}`);
+    }
+    const browse = { label: 'A GGUF file or model folder…', description: '', detail: 'Pick a local model with the file dialog' };
+    const chosen = await vscode.window.showQuickPick([...items, browse], { title: 'Logit Lens: the model', placeHolder: 'A named model (fetched on first use) or a local file' });
+    if (!chosen) return;
+    if (chosen === browse) return this.pickModel();
+    // The configuration change restarts the daemon with --model NAME.
+    await vscode.workspace.getConfiguration('logitLens').update('model', chosen.label, vscode.ConfigurationTarget.Global);
   }
 
   private async showInfo(): Promise<void> {

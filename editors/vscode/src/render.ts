@@ -167,3 +167,29 @@ export function infoDetail(info: ModelInfo, stats?: CacheStats): string {
   }
   return lines.join('\n');
 }
+
+/** One model of `logit-lens models --format json`, as the model chooser lists it. */
+export interface CatalogueItem {
+  label: string;
+  description: string;
+  detail: string;
+}
+
+/**
+ * The catalogue `logit-lens models --format json` prints, as quick-pick items: the name, its
+ * architecture and size, and whether it is cached (else it is fetched on first use).
+ */
+export function catalogueItems(json: string): CatalogueItem[] {
+  const parsed = JSON.parse(json) as { models?: unknown };
+  if (!Array.isArray(parsed.models)) throw new Error('`logit-lens models --format json` printed no `models` list');
+  return parsed.models.map((m: { name?: unknown; architecture?: unknown; size?: unknown; licence?: unknown; default?: unknown; cached?: unknown }) => {
+    if (typeof m.name !== 'string') throw new Error('a model without a name in `logit-lens models`');
+    const size = typeof m.size === 'number' ? formatBytes(m.size) : '?';
+    const cached = m.cached ? 'cached' : 'fetched from PyPI on first use';
+    return {
+      label: m.name,
+      description: `${String(m.architecture)} · ${size}${m.default === true ? ' · default' : ''}`,
+      detail: `${String(m.licence)} · ${cached}`,
+    };
+  });
+}

@@ -6,6 +6,7 @@
 
 mod bad_input;
 mod conformance;
+mod gemma3;
 mod mutation;
 mod oracle;
 mod reuse;
@@ -26,6 +27,15 @@ pub fn default_model_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| lens_models::ensure_default_model(false).expect("fetch the default model"))
         .clone()
+}
+
+/// Gemma 3 270M, fetched into the cache by the same code the CLI uses.
+pub fn gemma3_model_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        lens_models::ensure_model(&lens_models::GEMMA3_270M, false).expect("fetch Gemma 3 270M")
+    })
+    .clone()
 }
 
 pub fn smollm2(precision: Precision) -> Arc<CandleBackend> {

@@ -26,7 +26,10 @@ fn the_build_lists_its_backends() {
     assert_eq!(list("sources"), ["gguf", "hf-folder"]);
     assert_eq!(list("devices"), ["cpu"]);
     assert_eq!(list("precisions"), ["f32", "fast"]);
-    assert_eq!(list("architectures"), ["llama", "mistral", "qwen2"]);
+    assert_eq!(
+        list("architectures"),
+        ["llama", "mistral", "qwen2", "qwen3", "gemma3", "gpt2"]
+    );
     let text = logit_lens(&["backends"]);
     assert_eq!(text.code, 0, "{}", text.stderr);
     let lines: Vec<&str> = text.stdout.lines().collect();

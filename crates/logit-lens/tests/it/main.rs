@@ -2,6 +2,7 @@
 
 mod backends;
 mod bad_input;
+mod gemma;
 mod hardening;
 mod model_cache;
 mod nvim;

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { escapeHtml, formatBytes, heatmapPage, infoDetail, probColor, reportToHtmlTable, showToken, statusText, type RunReport } from '../../src/render';
+import { catalogueItems, escapeHtml, formatBytes, heatmapPage, infoDetail, probColor, reportToHtmlTable, showToken, statusText, type RunReport } from '../../src/render';
 
 // The fixture is a real report from `logit-lens run --format json` (see test/fixtures/PROVENANCE.md).
 const report = JSON.parse(readFileSync(join(__dirname, '../../../test/fixtures/run-v1.json'), 'utf8')) as RunReport;
@@ -88,4 +88,18 @@ test('model info and cache statistics', () => {
     ].join('\n'),
   );
   assert.equal(infoDetail(report.model).split('\n').length, 3);
+});
+
+test('the model chooser lists `logit-lens models --format json`', () => {
+  const json = JSON.stringify({
+    models: [
+      { name: 'smollm2-135m', default: true, architecture: 'llama', size: 98362432, licence: 'Apache-2.0', cached: { path: '/c/s.gguf', size: 98362432, verified: true } },
+      { name: 'gemma3-270m', default: false, architecture: 'gemma3', size: 253113024, licence: 'Gemma terms of use', cached: null },
+    ],
+  });
+  assert.deepEqual(catalogueItems(json), [
+    { label: 'smollm2-135m', description: `llama · ${formatBytes(98362432)} · default`, detail: 'Apache-2.0 · cached' },
+    { label: 'gemma3-270m', description: `gemma3 · ${formatBytes(253113024)}`, detail: 'Gemma terms of use · fetched from PyPI on first use' },
+  ]);
+  assert.throws(() => catalogueItems('{}'), /no `models` list/);
 });
