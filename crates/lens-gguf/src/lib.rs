@@ -39,6 +39,10 @@ pub enum Error {
     Truncated { at: u64, what: String },
     #[error("bad GGUF header at byte {at}: {message}")]
     Bad { at: u64, message: String },
+    /// A count or a length says more than the rest of the file holds: a file cut short, or a
+    /// corrupt number.
+    #[error("the header announces more than the file holds (at byte {at}): {message}")]
+    Short { at: u64, message: String },
     #[error("tensor `{name}` {message}")]
     Tensor { name: String, message: String },
     /// A tensor's bytes end past the end of the file (a truncated file, or a crafted offset).
@@ -49,7 +53,10 @@ pub enum Error {
 impl Error {
     /// Whether the file looks cut short (rather than malformed).
     pub fn is_truncated(&self) -> bool {
-        matches!(self, Error::Truncated { .. } | Error::Outside { .. })
+        matches!(
+            self,
+            Error::Truncated { .. } | Error::Outside { .. } | Error::Short { .. }
+        )
     }
 }
 
@@ -147,6 +154,13 @@ impl<R: Read> Walker<R> {
         }
     }
 
+    fn short(&self, message: impl Into<String>) -> Error {
+        Error::Short {
+            at: self.at,
+            message: message.into(),
+        }
+    }
+
     fn bytes<const N: usize>(&mut self, what: &str) -> Result<[u8; N], Error> {
         let mut buf = [0u8; N];
         if self.remaining() < N as u64 {
@@ -178,7 +192,7 @@ impl<R: Read> Walker<R> {
     /// Skip `n` bytes that must lie in the file.
     fn skip(&mut self, n: u64, what: &str) -> Result<(), Error> {
         if n > self.remaining() {
-            return Err(self.bad(format!(
+            return Err(self.short(format!(
                 "{what} of {n} bytes is longer than the {} bytes left in the file",
                 self.remaining()
             )));
@@ -199,7 +213,7 @@ impl<R: Read> Walker<R> {
             return Err(self.bad(format!("{what} has a length of {n} bytes (at most {max})")));
         }
         if n > self.remaining() {
-            return Err(self.bad(format!(
+            return Err(self.short(format!(
                 "{what} has a length of {n} bytes, more than the {} left in the file",
                 self.remaining()
             )));
@@ -224,7 +238,7 @@ impl<R: Read> Walker<R> {
         let n = self.u64(what)?;
         let most = self.remaining() / min_bytes.max(1);
         if n > most {
-            return Err(self.bad(format!(
+            return Err(self.short(format!(
                 "{what} is {n}, but the {} bytes left in the file hold at most {most}",
                 self.remaining()
             )));
@@ -445,9 +459,9 @@ mod tests {
         check_bytes(&patch(ok.clone(), 24, 1 << 40), expect!["bad GGUF header at byte 32: a key has a length of 1099511627776 bytes (at most 65536)"]);
         check_bytes(&patch(ok.clone(), 24, 1 << 62), expect!["bad GGUF header at byte 32: a key has a length of 4611686018427387904 bytes (at most 65536)"]);
         // Counts.
-        check_bytes(&patch(ok.clone(), 8, 1 << 59), expect!["bad GGUF header at byte 16: the tensor count is 576460752303423488, but the 256 bytes left in the file hold at most 8"]);
-        check_bytes(&patch(ok.clone(), 16, 1 << 60), expect!["bad GGUF header at byte 24: the key count is 1152921504606846976, but the 248 bytes left in the file hold at most 19"]);
-        check_bytes(&patch(ok.clone(), 16, u64::MAX), expect!["bad GGUF header at byte 24: the key count is 18446744073709551615, but the 248 bytes left in the file hold at most 19"]);
+        check_bytes(&patch(ok.clone(), 8, 1 << 59), expect!["the header announces more than the file holds (at byte 16): the tensor count is 576460752303423488, but the 256 bytes left in the file hold at most 8"]);
+        check_bytes(&patch(ok.clone(), 16, 1 << 60), expect!["the header announces more than the file holds (at byte 24): the key count is 1152921504606846976, but the 248 bytes left in the file hold at most 19"]);
+        check_bytes(&patch(ok.clone(), 16, u64::MAX), expect!["the header announces more than the file holds (at byte 24): the key count is 18446744073709551615, but the 248 bytes left in the file hold at most 19"]);
         // A token array of 2^40 entries.
         let tokens = Gguf::default()
             .key(
@@ -462,7 +476,7 @@ mod tests {
                 ),
             )
             .bytes();
-        check_bytes(&tokens, expect!["bad GGUF header at byte 69: an array's length is 1099511627776, but the 27 bytes left in the file hold at most 3"]);
+        check_bytes(&tokens, expect!["the header announces more than the file holds (at byte 69): an array's length is 1099511627776, but the 27 bytes left in the file hold at most 3"]);
         // Dimensions of 2^40 x 2^40, and an offset that wraps.
         let mut huge = base();
         huge.tensors[1].dims = vec![1 << 40, 1 << 40];
@@ -486,10 +500,10 @@ mod tests {
             ],
         );
         random[4..8].copy_from_slice(&3u32.to_le_bytes());
-        check_bytes(&random, expect!["bad GGUF header at byte 16: the tensor count is 8778880233942073742, but the 4084 bytes left in the file hold at most 127"]);
+        check_bytes(&random, expect!["the header announces more than the file holds (at byte 16): the tensor count is 8778880233942073742, but the 4084 bytes left in the file hold at most 127"]);
         // Truncated, and not GGUF at all.
         check_bytes(&ok[..ok.len() - 1], expect!["tensor `b` lies outside the file: offset 32 + 16 bytes after the data start 224, in a file of 271 bytes"]);
-        check_bytes(&ok[..40], expect!["bad GGUF header at byte 16: the tensor count is 2, but the 24 bytes left in the file hold at most 0"]);
+        check_bytes(&ok[..40], expect!["the header announces more than the file holds (at byte 16): the tensor count is 2, but the 24 bytes left in the file hold at most 0"]);
         check_bytes(b"GGML", expect!["not a GGUF file (no GGUF magic)"]);
         check_bytes(b"GG", expect!["not a GGUF file (no GGUF magic)"]);
     }
