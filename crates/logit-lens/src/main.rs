@@ -4,6 +4,8 @@ mod backends;
 mod bench;
 mod bench_server;
 mod cli;
+mod doctor;
+mod generate;
 mod plot;
 mod render;
 mod serve;

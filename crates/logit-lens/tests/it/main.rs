@@ -2,6 +2,8 @@
 
 mod backends;
 mod bad_input;
+mod doctor;
+mod generate;
 mod model_cache;
 mod nvim;
 mod plot;
