@@ -4,8 +4,6 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use serde_json::Value;
-
 use crate::logit_lens;
 
 #[cfg(feature = "candle")]
@@ -40,43 +38,42 @@ fn bad_sampling_parameters_are_usage_errors() {
     }
 }
 
-/// The JSON lines of `generate`, each checked: every shown layer once, the step's token the
-/// final layer's top-1 when greedy, and the first layer where it is top-1 consistent with the
-/// layers. Returns the lines.
-pub fn check_jsonl(stdout: &str, n_layers: usize, greedy: bool) -> Vec<Value> {
-    let lines: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
-    for (i, line) in lines.iter().enumerate() {
-        assert_eq!(line["step"], i, "{line}");
-        let layers = line["layers"].as_array().expect("layers");
-        assert_eq!(layers.len(), n_layers + 1, "{line}");
-        let token = &line["token"];
-        let first = layers.iter().find(|l| l["top1"] == *token);
-        assert_eq!(
-            line["first_top1_layer"],
-            first.map_or(Value::Null, |l| l["layer"].clone())
-        );
-        if greedy {
-            assert_eq!(layers[n_layers]["top1"], *token, "step {i}: greedy");
-            assert_eq!(layers[n_layers]["token_rank"], 0);
-        }
-        for l in layers {
-            let p = l["token_prob"].as_f64().expect("token_prob");
-            assert!((0.0..=1.0).contains(&p), "{l}");
-            assert!(l["top1_prob"].as_f64().expect("top1_prob") >= p, "{l}");
-        }
-    }
-    lines
-}
-
 #[cfg(feature = "mistralrs")]
 mod mistralrs {
     use serde_json::Value;
 
-    use super::check_jsonl;
     use crate::{data_dir, logit_lens};
+
+    /// The JSON lines of `generate`, each checked: every shown layer once, the step's token the
+    /// final layer's top-1 when greedy, and the first layer where it is top-1 consistent with the
+    /// layers. Returns the lines.
+    pub fn check_jsonl(stdout: &str, n_layers: usize, greedy: bool) -> Vec<Value> {
+        let lines: Vec<Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        for (i, line) in lines.iter().enumerate() {
+            assert_eq!(line["step"], i, "{line}");
+            let layers = line["layers"].as_array().expect("layers");
+            assert_eq!(layers.len(), n_layers + 1, "{line}");
+            let token = &line["token"];
+            let first = layers.iter().find(|l| l["top1"] == *token);
+            assert_eq!(
+                line["first_top1_layer"],
+                first.map_or(Value::Null, |l| l["layer"].clone())
+            );
+            if greedy {
+                assert_eq!(layers[n_layers]["top1"], *token, "step {i}: greedy");
+                assert_eq!(layers[n_layers]["token_rank"], 0);
+            }
+            for l in layers {
+                let p = l["token_prob"].as_f64().expect("token_prob");
+                assert!((0.0..=1.0).contains(&p), "{l}");
+                assert!(l["top1_prob"].as_f64().expect("top1_prob") >= p, "{l}");
+            }
+        }
+        lines
+    }
 
     #[test]
     fn mistralrs_generate_streams_one_line_per_token() {
