@@ -15,6 +15,8 @@
 //! - [`reduce_matches_host`]: `Backend::lens` equals the core's host math.
 //! - [`bad_inputs`]: bad prompts, positions, layers and rows are errors of the right kind.
 //! - [`registry`]: a `Registry` picks the loader, and refuses what it does not offer.
+//! - [`generation`]: a backend that generates picks the final layer's argmax at temperature 0,
+//!   one token's forward per step equal to a fresh forward, and honours a stop.
 //!
 //! [`ReferenceBackend`] is a 12-word, 3-block model whose numbers can be checked by hand; the
 //! suite's own tests run it through every check.
@@ -23,6 +25,7 @@
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 mod checks;
+mod generation;
 pub mod oracle;
 mod reference;
 
@@ -37,6 +40,7 @@ pub use checks::{
     prefix_reuse, reduce_matches_host, registry, stop_between_layers, tokenization, StopTimings,
     REDUCE_BOUND, REUSE_BOUND,
 };
+pub use generation::{generation, Generated};
 pub use oracle::{check_golden, oracle_goldens, Deviations, Tolerance, F32, F32_RAW};
 pub use reference::{
     Flaw, Reduce, ReferenceBackend, ReferenceLoader, BLOCK_W, CONTEXT, EMBED, EPS, HIDDEN, MIX,

@@ -22,9 +22,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use lens_core::{
-    host_lens, Backend, Capabilities, CaptureOptions, Cell, Device, Error, HiddenStates, LensKind,
-    LensRequest, LoadOptions, Loader, ModelInfo, NextToken, PositionView, Precision, Prediction,
-    Site, Source, SourceKind, Stop, Token,
+    host_generate, host_lens, Backend, Capabilities, CaptureOptions, Cell, Device, Error, Finish,
+    GenerateRequest, Generator, HiddenStates, LensKind, LensRequest, LoadOptions, Loader,
+    ModelInfo, NextToken, PositionView, Precision, Prediction, Site, Source, SourceKind, Step,
+    Stop, Token,
 };
 
 pub const VOCAB: [&str; 12] = [
@@ -573,6 +574,32 @@ impl Backend for ReferenceBackend {
             .backend_state()
             .and_then(|s| s.downcast_ref::<State>())
             .map_or(0, State::bytes)
+    }
+
+    fn generator(&self) -> Option<&dyn Generator> {
+        Some(self)
+    }
+}
+
+/// Generation by the host loop on the reference model; `<unk>` ends it.
+impl Generator for ReferenceBackend {
+    fn chat_prompt(&self, _text: &str) -> Result<Vec<u32>, Error> {
+        Err(Error::Unsupported(
+            "the reference model has no chat template".into(),
+        ))
+    }
+
+    fn stop_tokens(&self) -> Vec<u32> {
+        vec![0]
+    }
+
+    fn generate(
+        &self,
+        request: &GenerateRequest<'_>,
+        stop: &Stop,
+        on_step: &mut dyn FnMut(Step<'_>) -> Result<(), Error>,
+    ) -> Result<Finish, Error> {
+        host_generate(self, request, &self.stop_tokens(), stop, on_step)
     }
 }
 

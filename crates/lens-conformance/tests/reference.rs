@@ -517,3 +517,26 @@ fn each_check_fails_on_a_backend_that_breaks_it() {
     assert_eq!(dev.failures.len(), 1, "{:?}", dev.failures);
     assert!(dev.failures[0].contains("layer 2 position 1: top-0 prob"));
 }
+
+/// Greedy generation on the reference model: each token is the final layer's argmax, the
+/// states of each step those of a fresh forward (the suite's check), and the text the one the
+/// model's own lens predicts step by step.
+#[test]
+fn greedy_generation_follows_the_model_output() {
+    let backend = SUBJECT.backend(&reference());
+    let prompt = suite::ids(&*backend, "the cat sat on");
+    let out = suite::generation(&*backend, &prompt, 5);
+    eprintln!("generated {:?} ({:?})", out.tokens, out.finish);
+    assert!(out.reuse <= suite::REUSE_BOUND);
+    assert!(!out.tokens.is_empty());
+    // The first token is the top-1 of the prompt's last position, read by the lens.
+    let states = backend.forward(&prompt, CaptureOptions::default()).unwrap();
+    let lens = Lens::new(&*backend, &states, LensKind::Norm, 1);
+    let view = lens
+        .position(prompt.len() - 1, &[Site::Layer(backend.info().n_layers)])
+        .unwrap();
+    assert_eq!(out.tokens[0], view.final_top1.id);
+    // A backend without a chat template says so.
+    let chat = backend.generator().unwrap().chat_prompt("hello");
+    assert!(matches!(chat, Err(Error::Unsupported(_))), "{chat:?}");
+}

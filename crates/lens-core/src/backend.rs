@@ -3,6 +3,8 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::engine_check::EngineLogits;
+use crate::generate::Generator;
 use crate::lens::{host_lens, LensRequest};
 use crate::{HiddenStates, PositionView};
 
@@ -265,5 +267,21 @@ pub trait Backend: Send + Sync {
     fn state_bytes(&self, states: &HiddenStates) -> usize {
         let _ = states;
         0
+    }
+
+    /// Generation, where the backend can write ([`crate::host_generate`] is the loop on its
+    /// own forward and readout). The default: it cannot.
+    fn generator(&self) -> Option<&dyn Generator> {
+        None
+    }
+
+    /// The final logits at every position of `tokens` as the engine the backend wraps computes
+    /// them itself, independently of the capture forward, with the bound a correct capture
+    /// stays within: what the capture's last layer is checked against
+    /// ([`crate::engine_check`]). `None` (the default) when the capture is the engine's own
+    /// forward pass.
+    fn engine_logits(&self, tokens: &[u32]) -> Option<Result<EngineLogits, Error>> {
+        let _ = tokens;
+        None
     }
 }

@@ -11,6 +11,8 @@
 //! validated shapes, the math cannot fail; only the backend's readout can.
 
 mod backend;
+mod engine_check;
+mod generate;
 mod hidden;
 mod lens;
 mod loader;
@@ -19,6 +21,10 @@ mod query;
 pub mod spec;
 
 pub use backend::{Backend, CaptureOptions, Error, LensKind, ModelInfo, Stop, Token};
+pub use engine_check::{engine_check, EngineCheck, EngineLogits};
+pub use generate::{
+    host_generate, sample, Finish, GenerateRequest, Generator, Rng, Sampling, Step,
+};
 pub use hidden::{HiddenStates, Site};
 pub use lens::{
     host_lens, Cell, Lens, LensRequest, NextToken, PositionView, Prediction, SiteLogits,

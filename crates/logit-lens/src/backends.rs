@@ -12,6 +12,8 @@ pub fn registry() -> Registry {
     Registry::new(vec![
         #[cfg(feature = "candle")]
         &lens_candle::LOADER,
+        #[cfg(feature = "mistralrs")]
+        &lens_mistralrs::LOADER,
     ])
 }
 

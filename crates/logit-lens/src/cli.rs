@@ -30,6 +30,11 @@ pub struct Args {
 pub enum Command {
     /// Run the lens on a prompt and show every layer's prediction at every position.
     Run(RunArgs),
+    /// Let the model write, and show every layer's prediction for each new token as it comes.
+    Generate(crate::generate::GenerateArgs),
+    /// Check the backends against each other, against each engine's own output, and against a
+    /// golden file: what to run first when a number looks wrong.
+    Doctor(crate::doctor::DoctorArgs),
     /// Print the model's metadata.
     Info(ModelArgs),
     /// Show how the model tokenizes a text.
@@ -159,6 +164,8 @@ pub struct TokenizeArgs {
 pub fn run(args: Args) -> Result<()> {
     match args.command {
         Command::Run(a) => run_lens(a),
+        Command::Generate(a) => crate::generate::run(a),
+        Command::Doctor(a) => crate::doctor::run(a),
         Command::Info(m) => {
             let backend = load(&m)?;
             let i = backend.info();

@@ -6,6 +6,8 @@ mod bench_load;
 mod bench_lsp;
 mod bench_server;
 mod cli;
+mod doctor;
+mod generate;
 mod plot;
 mod render;
 mod serve;

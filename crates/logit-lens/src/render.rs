@@ -13,7 +13,7 @@ use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 const LABEL: usize = 6;
 const CELL: usize = 10;
 
-fn cell_style(prob: f32) -> Style {
+pub(crate) fn cell_style(prob: f32) -> Style {
     let t = f64::from(prob);
     let (r, g, b) = lens_plot::rgb(t);
     let fg = match lens_plot::dark_text(t) {
@@ -49,7 +49,7 @@ pub fn fit(s: &str, width: usize) -> String {
     out
 }
 
-fn terminal_width() -> usize {
+pub(crate) fn terminal_width() -> usize {
     if let Some(cols) = std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()) {
         return cols;
     }

@@ -2,7 +2,9 @@
 
 mod backends;
 mod bad_input;
+mod doctor;
 mod gemma;
+mod generate;
 mod hardening;
 mod model_cache;
 mod nvim;

@@ -1,0 +1,415 @@
+//! The capture forward: the Llama family (llama, mistral, qwen2) built from mistral.rs's public
+//! blocks (`QRmsNorm`, `RotaryEmbedding`, `CausalMasker`, `repeat_kv`, `MatMul` over
+//! `mistralrs_quant` linear layers), reading the weights from the GGUF file, and recording the
+//! residual stream at every block boundary. mistral.rs 0.8.1 keeps its models' hidden states
+//! private, so this is the per-layer view of the same arithmetic its quantized Llama runs.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek};
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor, D};
+use lens_core::Stop;
+use mistralrs::core::layers::{repeat_kv, CausalMasker, MatMul, QRmsNorm, RotaryEmbedding};
+use mistralrs_quant::{GgufMatMul, QuantMethod, QuantMethodConfig};
+
+use crate::{Error, Precision};
+
+/// Architectures as GGUF files name them (`general.architecture`).
+pub(crate) const ARCHITECTURES: [&str; 3] = ["llama", "mistral", "qwen2"];
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub architecture: String,
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub rms_eps: f32,
+    pub rope_theta: f32,
+    pub context: usize,
+    /// GGUF's llama stores q/k rows permuted so that RoPE rotates adjacent pairs; qwen2 rotates
+    /// the two halves of a head (GPT-NeoX style).
+    pub neox_rope: bool,
+}
+
+/// A linear layer as mistral.rs runs it: the file's blocks through `GgufMatMul` (fast), or the
+/// same weights dequantized to f32 (the reference numbers).
+struct Linear(Arc<dyn QuantMethod>);
+
+impl Linear {
+    fn new(q: QTensor, bias: Option<Tensor>, precision: Precision) -> Result<Self, Error> {
+        let q = match precision {
+            Precision::F32 => {
+                let dense = q.dequantize(&Device::Cpu)?;
+                QTensor::quantize(&dense, GgmlDType::F32)?
+            }
+            _ => q,
+        };
+        let m = GgufMatMul::new(QuantMethodConfig::Gguf {
+            q_weight: Arc::new(q),
+            b: bias,
+        })?;
+        Ok(Linear(Arc::new(m)))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
+        Ok(MatMul.qmethod_matmul(x, &*self.0)?)
+    }
+}
+
+struct Block {
+    attn_norm: QRmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: QRmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Keys and values of every block for the positions of one prompt (after RoPE), each
+/// `(1, n_kv_heads, positions, head_dim)`.
+#[derive(Clone)]
+pub(crate) struct KvCache {
+    pub tokens: Vec<u32>,
+    pub layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    /// The first `n` positions (views of the same storage).
+    pub fn prefix(&self, n: usize) -> Result<KvCache, Error> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?)))
+            .collect::<Result<_, Error>>()?;
+        Ok(KvCache {
+            tokens: self.tokens[..n].to_vec(),
+            layers,
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+/// What one forward pass captured for its new positions.
+pub(crate) struct Capture {
+    /// Per new position: `[layer][hidden]` for layers `0..=n_layers`.
+    pub resid: Vec<Vec<f32>>,
+    /// Per new position: `[block - 1][hidden]`, when asked for.
+    pub mid: Option<Vec<Vec<f32>>>,
+    pub kv: KvCache,
+}
+
+pub(crate) struct Model {
+    pub cfg: Config,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    final_norm: QRmsNorm,
+    unembed: Linear,
+    rope: RotaryEmbedding,
+}
+
+fn metadata_str(md: &std::collections::HashMap<String, Value>, key: &str) -> Option<String> {
+    md.get(key).and_then(|v| v.to_string().ok()).cloned()
+}
+
+/// The GGUF file's header and config, and whether this forward can run it.
+pub(crate) fn read_config(path: &Path) -> Result<(Content, Config), Error> {
+    let display = path.display().to_string();
+    let io = |source| Error::Io {
+        path: display.clone(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut reader = BufReader::new(file);
+    let content =
+        Content::read(&mut reader).map_err(|e| Error::Format(format!("{display}: {e}")))?;
+    for (name, info) in &content.tensor_infos {
+        let dtype = info.ggml_dtype;
+        let bytes =
+            (info.shape.elem_count() / dtype.block_size()) as u64 * dtype.type_size() as u64;
+        let end = content.tensor_data_offset + info.offset + bytes;
+        if end > file_len {
+            return Err(Error::Format(format!(
+                "{display} is truncated: tensor `{name}` ends at byte {end} but the file has {file_len}"
+            )));
+        }
+    }
+    let md = &content.metadata;
+    let arch = metadata_str(md, "general.architecture")
+        .ok_or_else(|| Error::Format("the GGUF file has no general.architecture".into()))?;
+    let neox_rope = match arch.as_str() {
+        "llama" | "mistral" => false,
+        "qwen2" => true,
+        other => return Err(Error::UnsupportedArchitecture(other.to_string())),
+    };
+    let get = |key: &str| md.get(&format!("{arch}.{key}"));
+    let get_usize = |key: &str| -> Result<usize, Error> {
+        let v = get(key).ok_or_else(|| Error::Format(format!("missing `{arch}.{key}`")))?;
+        v.to_u64()
+            .or_else(|_| v.to_u32().map(u64::from))
+            .map(|x| x as usize)
+            .map_err(|_| Error::Format(format!("`{arch}.{key}` is not an integer")))
+    };
+    let get_f32 =
+        |key: &str, default: f32| get(key).and_then(|v| v.to_f32().ok()).unwrap_or(default);
+    if let Some(v) = get("rope.scaling.type") {
+        if v.to_string().map(|s| s != "none").unwrap_or(true) {
+            return Err(Error::Format("RoPE scaling is not implemented".into()));
+        }
+    }
+    let hidden = get_usize("embedding_length")?;
+    let n_heads = get_usize("attention.head_count")?;
+    let n_kv_heads = get_usize("attention.head_count_kv").unwrap_or(n_heads);
+    let vocab = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .and_then(|i| i.shape.dims().first().copied())
+        .ok_or_else(|| Error::Format("missing tensor token_embd.weight".into()))?;
+    let head_dim = hidden.checked_div(n_heads).unwrap_or(0);
+    let cfg = Config {
+        architecture: arch.clone(),
+        n_layers: get_usize("block_count")?,
+        hidden,
+        n_heads,
+        n_kv_heads,
+        head_dim: get_usize("rope.dimension_count").unwrap_or(head_dim),
+        vocab,
+        rms_eps: get_f32("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta: get_f32("rope.freq_base", 10_000.0),
+        context: get_usize("context_length").unwrap_or(4096),
+        neox_rope,
+    };
+    let valid = cfg.n_layers > 0
+        && cfg.hidden > 0
+        && cfg.n_heads > 0
+        && cfg.n_kv_heads > 0
+        && cfg.n_heads.is_multiple_of(cfg.n_kv_heads)
+        && cfg.head_dim * cfg.n_heads == cfg.hidden
+        && cfg.head_dim.is_multiple_of(2)
+        && cfg.vocab > 0
+        && cfg.context > 0;
+    if !valid {
+        return Err(Error::Format(format!("inconsistent model shape: {cfg:?}")));
+    }
+    Ok((content, cfg))
+}
+
+struct Reader<'a, R> {
+    content: &'a Content,
+    reader: R,
+}
+
+impl<R: Read + Seek> Reader<'_, R> {
+    fn qtensor(&mut self, name: &str) -> Result<QTensor, Error> {
+        if !self.content.tensor_infos.contains_key(name) {
+            return Err(Error::Format(format!("missing tensor `{name}`")));
+        }
+        Ok(self.content.tensor(&mut self.reader, name, &Device::Cpu)?)
+    }
+
+    fn optional_dense(&mut self, name: &str) -> Result<Option<Tensor>, Error> {
+        match self.content.tensor_infos.contains_key(name) {
+            true => Ok(Some(self.qtensor(name)?.dequantize(&Device::Cpu)?)),
+            false => Ok(None),
+        }
+    }
+
+    fn norm(&mut self, name: &str, eps: f32) -> Result<QRmsNorm, Error> {
+        Ok(QRmsNorm::new(self.qtensor(name)?, eps)?)
+    }
+}
+
+impl Model {
+    pub fn load(
+        path: &Path,
+        content: &Content,
+        cfg: Config,
+        precision: Precision,
+    ) -> Result<Model, Error> {
+        let file = File::open(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut r = Reader {
+            content,
+            reader: BufReader::new(file),
+        };
+        let embed_q = r.qtensor("token_embd.weight")?;
+        let embed = embed_q.dequantize(&Device::Cpu)?;
+        let unembed_q = match content.tensor_infos.contains_key("output.weight") {
+            true => r.qtensor("output.weight")?,
+            false => embed_q,
+        };
+        let unembed = Linear::new(unembed_q, None, precision)?;
+        let eps = cfg.rms_eps;
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = format!("blk.{i}");
+            let mut lin = |n: &str| -> Result<Linear, Error> {
+                let bias = r.optional_dense(&format!("{p}.{n}.bias"))?;
+                Linear::new(r.qtensor(&format!("{p}.{n}.weight"))?, bias, precision)
+            };
+            let (q, k, v, o) = (
+                lin("attn_q")?,
+                lin("attn_k")?,
+                lin("attn_v")?,
+                lin("attn_output")?,
+            );
+            let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
+            blocks.push(Block {
+                attn_norm: r.norm(&format!("{p}.attn_norm.weight"), eps)?,
+                q,
+                k,
+                v,
+                o,
+                ffn_norm: r.norm(&format!("{p}.ffn_norm.weight"), eps)?,
+                gate,
+                up,
+                down,
+            });
+        }
+        let final_norm = r.norm("output_norm.weight", eps)?;
+        let rope = RotaryEmbedding::new(
+            cfg.rope_theta,
+            cfg.head_dim,
+            cfg.context,
+            &Device::Cpu,
+            cfg.neox_rope,
+            DType::F32,
+        )?;
+        Ok(Model {
+            cfg,
+            embed,
+            blocks,
+            final_norm,
+            unembed,
+            rope,
+        })
+    }
+
+    /// Run `tokens` (the whole prompt) through the model, reusing `prefix`'s keys and values
+    /// for its positions, and capture the residual stream of the new positions.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        prefix: Option<&KvCache>,
+        mid_block: bool,
+        stop: &Stop,
+    ) -> Result<Capture, Error> {
+        let past = prefix.map_or(0, |kv| kv.tokens.len());
+        let new = &tokens[past..];
+        let (n, hidden) = (new.len(), self.cfg.hidden);
+        let cfg = &self.cfg;
+        let ids = Tensor::new(new, &Device::Cpu)?;
+        {
+            let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
+            let mut resid: Vec<Vec<f32>> = (0..n)
+                .map(|_| Vec::with_capacity((cfg.n_layers + 1) * hidden))
+                .collect();
+            let mut mid: Option<Vec<Vec<f32>>> = mid_block.then(|| {
+                (0..n)
+                    .map(|_| Vec::with_capacity(cfg.n_layers * hidden))
+                    .collect()
+            });
+            let record = |rows: &mut Vec<Vec<f32>>, x: &Tensor| -> Result<(), Error> {
+                let flat = x.flatten_all()?.to_vec1::<f32>()?;
+                for (row, chunk) in rows.iter_mut().zip(flat.chunks_exact(hidden)) {
+                    row.extend_from_slice(chunk);
+                }
+                Ok(())
+            };
+            record(&mut resid, &x)?;
+            // The mask of the new positions over all positions (none for a single token).
+            let past_lens: &[usize] = &[past];
+            let mask = CausalMasker.make_causal_mask_matrix(
+                &ids.unsqueeze(0)?,
+                &past_lens,
+                DType::F32,
+                cfg.n_heads,
+            )?;
+            let mut kv_out = Vec::with_capacity(cfg.n_layers);
+            for (i, block) in self.blocks.iter().enumerate() {
+                if stop.is_stopped() {
+                    return Err(Error::Stopped);
+                }
+                let h = block.attn_norm.forward(&x)?;
+                let q = block.q.forward(&h)?;
+                let k = block.k.forward(&h)?;
+                let v = block.v.forward(&h)?;
+                let heads = |t: Tensor, n_h: usize| -> Result<Tensor, Error> {
+                    Ok(t.reshape((1, n, n_h, cfg.head_dim))?
+                        .transpose(1, 2)?
+                        .contiguous()?)
+                };
+                let q = heads(q, cfg.n_heads)?;
+                let k = heads(k, cfg.n_kv_heads)?;
+                let v = heads(v, cfg.n_kv_heads)?;
+                let (q, k) = self.rope.forward(&q, &k, &[past])?;
+                let (k, v) = match prefix {
+                    Some(kv) => {
+                        let (pk, pv) = &kv.layers[i];
+                        (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?)
+                    }
+                    None => (k, v),
+                };
+                kv_out.push((k.clone(), v.clone()));
+                let rep = cfg.n_heads / cfg.n_kv_heads;
+                let k = repeat_kv(k, rep)?.contiguous()?;
+                let v = repeat_kv(v, rep)?.contiguous()?;
+                let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+                let mut att = (q.matmul(&k.t()?)? * scale)?;
+                if let Some(mask) = &mask {
+                    att = att.broadcast_add(mask)?;
+                }
+                let att = att.broadcast_sub(&att.max_keepdim(D::Minus1)?)?.exp()?;
+                let att = att.broadcast_div(&att.sum_keepdim(D::Minus1)?)?;
+                let y = att.matmul(&v)?.transpose(1, 2)?.reshape((1, n, hidden))?;
+                x = (block.o.forward(&y)? + &x)?;
+                if let Some(mid) = mid.as_mut() {
+                    record(mid, &x)?;
+                }
+                let h = block.ffn_norm.forward(&x)?;
+                let g = block.gate.forward(&h)?.silu()?;
+                let u = block.up.forward(&h)?;
+                x = (block.down.forward(&(g * u)?)? + &x)?;
+                record(&mut resid, &x)?;
+            }
+            Ok(Capture {
+                resid,
+                mid,
+                kv: KvCache {
+                    tokens: tokens.to_vec(),
+                    layers: kv_out,
+                },
+            })
+        }
+    }
+
+    /// The lens readout of `rows` (row-major, `hidden` each): the final norm when `norm`, then
+    /// the unembedding.
+    pub fn readout(&self, rows: &[f32], norm: bool) -> Result<Vec<f32>, Error> {
+        let n = rows.len() / self.cfg.hidden;
+        let x = Tensor::from_slice(rows, (1, n, self.cfg.hidden), &Device::Cpu)?;
+        let x = match norm {
+            true => self.final_norm.forward(&x)?,
+            false => x,
+        };
+        Ok(self.unembed.forward(&x)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
