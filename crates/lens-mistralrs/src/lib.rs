@@ -64,8 +64,11 @@ impl MistralRsBackend {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
             });
         }
-        // Check what the capture forward can run before mistral.rs reads the file (it panics
-        // in places on files it does not expect).
+        // Every number of the header checked before candle's reader or mistral.rs allocates on
+        // its word; then what the capture forward can run, before mistral.rs reads the file (it
+        // panics in places on files it does not expect).
+        lens_gguf::check_file(path)
+            .map_err(|e| Error::Format(format!("{}: {e}", path.display())))?;
         let (content, cfg) = model::read_config(path)?;
         let add_bos = content
             .metadata
