@@ -119,8 +119,11 @@ pub fn host_lens<B: Backend + ?Sized>(
             .map(|(g, &position)| {
                 let rows = &site_logits[g * sites.len() * vocab..(g + 1) * sites.len() * vocab];
                 let final_row = lens.final_row(g, sites, rows, final_logits.as_deref());
-                Ok(lens.view(position, sites, rows, final_row)?.0)
+                lens.view(position, sites, rows, final_row).map(|v| v.0)
             })
+            .collect::<Vec<_>>()
+            // The first position's error, whichever thread found one first.
+            .into_iter()
             .collect::<Result<_, Error>>()?;
         views.extend(group_views);
     }
