@@ -29,11 +29,13 @@ impl Drop for Daemon {
     }
 }
 
-fn start(model: &ModelArgs, clients: usize) -> Result<(Daemon, String)> {
+/// `logit-lens serve DOOR…` (this executable) on the model `model` names: the daemon the
+/// benches measure from outside.
+pub(crate) fn serve_command(model: &ModelArgs, door: &[&str]) -> Result<Command> {
     let exe = std::env::current_exe().context("this executable")?;
     let mut cmd = Command::new(exe);
-    cmd.args(["serve", "--listen", "127.0.0.1:0"])
-        .args(["--max-connections", &(clients + 8).to_string()])
+    cmd.arg("serve")
+        .args(door)
         .args(["--backend", &model.backend])
         .args(["--precision", &model.precision.to_string()])
         .args(["--device", &model.device.to_string()]);
@@ -43,12 +45,20 @@ fn start(model: &ModelArgs, clients: usize) -> Result<(Daemon, String)> {
     if let Some(t) = model.threads {
         cmd.args(["--threads", &t.to_string()]);
     }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("start the daemon")?;
+    Ok(cmd)
+}
+
+fn start(model: &ModelArgs, clients: usize) -> Result<(Daemon, String)> {
+    let connections = (clients + 8).to_string();
+    let mut child = serve_command(
+        model,
+        &["--listen", "127.0.0.1:0", "--max-connections", &connections],
+    )?
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .context("start the daemon")?;
     let stderr = child.stderr.take().context("stderr")?;
     let daemon = Daemon(child);
     let mut lines = BufReader::new(stderr).lines();

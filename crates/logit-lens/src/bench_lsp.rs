@@ -4,13 +4,13 @@
 //! waiting), on a one-line document of `--tokens` tokens.
 
 use std::io::{BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::bench_load::{frame, read_frame};
+use crate::bench_load::{frame, read_frame, serve_command};
 use crate::bench_server::percentile;
 use crate::cli::ModelArgs;
 
@@ -37,18 +37,7 @@ impl Drop for Lsp {
 
 impl Lsp {
     fn start(model: &ModelArgs) -> Result<Lsp> {
-        let exe = std::env::current_exe().context("this executable")?;
-        let mut cmd = Command::new(exe);
-        cmd.args(["serve", "--stdio"])
-            .args(["--backend", &model.backend])
-            .args(["--precision", &model.precision.to_string()])
-            .args(["--device", &model.device.to_string()]);
-        if let Some(m) = &model.model {
-            cmd.arg("--model").arg(m);
-        }
-        if let Some(t) = model.threads {
-            cmd.args(["--threads", &t.to_string()]);
-        }
+        let mut cmd = serve_command(model, &["--stdio"])?;
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -181,25 +170,23 @@ pub fn run(model: &ModelArgs, tokens: usize, edits: usize) -> Result<()> {
     let mut text = doc.clone();
     lsp.hover(text.len() - 1)?;
 
-    let mut times = Vec::new();
-    for i in 0..edits {
-        let n = text.len();
-        let c = typed(i);
-        text.push(c);
-        lsp.edit(n, n, &c.to_string())?;
-        times.push(lsp.hover(n)?);
-    }
+    // One character typed at the end, then a hover at `at(the typed byte)`.
+    let mut end_edits = |lsp: &mut Lsp, at: &dyn Fn(usize) -> usize| -> Result<Vec<Duration>> {
+        (0..edits)
+            .map(|i| {
+                let n = text.len();
+                let c = typed(i);
+                text.push(c);
+                lsp.edit(n, n, &c.to_string())?;
+                lsp.hover(at(n))
+            })
+            .collect()
+    };
+    let mut times = end_edits(&mut lsp, &|typed| typed)?;
     line(&mut out, "end edit + hover at the typed token", &mut times)?;
-
-    let elsewhere = text.len() / 3;
-    let mut times = Vec::new();
-    for i in 0..edits {
-        let n = text.len();
-        let c = typed(i);
-        text.push(c);
-        lsp.edit(n, n, &c.to_string())?;
-        times.push(lsp.hover(elsewhere)?);
-    }
+    // A third into the text as it is now (each typed character is one byte).
+    let elsewhere = (doc.len() + edits) / 3;
+    let mut times = end_edits(&mut lsp, &|_| elsewhere)?;
     line(&mut out, "end edit + hover elsewhere", &mut times)?;
 
     let mut times = Vec::new();
