@@ -172,8 +172,10 @@ pub struct Engine {
     hovers: DashMap<HoverKey, (u64, Arc<String>)>,
     hover_clock: AtomicU64,
     previous: DashMap<PreviousKey, (u64, Arc<PreviousRows>)>,
-    /// The most bytes a prompt of the model's context can have (the longest token's bytes
-    /// times the context): longer texts are refused before they are tokenized.
+    /// The most bytes of text one token stands for ([`longest_token`]).
+    token_bytes: usize,
+    /// The most bytes a prompt of the model's context can have (`token_bytes` times the
+    /// context): longer texts are refused before they are tokenized.
     max_prompt_bytes: usize,
 }
 
@@ -190,14 +192,15 @@ fn longest_token(backend: &dyn Backend) -> usize {
 
 impl Engine {
     pub fn new(backend: Arc<dyn Backend>, budget_bytes: usize) -> Self {
+        let token_bytes = longest_token(&*backend);
         Engine {
             turns: Turns::default(),
             cache: ActivationCache::new(budget_bytes),
             hovers: DashMap::new(),
             hover_clock: AtomicU64::new(0),
             previous: DashMap::new(),
-            max_prompt_bytes: longest_token(&*backend)
-                .saturating_mul(backend.info().context_length.max(1)),
+            token_bytes,
+            max_prompt_bytes: token_bytes.saturating_mul(backend.info().context_length.max(1)),
             backend,
         }
     }
@@ -375,8 +378,7 @@ impl Engine {
         }
         let t_start = std::time::Instant::now();
         // The hovered token ends within a token's bytes of `byte`.
-        let longest = self.max_prompt_bytes / self.backend.info().context_length.max(1);
-        let tokens = self.tokenize_window(text, byte.saturating_add(longest + 1))?;
+        let tokens = self.tokenize_window(text, byte.saturating_add(self.token_bytes + 1))?;
         let tokenized = t_start.elapsed();
         // The last token starting at or before the byte (tokens that split one character
         // share its range; the later one completes it).
