@@ -286,3 +286,87 @@ fn lens_refuses_a_backend_answer_of_the_wrong_shape() {
     let r = Lens::new(&b, &s, LensKind::Norm, 1).grid(&[Site::Layer(0)]);
     assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
 }
+
+/// `KL(p ‖ q)` of two logit rows in plain f64.
+fn kl_by_hand(p: &[f32], q: &[f32]) -> f64 {
+    let log_softmax = |row: &[f32]| -> Vec<f64> {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+        row.iter().map(|&x| x as f64 - m - z.ln()).collect()
+    };
+    let (lp, lq) = (log_softmax(p), log_softmax(q));
+    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum()
+}
+
+#[test]
+fn the_diff_lens_compares_aligned_positions_layer_by_layer() {
+    let b = ReferenceBackend::new();
+    let before = states(&b, "the cat sat on the mat", false);
+    let after = states(&b, "the dog sat on the mat", false);
+    let diff = query("all", "all", LensKind::Norm, 2)
+        .diff(&b, &before, &after, &Stop::never())
+        .unwrap();
+    assert_eq!(diff.layers, [0, 1, 2, 3]);
+    let parts: Vec<_> = diff.pairs.iter().map(|p| p.pair.part.as_str()).collect();
+    assert_eq!(
+        parts,
+        ["prefix", "changed", "suffix", "suffix", "suffix", "suffix"]
+    );
+    for pd in &diff.pairs {
+        let (pb, pa) = (pd.pair.before, pd.pair.after);
+        assert_eq!(pd.before_token, before.tokens()[pb]);
+        assert_eq!(pd.after_token, after.tokens()[pa]);
+        for cell in &pd.cells {
+            let site = Site::Layer(cell.layer);
+            let rb = b
+                .readout(before.row(site, pb).unwrap(), LensKind::Norm)
+                .unwrap();
+            let ra = b
+                .readout(after.row(site, pa).unwrap(), LensKind::Norm)
+                .unwrap();
+            let want = kl_by_hand(&rb, &ra);
+            assert!(
+                (cell.kl - want).abs() < 1e-6 * want.max(1.0),
+                "position {pa} layer {}: kl {} vs {want}",
+                cell.layer,
+                cell.kl
+            );
+            let top = |row: &[f32]| {
+                (0..row.len())
+                    .max_by(|&x, &y| row[x].total_cmp(&row[y]).then(y.cmp(&x)))
+                    .unwrap() as u32
+            };
+            assert_eq!(cell.before[0].id, top(&rb));
+            assert_eq!(cell.after[0].id, top(&ra));
+            assert_eq!(cell.top1_changed, top(&rb) != top(&ra));
+            for c in &cell.changes {
+                let prob = |row: &[f32]| {
+                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                    let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+                    (row[c.id as usize] as f64 - m).exp() / z
+                };
+                assert!((f64::from(c.before) - prob(&rb)).abs() < 1e-6);
+                assert!((f64::from(c.after) - prob(&ra)).abs() < 1e-6);
+            }
+        }
+        if pd.pair.part == lens_core::Part::Prefix {
+            assert!(pd.cells.iter().all(|c| c.kl == 0.0 && !c.top1_changed));
+        }
+    }
+    // The changed word moves the distribution at the edit and after it.
+    assert!(diff.pairs[1].cells.iter().any(|c| c.kl > 1e-3));
+    // Positions select pairs by their *after* position; layers as everywhere.
+    let some = query("1..3", "-2..", LensKind::Raw, 1)
+        .diff(&b, &before, &after, &Stop::never())
+        .unwrap();
+    assert_eq!(some.layers, [1, 2, 3]);
+    let afters: Vec<usize> = some.pairs.iter().map(|p| p.pair.after).collect();
+    assert_eq!(afters, [4, 5]);
+    // A stopped diff is an error, not a partial answer.
+    let stop = Stop::new();
+    stop.stop();
+    assert!(matches!(
+        query("all", "all", LensKind::Norm, 1).diff(&b, &before, &after, &stop),
+        Err(Error::Stopped)
+    ));
+}

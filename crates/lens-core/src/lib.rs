@@ -11,6 +11,7 @@
 //! validated shapes, the math cannot fail; only the backend's readout can.
 
 mod backend;
+mod diff;
 mod engine_check;
 mod generate;
 mod hidden;
@@ -21,6 +22,7 @@ mod query;
 pub mod spec;
 
 pub use backend::{Backend, CaptureOptions, Error, LensKind, ModelInfo, Stop, Token};
+pub use diff::{Alignment, Change, Diff, DiffCell, Pair, PairDiff, Part};
 pub use engine_check::{engine_check, EngineCheck, EngineLogits};
 pub use generate::{
     host_generate, sample, Finish, GenerateRequest, Generator, Rng, Sampling, Step,

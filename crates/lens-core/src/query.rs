@@ -3,6 +3,7 @@
 //! and its hovers all read the lens through [`Query::run`], so the same cell is the same
 //! numbers everywhere.
 
+use crate::diff::{self, Alignment, Diff};
 use crate::{Backend, Error, HiddenStates, IndexSpec, Lens, LensKind, PositionView, Site, Stop};
 
 /// What to read: validated against the model ([`Query::layers_of`]) before any forward pass
@@ -75,6 +76,49 @@ impl Query {
             top_k: self.top_k,
             layers,
             views,
+        })
+    }
+
+    /// The diff lens of two versions of a prompt: their tokens aligned ([`Alignment`]), and at
+    /// each aligned pair whose *after* position the query selects, each selected layer of both
+    /// versions compared ([`crate::DiffCell`]). Both states come from the same backend.
+    pub fn diff(
+        &self,
+        backend: &dyn Backend,
+        before: &HiddenStates,
+        after: &HiddenStates,
+        stop: &Stop,
+    ) -> Result<Diff, Error> {
+        let layers = self.layers_of(after.n_layers())?;
+        if before.n_layers() != after.n_layers() || before.hidden_size() != after.hidden_size() {
+            return Err(Error::Shape(
+                "the two versions' states come from different models".into(),
+            ));
+        }
+        let mut chosen = vec![false; after.n_positions()];
+        for p in self.positions_of(after.n_positions())? {
+            chosen[p] = true;
+        }
+        let alignment = Alignment::new(before.tokens(), after.tokens());
+        let pairs: Vec<_> = alignment
+            .pairs()
+            .into_iter()
+            .filter(|p| chosen[p.after])
+            .collect();
+        let pairs = diff::compare(
+            backend,
+            (before, after),
+            &pairs,
+            &layers,
+            (self.kind, self.top_k),
+            stop,
+        )?;
+        Ok(Diff {
+            kind: self.kind,
+            top_k: self.top_k,
+            layers,
+            alignment,
+            pairs,
         })
     }
 }
