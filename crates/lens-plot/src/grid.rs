@@ -343,7 +343,7 @@ impl Grid {
 }
 
 /// 1, 2 or 5 times a power of ten, at least `x`.
-fn nice_step(x: f64) -> f64 {
+pub(crate) fn nice_step(x: f64) -> f64 {
     if x.is_nan() || x <= 0.0 || x.is_infinite() {
         return 0.5;
     }
@@ -355,7 +355,7 @@ fn nice_step(x: f64) -> f64 {
         .unwrap_or(10.0 * p)
 }
 
-fn trim_float(v: f64) -> String {
+pub(crate) fn trim_float(v: f64) -> String {
     let s = format!("{v:.2}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
     s.to_string()

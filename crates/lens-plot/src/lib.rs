@@ -8,6 +8,7 @@
 //! next. Long prompts wrap into panels of at most [`Options::max_columns`] columns.
 
 mod color;
+mod diff;
 mod grid;
 mod html;
 mod svg;
@@ -16,6 +17,7 @@ mod text;
 use lens_core::{Answer, Token};
 
 pub use color::{dark_text, rgb};
+pub use diff::{diff_html, diff_png, diff_svg, kl_t, DiffPlot};
 pub use grid::Metric;
 pub use text::visible;
 

@@ -8,7 +8,7 @@
 //! round-trips the `f32` (as `ryu` does for `f32`), also when the report goes through a
 //! `serde_json::Value` (which holds `f64`): see [`f32_shortest`].
 
-use lens_core::{Answer, Backend, Cell, ModelInfo, Site, Token};
+use lens_core::{Answer, Backend, Cell, Diff, ModelInfo, Site, Token};
 use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
 
@@ -141,6 +141,137 @@ pub fn build(backend: &dyn Backend, tokens: &[Token], answer: &Answer) -> Report
                 final_top1: pred(v.final_top1.id, v.final_top1.logit, v.final_top1.prob),
                 decided_at: v.decided_at,
                 cells: v.cells.iter().map(cell).collect(),
+            })
+            .collect(),
+    }
+}
+
+pub const DIFF_SCHEMA: &str = "logit-lens/diff/v1";
+
+/// The diff lens of two texts (`logit-lens diff --format json`, `lens/diff`).
+#[derive(Serialize, Clone, Debug)]
+pub struct DiffReport {
+    pub schema: &'static str,
+    pub model: ModelJson,
+    pub lens: &'static str,
+    pub top_k: usize,
+    pub layers: Vec<usize>,
+    pub before: Vec<TokenJson>,
+    pub after: Vec<TokenJson>,
+    pub alignment: AlignmentJson,
+    /// One entry per compared pair of positions, in order.
+    pub pairs: Vec<PairJson>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct AlignmentJson {
+    /// Tokens shared at the start.
+    pub prefix: usize,
+    /// Tokens shared at the end (never overlapping the prefix).
+    pub suffix: usize,
+    /// The changed span of each version, `[start, end)` token indices.
+    pub before_changed: [usize; 2],
+    pub after_changed: [usize; 2],
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct PairJson {
+    /// Token indices in each version.
+    pub before: usize,
+    pub after: usize,
+    /// `prefix`, `changed` (a same-length changed span, paired in order) or `suffix`.
+    pub part: &'static str,
+    pub before_token_id: u32,
+    pub after_token_id: u32,
+    /// One per entry of `layers`.
+    pub cells: Vec<DiffCellJson>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct DiffCellJson {
+    pub layer: usize,
+    /// KL(before ‖ after), nats.
+    pub kl: f64,
+    pub top1_changed: bool,
+    pub before: Vec<PredictionJson>,
+    pub after: Vec<PredictionJson>,
+    /// Every token of either top-k (the after version's first) with its probability in both.
+    pub changes: Vec<ChangeJson>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct ChangeJson {
+    pub id: u32,
+    pub text: String,
+    #[serde(serialize_with = "f32_shortest")]
+    pub before: f32,
+    #[serde(serialize_with = "f32_shortest")]
+    pub after: f32,
+}
+
+/// The report of a diff over both tokenized versions.
+pub fn build_diff(
+    backend: &dyn Backend,
+    before: &[Token],
+    after: &[Token],
+    diff: &Diff,
+) -> DiffReport {
+    let preds = |top: &[lens_core::Prediction]| -> Vec<PredictionJson> {
+        top.iter()
+            .map(|p| PredictionJson {
+                id: p.id,
+                text: backend.decode(p.id),
+                prob: p.prob,
+                logit: p.logit,
+            })
+            .collect()
+    };
+    let al = &diff.alignment;
+    let span = |r: std::ops::Range<usize>| [r.start, r.end];
+    DiffReport {
+        schema: DIFF_SCHEMA,
+        model: model_json(backend),
+        lens: diff.kind.as_str(),
+        top_k: diff.top_k,
+        layers: diff.layers.clone(),
+        before: token_json(before),
+        after: token_json(after),
+        alignment: AlignmentJson {
+            prefix: al.prefix,
+            suffix: al.suffix,
+            before_changed: span(al.before_changed()),
+            after_changed: span(al.after_changed()),
+        },
+        pairs: diff
+            .pairs
+            .iter()
+            .map(|p| PairJson {
+                before: p.pair.before,
+                after: p.pair.after,
+                part: p.pair.part.as_str(),
+                before_token_id: p.before_token,
+                after_token_id: p.after_token,
+                cells: p
+                    .cells
+                    .iter()
+                    .map(|c| DiffCellJson {
+                        layer: c.layer,
+                        kl: c.kl,
+                        top1_changed: c.top1_changed,
+                        before: preds(&c.before),
+                        after: preds(&c.after),
+                        changes: c
+                            .changes
+                            .iter()
+                            .map(|ch| ChangeJson {
+                                id: ch.id,
+                                text: backend.decode(ch.id),
+                                before: ch.before,
+                                after: ch.after,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
             })
             .collect(),
     }

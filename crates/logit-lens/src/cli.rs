@@ -49,6 +49,9 @@ pub enum Command {
     Backends(backends::BackendsArgs),
     /// Measure forward and lens speed (and compare with HF transformers when available).
     Bench(bench::BenchArgs),
+    /// Compare two versions of a prompt layer by layer: where an edit changed what each layer
+    /// predicts (KL, both top-k, top-1 changes), in the terminal, as JSON or as a heatmap.
+    Diff(crate::diff::DiffArgs),
     /// Draw the lens as a heatmap: SVG, PNG or an interactive HTML page.
     Plot(crate::plot::PlotArgs),
     /// Run the daemon: LSP on stdio, or the `lens/*` JSON-RPC methods on a socket.
@@ -211,6 +214,7 @@ pub fn run(args: Args) -> Result<()> {
         Command::Models(m) => list_models(&m),
         Command::Backends(b) => backends::list(b),
         Command::Bench(b) => bench::run(b),
+        Command::Diff(d) => crate::diff::run(d),
         Command::Plot(p) => crate::plot::run(p),
         Command::Serve(s) => serve::run(s),
         Command::BenchServer(b) => bench_server::run(b),

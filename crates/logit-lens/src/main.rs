@@ -6,6 +6,7 @@ mod bench_load;
 mod bench_lsp;
 mod bench_server;
 mod cli;
+mod diff;
 mod doctor;
 mod generate;
 mod plot;

@@ -61,7 +61,7 @@ pub enum PlotFormat {
     Html,
 }
 
-fn format_of(out: &Path, format: Option<PlotFormat>) -> Result<PlotFormat> {
+pub(crate) fn format_of(out: &Path, format: Option<PlotFormat>) -> Result<PlotFormat> {
     if let Some(f) = format {
         return Ok(f);
     }

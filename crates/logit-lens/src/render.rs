@@ -6,7 +6,7 @@
 use std::io::Write;
 
 use anstyle::{Color, RgbColor, Style};
-use lens_core::{Answer, Backend, PositionView, Token};
+use lens_core::{Answer, Backend, Diff, Part, PositionView, Token};
 use lens_plot::visible;
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
@@ -135,6 +135,137 @@ pub fn grid(
             tokens[last.position].text,
             backend.decode(last.final_top1.id),
             last.final_top1.prob
+        )?;
+    }
+    Ok(())
+}
+
+/// The diff lens in the terminal: one row per layer (last on top), one column per aligned pair
+/// of positions, each cell the after version's top-1 (`before→after` where the top-1 changed,
+/// marked `!`), coloured by `KL(before ‖ after)` on the plots' scale (bright = unchanged).
+pub fn diff_grid(
+    out: &mut dyn Write,
+    backend: &dyn Backend,
+    before: &[Token],
+    after: &[Token],
+    diff: &Diff,
+) -> std::io::Result<()> {
+    let al = &diff.alignment;
+    let span = |tokens: &[Token], r: std::ops::Range<usize>| -> String {
+        tokens[r]
+            .iter()
+            .map(|t| t.text.as_str())
+            .collect::<String>()
+    };
+    writeln!(
+        out,
+        "{} · {} lens · before {} tokens, after {} · shared prefix {}, suffix {} · changed {:?} → {:?}",
+        backend.info().name,
+        diff.kind,
+        before.len(),
+        after.len(),
+        al.prefix,
+        al.suffix,
+        span(before, al.before_changed()),
+        span(after, al.after_changed()),
+    )?;
+    let per_panel = ((terminal_width().saturating_sub(LABEL)) / (CELL + 4)).max(1);
+    let (dim, bold) = (Style::new().dimmed(), Style::new().bold());
+    let text = |id: u32| visible(&backend.decode(id));
+    for panel in diff.pairs.chunks(per_panel) {
+        writeln!(out)?;
+        write!(out, "{}", fit("", LABEL))?;
+        for p in panel {
+            let label = match p.pair.part {
+                Part::Changed => format!(
+                    "{}→{}",
+                    visible(&before[p.pair.before].text),
+                    visible(&after[p.pair.after].text)
+                ),
+                _ => visible(&after[p.pair.after].text),
+            };
+            write!(out, "{bold}{}{bold:#}", fit(&label, CELL + 4))?;
+        }
+        writeln!(out)?;
+        for (row, &layer) in diff.layers.iter().enumerate().rev() {
+            write!(out, "{dim}{}{dim:#}", fit(&format!("L{layer}"), LABEL))?;
+            for p in panel {
+                let c = &p.cells[row];
+                let top =
+                    |v: &[lens_core::Prediction]| v.first().map_or(String::new(), |t| text(t.id));
+                let label = match c.top1_changed {
+                    true => format!("{}→{}", top(&c.before), top(&c.after)),
+                    false => top(&c.after),
+                };
+                let style = cell_style(lens_plot::kl_t(diff, c.kl) as f32);
+                write!(
+                    out,
+                    "{style}{}{}{style:#} ",
+                    fit(&label, CELL + 2),
+                    if c.top1_changed { '!' } else { ' ' }
+                )?;
+            }
+            writeln!(out)?;
+        }
+        write!(out, "{dim}{}{dim:#}", fit("pos", LABEL))?;
+        for p in panel {
+            let pos = match p.pair.before == p.pair.after {
+                true => p.pair.after.to_string(),
+                false => format!("{}→{}", p.pair.before, p.pair.after),
+            };
+            write!(out, "{dim}{}{dim:#}", fit(&pos, CELL + 4))?;
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+/// One aligned position of the diff in detail: per layer the KL and both versions' top-1.
+pub fn diff_table(
+    out: &mut dyn Write,
+    backend: &dyn Backend,
+    before: &[Token],
+    after: &[Token],
+    diff: &Diff,
+    position: usize,
+) -> std::io::Result<()> {
+    writeln!(out)?;
+    let Some(p) = diff.pairs.iter().find(|p| p.pair.after == position) else {
+        writeln!(
+            out,
+            "Position {position} ({:?}) of the after version has no counterpart before: it is in the changed span.",
+            after.get(position).map_or("", |t| t.text.as_str())
+        )?;
+        return Ok(());
+    };
+    writeln!(
+        out,
+        "Position {} {:?} (before: position {} {:?}), {}:",
+        p.pair.after,
+        after[p.pair.after].text,
+        p.pair.before,
+        before[p.pair.before].text,
+        p.pair.part.as_str()
+    )?;
+    writeln!(
+        out,
+        "{:>6}  {:>9}  {:<24}  {:<24}",
+        "layer", "KL", "before top-1 (p)", "after top-1 (p)"
+    )?;
+    let top = |v: &[lens_core::Prediction]| {
+        v.first().map_or(String::new(), |t| {
+            format!("{} ({:.3})", visible(&backend.decode(t.id)), t.prob)
+        })
+    };
+    for c in p.cells.iter().rev() {
+        writeln!(
+            out,
+            "{:>6}  {:>9.5}  {}  {}{}",
+            c.layer,
+            c.kl,
+            fit(&top(&c.before), 24),
+            fit(&top(&c.after), 24),
+            if c.top1_changed { "  changed" } else { "" }
         )?;
     }
     Ok(())

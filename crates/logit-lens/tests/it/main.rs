@@ -2,6 +2,7 @@
 
 mod backends;
 mod bad_input;
+mod diff;
 mod doctor;
 mod gemma;
 mod generate;
