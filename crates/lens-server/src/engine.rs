@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 use lens_core::{
-    Answer, Backend, HiddenStates, IndexSpec, Lens, LensKind, Query, Site, SiteLogits, Stop, Token,
+    math, Alignment, Answer, Backend, HiddenStates, IndexSpec, Lens, LensKind, Part, Query, Site,
+    SiteLogits, Stop, Token,
 };
 use serde::Deserialize;
 
@@ -114,6 +115,29 @@ pub struct HeatmapParams {
     pub lens: LensParams,
 }
 
+/// `lens/diff` params: two texts (on the LSP door, `uri` instead compares a document with its
+/// previous version).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiffParams {
+    pub before: String,
+    pub after: String,
+    /// Positions of the after text to compare (negative = from the end); all when absent.
+    #[serde(default)]
+    pub positions: Option<Vec<i64>>,
+    /// `"json"` (default: the `logit-lens/diff/v1` report), `"svg"` or `"html"`.
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(flatten)]
+    pub lens: LensParams,
+}
+
+/// What `lens/diff` answers: the report, or a rendered heatmap.
+pub enum DiffOut {
+    Report(Box<wire::DiffReport>),
+    Page { format: String, content: String },
+}
+
 /// `lens/tokenize` params.
 #[derive(Debug, Clone, Deserialize)]
 pub struct TokenizeParams {
@@ -126,6 +150,8 @@ pub struct HoverOptions {
     pub top_k: usize,
     pub layer_stride: usize,
     pub context_tokens: usize,
+    /// Show, beside each layer, what it predicted at the same token before the last edit.
+    pub compare: bool,
 }
 
 impl Default for HoverOptions {
@@ -134,6 +160,7 @@ impl Default for HoverOptions {
             top_k: 5,
             layer_stride: 1,
             context_tokens: 1024,
+            compare: true,
         }
     }
 }
@@ -150,6 +177,16 @@ pub struct HoverOut {
 struct HoverKey {
     ids: Arc<[u32]>,
     options: HoverOptions,
+    /// The previous version's context of the same token, when the hover compares with it.
+    before: Option<Arc<[u32]>>,
+}
+
+/// The hovered token in the document's previous version (before the last edit): where it was
+/// and its context window there.
+struct Before {
+    ids: Arc<[u32]>,
+    position: usize,
+    part: Part,
 }
 
 /// Previous-position rows kept for hovers (each ~6 MB for the default model).
@@ -363,6 +400,119 @@ impl Engine {
         })
     }
 
+    /// `lens/diff`: the diff lens of two texts (the after text's states reuse the before
+    /// text's where they share a prefix, through the cache).
+    pub fn diff(&self, p: &DiffParams, stop: &Stop) -> Result<DiffOut, RpcError> {
+        let format = p.format.as_deref().unwrap_or("json");
+        if !matches!(format, "json" | "svg" | "html") {
+            return Err(RpcError::invalid_params(format!(
+                "format must be \"json\", \"svg\" or \"html\", not {format:?}"
+            )));
+        }
+        let query = p.lens.query(p.positions.as_deref())?;
+        query.layers_of(self.backend.info().n_layers)?;
+        let before = self.prompt(&p.before)?;
+        let after = self.prompt(&p.after)?;
+        query.positions_of(after.len())?;
+        let ids = |t: &[Token]| -> Vec<u32> { t.iter().map(|t| t.id).collect() };
+        let states_before = self.states(&ids(&before), stop)?;
+        let states_after = self.states(&ids(&after), stop)?;
+        let diff = query.diff(&*self.backend, &states_before, &states_after, stop)?;
+        if format == "json" {
+            let report = wire::build_diff(&*self.backend, &before, &after, &diff);
+            return Ok(DiffOut::Report(Box::new(report)));
+        }
+        let decode = |id: u32| self.backend.decode(id);
+        let plot = lens_plot::DiffPlot {
+            diff: &diff,
+            before: &before,
+            after: &after,
+            decode: &decode,
+            model: &self.backend.info().name,
+        };
+        let options = lens_plot::Options::default();
+        let content = match format {
+            "svg" => lens_plot::diff_svg(&plot, &options),
+            _ => lens_plot::diff_html(&plot, &options),
+        };
+        Ok(DiffOut::Page {
+            format: format.into(),
+            content,
+        })
+    }
+
+    /// Where the hovered token (index `t` of `tokens`, the document's tokens) was in the
+    /// previous version of the document, if it was there under another context: `None` in the
+    /// shared prefix (the same states: nothing to compare), in an inserted span, and for
+    /// documents longer than one window.
+    fn before_of(
+        &self,
+        text: &str,
+        previous: &str,
+        tokens: &[Token],
+        t: usize,
+        window: usize,
+    ) -> Result<Option<Before>, RpcError> {
+        if text.len() > self.max_prompt_bytes || previous.len() > self.max_prompt_bytes {
+            return Ok(None);
+        }
+        let before = self.tokenize(previous)?;
+        let ids = |v: &[Token]| -> Vec<u32> { v.iter().map(|t| t.id).collect() };
+        let alignment = Alignment::new(&ids(&before), &ids(tokens));
+        let Some(pair) = alignment.before_of(t).filter(|p| p.part != Part::Prefix) else {
+            return Ok(None);
+        };
+        let first = (pair.before + 1).saturating_sub(window);
+        Ok(Some(Before {
+            ids: before[first..=pair.before].iter().map(|t| t.id).collect(),
+            position: pair.before,
+            part: pair.part,
+        }))
+    }
+
+    /// The lens rows of the previous version at the hovered token (kept from an earlier hover
+    /// when there was one, as the typing case has), per layer compared with `here`:
+    /// (before's top-1 id and probability, `KL(before ‖ now)`).
+    fn compare(
+        &self,
+        before: &Before,
+        layers: &[usize],
+        here: &SiteLogits,
+        stamp: u64,
+        stop: &Stop,
+    ) -> Result<Vec<hover::BeforeCell>, RpcError> {
+        let rows = match self.cached_previous(&before.ids, layers, stamp) {
+            Some(rows) => rows,
+            None => {
+                let states = self.states(&before.ids, stop)?;
+                let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
+                let lens =
+                    Lens::new(&*self.backend, &states, LensKind::Norm, 1).with_stop(stop.clone());
+                let (_, rows) = lens.position_with_logits(before.ids.len() - 1, &sites)?;
+                let rows = Arc::new(rows);
+                self.remember_previous((before.ids.clone(), layers.to_vec()), stamp, rows.clone());
+                rows
+            }
+        };
+        Ok((0..layers.len())
+            .map(|i| {
+                let (b, a) = (rows.row(i).unwrap_or(&[]), here.row(i).unwrap_or(&[]));
+                let (bz, az) = (
+                    rows.log_z.get(i).copied().unwrap_or(0.0),
+                    here.log_z.get(i).copied().unwrap_or(0.0),
+                );
+                let top = math::top_k(b, 1)
+                    .first()
+                    .map_or((0, 0.0), |e| (e.id, math::exp(e.logit - bz)));
+                hover::BeforeCell {
+                    top1: top.0,
+                    prob: top.1,
+                    kl: math::kl_rows(b, bz, a, az),
+                }
+            })
+            .collect())
+    }
+
     /// The hover at byte `byte` of a document: the token there, with the text before it
     /// (at most `context_tokens` tokens, oldest dropped) as context. `None` for an empty
     /// document.
@@ -371,6 +521,7 @@ impl Engine {
         text: &str,
         byte: usize,
         options: &HoverOptions,
+        previous: Option<&str>,
         stop: &Stop,
     ) -> Result<Option<HoverOut>, RpcError> {
         if text.is_empty() {
@@ -394,9 +545,16 @@ impl Engine {
             .clamp(1, self.backend.info().context_length.max(1));
         let first = (t + 1).saturating_sub(window);
         let ids: Arc<[u32]> = tokens[first..=t].iter().map(|tok| tok.id).collect();
+        let before = match previous {
+            Some(previous) if options.compare => {
+                self.before_of(text, previous, &tokens, t, window)?
+            }
+            _ => None,
+        };
         let key = HoverKey {
             ids: ids.clone(),
             options: *options,
+            before: before.as_ref().map(|b| b.ids.clone()),
         };
         let (start, end) = (tokens[t].start, tokens[t].end);
         let stamp = self.hover_clock.fetch_add(1, Ordering::Relaxed);
@@ -459,6 +617,14 @@ impl Engine {
                 .map(|i| prev.prob_and_rank(i, id))
                 .collect::<Vec<_>>()
         });
+        let compared = match &before {
+            Some(b) => Some(hover::Compared {
+                position: b.position,
+                part: b.part,
+                cells: self.compare(b, &layers, &here_logits, stamp, stop)?,
+            }),
+            None => None,
+        };
         let t2 = std::time::Instant::now();
         let markdown = hover::markdown(
             &*self.backend,
@@ -466,6 +632,7 @@ impl Engine {
             t,
             &here,
             written.as_deref(),
+            compared.as_ref(),
         );
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         tracing::debug!(

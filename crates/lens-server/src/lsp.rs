@@ -29,6 +29,11 @@ use crate::{rpc, Engine, Limits, RpcError};
 /// How long a document must be unchanged before inlay hints run the model.
 pub const SETTLE: Duration = Duration::from_millis(20);
 
+/// Changes closer together than this are one edit: the previous version of a document
+/// (`lens/diff` with `uri`, the hover's "before the last edit") is its text before the first of
+/// them, so typing a word compares with the text before the word, not before its last letter.
+pub const EDIT_GROUP: Duration = Duration::from_secs(1);
+
 /// Hovers older than this are not prepared again after edits.
 const PREPARE_WITHIN: Duration = Duration::from_secs(60);
 
@@ -40,6 +45,8 @@ pub struct Config {
     pub layer_stride: usize,
     pub context_tokens: usize,
     pub inlay_hints: bool,
+    /// Hovers show each layer's prediction before the last edit beside the current one.
+    pub compare: bool,
 }
 
 impl Default for Config {
@@ -49,6 +56,7 @@ impl Default for Config {
             layer_stride: 1,
             context_tokens: 1024,
             inlay_hints: false,
+            compare: true,
         }
     }
 }
@@ -67,6 +75,7 @@ impl Config {
             top_k: self.top_k,
             layer_stride: self.layer_stride,
             context_tokens: self.context_tokens,
+            compare: self.compare,
         }
     }
 }
@@ -74,6 +83,8 @@ impl Config {
 #[derive(Clone)]
 struct Doc {
     text: Arc<str>,
+    /// The text before the last edit ([`EDIT_GROUP`]); `None` until the first edit.
+    previous: Option<Arc<str>>,
     /// Bumped on every change (the client's `version` is not trusted to be monotonic).
     generation: u64,
     changed: Instant,
@@ -121,6 +132,7 @@ pub fn service(engine: Arc<Engine>) -> (LspService<LensLsp>, tower_lsp::ClientSo
         .custom_method("lens/position", LensLsp::position)
         .custom_method("lens/tokenize", LensLsp::tokenize)
         .custom_method("lens/heatmap", LensLsp::heatmap)
+        .custom_method("lens/diff", LensLsp::diff)
         .custom_method("lens/modelInfo", LensLsp::model_info)
         .custom_method("lens/cacheStats", LensLsp::cache_stats);
     b.finish()
@@ -290,6 +302,27 @@ impl LensLsp {
     async fn heatmap(&self, params: Value) -> LspResult<Value> {
         self.custom("lens/heatmap", params).await
     }
+    /// `lens/diff`: two texts, as on the socket, or `uri`: that document against its previous
+    /// version (the text before the last edit).
+    async fn diff(&self, mut params: Value) -> LspResult<Value> {
+        if let Some(uri) = params.get("uri").cloned() {
+            let uri: Url = serde_json::from_value(uri)
+                .map_err(|e| RpcError::invalid_params(format!("uri: {e}")).to_lsp())?;
+            let doc = self.doc(&uri).map_err(|e| e.to_lsp())?;
+            let previous = doc.previous.ok_or_else(|| {
+                RpcError::invalid_params(format!(
+                    "{uri} has no previous version yet: it has not been edited since it was opened"
+                ))
+                .to_lsp()
+            })?;
+            if let Some(o) = params.as_object_mut() {
+                o.remove("uri");
+                o.insert("before".into(), Value::from(&*previous));
+                o.insert("after".into(), Value::from(&*doc.text));
+            }
+        }
+        self.custom("lens/diff", params).await
+    }
     async fn model_info(&self, params: Value) -> LspResult<Value> {
         self.custom("lens/modelInfo", params).await
     }
@@ -340,6 +373,7 @@ impl LensLsp {
         let turns = engine.turns().clone();
         let options = self.config().hover();
         let t = doc.text.clone();
+        let previous = doc.previous.clone();
         let stop = Stop::new();
         if let Ok(mut a) = self.answering.lock() {
             a.push((uri.clone(), stop.clone()));
@@ -347,7 +381,10 @@ impl LensLsp {
         let out = turns
             .compute_until(stop.clone(), move |stop| {
                 let waited = arrived.elapsed();
-                (waited, engine.hover(&t, byte, &options, stop))
+                (
+                    waited,
+                    engine.hover(&t, byte, &options, previous.as_deref(), stop),
+                )
             })
             .await;
         if let Ok(mut a) = self.answering.lock() {
@@ -436,6 +473,7 @@ impl LensLsp {
         let turns = engine.turns().clone();
         let options = self.config().hover();
         let text = doc.text.clone();
+        let previous = doc.previous.clone();
         let edited = doc.changed;
         let edit_first = edit.is_some();
         tokio::spawn(async move {
@@ -449,10 +487,11 @@ impl LensLsp {
                 };
                 let engine = engine.clone();
                 let text = text.clone();
+                let previous = previous.clone();
                 let out = turns
                     .compute_until(stop.clone(), move |stop| {
                         let started = edited.elapsed();
-                        let out = engine.hover(&text, byte, &options, stop);
+                        let out = engine.hover(&text, byte, &options, previous.as_deref(), stop);
                         (started, out)
                     })
                     .await;
@@ -613,6 +652,7 @@ impl LanguageServer for LensLsp {
             d.uri,
             Doc {
                 text: d.text.into(),
+                previous: None,
                 generation,
                 changed: Instant::now(),
             },
@@ -650,6 +690,9 @@ impl LanguageServer for LensLsp {
                     text.replace_range(a..b, &change.text);
                 }
             }
+        }
+        if entry.previous.is_none() || entry.changed.elapsed() >= EDIT_GROUP {
+            entry.previous = Some(entry.text.clone());
         }
         entry.text = text.into();
         entry.generation += 1;

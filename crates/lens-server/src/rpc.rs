@@ -12,7 +12,9 @@ use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use crate::engine::{AnalyzeParams, HeatmapParams, PositionParams, TokenizeParams};
+use crate::engine::{
+    AnalyzeParams, DiffOut, DiffParams, HeatmapParams, PositionParams, TokenizeParams,
+};
 use crate::framing::{self, FrameError};
 use crate::{wire, ClientId, Engine, Limits, RpcError, Turns};
 
@@ -75,6 +77,15 @@ pub async fn call(
                 blocking(&turns, client, move |stop| engine.heatmap(&p, stop)).await?;
             Ok(json!({ "format": format, "content": content }))
         }
+        "lens/diff" => {
+            let p: DiffParams = params(p)?;
+            match blocking(&turns, client, move |stop| engine.diff(&p, stop)).await? {
+                DiffOut::Report(report) => to_value(&report),
+                DiffOut::Page { format, content } => {
+                    Ok(json!({ "format": format, "content": content }))
+                }
+            }
+        }
         "lens/modelInfo" => to_value(&wire::model_json(engine.backend())),
         "lens/cacheStats" => to_value(&engine.stats()),
         _ => Err(RpcError::method_not_found(method)),
@@ -82,11 +93,12 @@ pub async fn call(
 }
 
 /// The names of the `lens/*` methods.
-pub const METHODS: [&str; 6] = [
+pub const METHODS: [&str; 7] = [
     "lens/analyze",
     "lens/position",
     "lens/tokenize",
     "lens/heatmap",
+    "lens/diff",
     "lens/modelInfo",
     "lens/cacheStats",
 ];

@@ -74,7 +74,7 @@ fn hover_end(engine: &Engine, text: &str, opts: &HoverOptions) -> Result<Duratio
 fn hover_at(engine: &Engine, text: &str, byte: usize, opts: &HoverOptions) -> Result<Duration> {
     let t = Instant::now();
     // As the server does (`lens_server::Turns::compute`): the work runs on a rayon worker.
-    let out = lens_server::in_pool(|| engine.hover(text, byte, opts, &Stop::never()))
+    let out = lens_server::in_pool(|| engine.hover(text, byte, opts, None, &Stop::never()))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let took = t.elapsed();
     anyhow::ensure!(

@@ -152,3 +152,150 @@ fn diff_in_the_terminal_and_its_errors() {
         assert!(r.stderr.contains(want), "{args:?}: {}", r.stderr);
     }
 }
+
+/// `lens/diff` on the socket: the same report as the CLI's, rendered pages, and clear errors
+/// that leave the daemon serving.
+#[test]
+fn the_daemon_diffs_two_texts() {
+    use crate::serve::{assert_error, Server};
+    let server = Server::tcp(&[]);
+    let mut c = server.connect();
+    let got = c.ok(
+        "lens/diff",
+        serde_json::json!({ "before": FRANCE, "after": GERMANY, "layers": "28..", "topK": 3 }),
+    );
+    let cli = json(&[
+        "diff", FRANCE, GERMANY, "--format", "json", "--layers", "28..", "-k", "3",
+    ]);
+    assert_eq!(got["schema"], "logit-lens/diff/v1");
+    assert_eq!(got["alignment"], cli["alignment"]);
+    assert_eq!(got["layers"], serde_json::json!([28, 29, 30]));
+    let (gp, cp) = (
+        got["pairs"].as_array().expect("pairs"),
+        cli["pairs"].as_array().expect("pairs"),
+    );
+    assert_eq!(gp.len(), cp.len());
+    for (g, c) in gp.iter().zip(cp) {
+        assert_eq!(g["part"], c["part"]);
+        for (gc, cc) in g["cells"]
+            .as_array()
+            .expect("cells")
+            .iter()
+            .zip(c["cells"].as_array().expect("cells"))
+        {
+            assert_eq!(gc["top1_changed"], cc["top1_changed"]);
+            let (a, b) = (
+                gc["kl"].as_f64().unwrap_or(-1.0),
+                cc["kl"].as_f64().unwrap_or(1.0),
+            );
+            assert!((a - b).abs() <= 1e-5 * b.max(1.0), "{a} vs {b}");
+            for side in ["before", "after"] {
+                for i in 0..3 {
+                    assert_eq!(gc[side][i]["id"], cc[side][i]["id"]);
+                }
+            }
+        }
+    }
+    let page = c.ok("lens/diff", serde_json::json!({ "before": FRANCE, "after": GERMANY, "format": "html", "positions": [-1] }));
+    assert_eq!(page["format"], "html");
+    let html = page["content"].as_str().expect("content");
+    assert!(html.contains("France") && html.contains("Germany") && html.contains("Berlin"));
+    assert_error(
+        &c.request(
+            "lens/diff",
+            serde_json::json!({ "before": FRANCE, "after": GERMANY, "format": "pdf" }),
+        ),
+        -32602,
+        None,
+    );
+    assert_error(
+        &c.request("lens/diff", serde_json::json!({ "before": FRANCE })),
+        -32602,
+        None,
+    );
+    assert_error(
+        &c.request(
+            "lens/diff",
+            serde_json::json!({ "before": "", "after": GERMANY }),
+        ),
+        -32010,
+        Some("empty_text"),
+    );
+    assert_eq!(
+        c.ok("lens/modelInfo", serde_json::json!({}))["n_layers"],
+        30
+    );
+}
+
+/// In an editor session: after an edit, `lens/diff` with the document's uri compares it with
+/// the text before the edit, and a hover after the edit shows what each layer said before.
+#[test]
+fn the_lsp_compares_a_document_with_its_previous_version() {
+    use crate::serve::{assert_error, hover, rows, Lsp};
+    let mut lsp = Lsp::start();
+    lsp.ok(
+        "initialize",
+        serde_json::json!({ "processId": null, "rootUri": null, "capabilities": {} }),
+    );
+    lsp.notify("initialized", serde_json::json!({}));
+    let uri = "file:///tmp/capital.txt";
+    lsp.notify("textDocument/didOpen", serde_json::json!({ "textDocument": { "uri": uri, "languageId": "plaintext", "version": 1, "text": FRANCE } }));
+    // Not edited yet: nothing to compare with.
+    assert_error(
+        &lsp.request("lens/diff", serde_json::json!({ "uri": uri })),
+        -32602,
+        None,
+    );
+    let is = FRANCE.find(" is").expect("is") as u32 + 1;
+    let before = hover(&mut lsp, uri, 0, is);
+    lsp.notify(
+        "textDocument/didChange",
+        serde_json::json!({ "textDocument": { "uri": uri, "version": 2 },
+                "contentChanges": [{ "range": { "start": { "line": 0, "character": 15 }, "end": { "line": 0, "character": 21 } }, "text": "Germany" }] }),
+    );
+    let d = lsp.ok(
+        "lens/diff",
+        serde_json::json!({ "uri": uri, "positions": [-1] }),
+    );
+    let toks = |v: &serde_json::Value| -> String {
+        v.as_array()
+            .expect("tokens")
+            .iter()
+            .map(|t| t["text"].as_str().unwrap_or(""))
+            .collect()
+    };
+    assert_eq!(toks(&d["before"]), FRANCE);
+    assert_eq!(toks(&d["after"]), GERMANY);
+    let last = &d["pairs"][0]["cells"][30];
+    assert_eq!(top1_text(&last["before"]), " Paris");
+    assert_eq!(top1_text(&last["after"]), " Berlin");
+    // The hover on " is" now: the last layer says " Berlin", and " Paris" before the edit.
+    let md = |h: &serde_json::Value| {
+        h["result"]["contents"]["value"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let after = hover(&mut lsp, uri, 0, is + 1);
+    let (now, then) = (md(&after), md(&before));
+    assert!(now.contains("Before the last edit"), "{now}");
+    let last_row = &rows(&now)[0];
+    assert!(last_row[1].starts_with("␣Berlin"), "{now}");
+    assert!(
+        last_row[4].starts_with("␣Paris") && last_row[4].ends_with('✱'),
+        "{now}"
+    );
+    assert_eq!(
+        last_row[4].trim_end_matches(" ✱"),
+        rows(&then)[0][1].split(" · ").next().unwrap_or_default()
+    );
+    assert!(last_row[5].parse::<f64>().expect("KL") > 1.0);
+    // The page for the editor's command.
+    let page = lsp.ok(
+        "lens/diff",
+        serde_json::json!({ "uri": uri, "format": "html" }),
+    );
+    assert!(page["content"]
+        .as_str()
+        .is_some_and(|h| h.contains("Germany") && h.contains("France")));
+}

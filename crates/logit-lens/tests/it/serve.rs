@@ -658,7 +658,7 @@ fn utf16_col(line: &str, byte: usize) -> u32 {
     line[..byte].encode_utf16().count() as u32
 }
 
-fn hover(lsp: &mut Lsp, uri: &str, line: u32, character: u32) -> Value {
+pub fn hover(lsp: &mut Lsp, uri: &str, line: u32, character: u32) -> Value {
     lsp.request(
         "textDocument/hover",
         json!({ "textDocument": { "uri": uri }, "position": { "line": line, "character": character } }),
@@ -666,7 +666,7 @@ fn hover(lsp: &mut Lsp, uri: &str, line: u32, character: u32) -> Value {
 }
 
 /// The table rows of a hover: (layer cell, top cell, p(written), rank(written)).
-fn rows(md: &str) -> Vec<Vec<String>> {
+pub fn rows(md: &str) -> Vec<Vec<String>> {
     md.lines()
         .filter(|l| l.starts_with("| ") && !l.starts_with("| layer"))
         .map(|l| {
@@ -1012,8 +1012,36 @@ fn an_edit_before_a_hovered_word_prepares_its_hover() {
     let mut fresh = Lsp::start();
     start(&mut fresh, edited);
     let want = hover(&mut fresh, uri, 0, word + 6);
-    assert_eq!(prepared["result"], want["result"]);
-    assert_ne!(prepared["result"], before["result"]);
+    // The numbers of now are a fresh daemon's; beside them, what each layer said before the
+    // edit, which is the hover taken before it.
+    let md = |h: &Value| {
+        h["result"]["contents"]["value"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let now =
+        |md: &str| -> Vec<Vec<String>> { rows(md).into_iter().map(|r| r[..4].to_vec()).collect() };
+    assert_eq!(prepared["result"]["range"], want["result"]["range"]);
+    assert_eq!(now(&md(&prepared)), now(&md(&want)));
+    assert_ne!(now(&md(&prepared)), now(&md(&before)));
+    assert!(
+        md(&prepared).contains("Before the last edit (the text before it changed; it was token 5)"),
+        "{}",
+        md(&prepared)
+    );
+    assert!(!md(&want).contains("Before the last edit"));
+    for (r, b) in rows(&md(&prepared)).iter().zip(rows(&md(&before))) {
+        let top1_before = b[1].split(" · ").next().unwrap_or_default();
+        assert_eq!(
+            r[4].trim_end_matches(" ✱"),
+            top1_before,
+            "{}",
+            md(&prepared)
+        );
+        let kl: f64 = r[5].parse().expect("a KL");
+        assert!(kl >= 0.0);
+    }
     assert!(
         rows(
             want["result"]["contents"]["value"]
