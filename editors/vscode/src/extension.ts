@@ -62,6 +62,7 @@ class Lens implements vscode.Disposable {
     const reg = (id: string, f: () => unknown) => this.disposables.push(vscode.commands.registerCommand(id, f));
     reg('logitLens.toggle', () => this.toggle());
     reg('logitLens.showHeatmap', () => this.showHeatmap());
+    reg('logitLens.compareWithPrevious', () => this.compareWithPrevious());
     reg('logitLens.restart', () => this.restart());
     reg('logitLens.pickModel', () => this.pickModel());
     reg('logitLens.chooseModel', () => this.chooseModel());
@@ -329,6 +330,27 @@ class Lens implements vscode.Disposable {
       panel.webview.html = heatmapPage(fragment, title);
     } catch (err) {
       void vscode.window.showErrorMessage(`Logit Lens: heatmap failed: ${err instanceof Error ? err.message : String(err)}`);
+    }
+  }
+
+  /** The diff lens of the active document against its previous version (the daemon keeps the
+   *  text before the last edit): which layers' predictions the edit changed. */
+  private async compareWithPrevious(): Promise<void> {
+    const editor = vscode.window.activeTextEditor;
+    if (!editor) {
+      void vscode.window.showInformationMessage('Logit Lens: open a document and edit it to compare it with its previous version.');
+      return;
+    }
+    const title = `Logit Lens: ${vscode.workspace.asRelativePath(editor.document.uri)} (before the last edit → now)`;
+    try {
+      const r = await vscode.window.withProgress(
+        { location: vscode.ProgressLocation.Window, title: 'Logit Lens: diff' },
+        () => this.request<{ format: string; content: string }>('lens/diff', { uri: editor.document.uri.toString(), format: 'html' }),
+      );
+      const panel = vscode.window.createWebviewPanel('logitLens.diff', title, vscode.ViewColumn.Beside, { enableScripts: false });
+      panel.webview.html = heatmapPage(r.content, title);
+    } catch (err) {
+      void vscode.window.showErrorMessage(`Logit Lens: compare failed: ${err instanceof Error ? err.message : String(err)}`);
     }
   }
 

@@ -9,6 +9,7 @@ export interface LensSettings {
   contextTokens: number;
   enabledLanguages: string[];
   inlayHints: boolean;
+  compare: boolean;
 }
 
 /** What the daemon accepts as `initializationOptions` and `settings.logitLens`. */
@@ -17,6 +18,7 @@ export interface ServerOptionsWire {
   layerStride: number;
   contextTokens: number;
   inlayHints: boolean;
+  compare: boolean;
 }
 
 export const DEFAULTS: LensSettings = {
@@ -27,6 +29,7 @@ export const DEFAULTS: LensSettings = {
   contextTokens: 1024,
   enabledLanguages: ['plaintext', 'markdown'],
   inlayHints: false,
+  compare: true,
 };
 
 /** Ranges, the same as in package.json's `contributes.configuration`. */
@@ -74,17 +77,18 @@ export function validateSettings(raw: Record<string, unknown>): Validated {
     }
   }
 
-  const hints = raw.inlayHints;
-  if (hints !== undefined && hints !== null) {
-    if (typeof hints === 'boolean') settings.inlayHints = hints;
-    else problems.push(`logitLens.inlayHints must be true or false; using ${DEFAULTS.inlayHints}`);
+  for (const key of ['inlayHints', 'compare'] as const) {
+    const v = raw[key];
+    if (v === undefined || v === null) continue;
+    if (typeof v === 'boolean') settings[key] = v;
+    else problems.push(`logitLens.${key} must be true or false; using ${DEFAULTS[key]}`);
   }
 
   return { settings, problems };
 }
 
 export function toServerOptions(s: LensSettings): ServerOptionsWire {
-  return { topK: s.topK, layerStride: s.layerStride, contextTokens: s.contextTokens, inlayHints: s.inlayHints };
+  return { topK: s.topK, layerStride: s.layerStride, contextTokens: s.contextTokens, inlayHints: s.inlayHints, compare: s.compare };
 }
 
 /** The daemon's command line arguments for these settings. */

@@ -13,8 +13,8 @@ function check(raw: Record<string, unknown>, expect: { settings?: Partial<typeof
 test('defaults when nothing is set', () => check({}, {}));
 test('valid values are taken', () =>
   check(
-    { serverPath: ' /opt/ll/logit-lens ', model: '/m/x.gguf', topK: 10, layerStride: 3, contextTokens: 512, enabledLanguages: ['rust', 'markdown', 'rust'], inlayHints: true },
-    { settings: { serverPath: '/opt/ll/logit-lens', model: '/m/x.gguf', topK: 10, layerStride: 3, contextTokens: 512, enabledLanguages: ['rust', 'markdown'], inlayHints: true } },
+    { serverPath: ' /opt/ll/logit-lens ', model: '/m/x.gguf', topK: 10, layerStride: 3, contextTokens: 512, enabledLanguages: ['rust', 'markdown', 'rust'], inlayHints: true, compare: false },
+    { settings: { serverPath: '/opt/ll/logit-lens', model: '/m/x.gguf', topK: 10, layerStride: 3, contextTokens: 512, enabledLanguages: ['rust', 'markdown'], inlayHints: true, compare: false } },
   ));
 test('range ends are valid', () => check({ topK: 100, layerStride: 64, contextTokens: 16 }, { settings: { topK: 100, layerStride: 64, contextTokens: 16 } }));
 test('topK 0 is out of range', () => check({ topK: 0 }, { problems: [/logitLens.topK must be an integer from 1 to 100, not 0; using 5/] }));
@@ -24,10 +24,10 @@ test('context as a string', () => check({ contextTokens: '1024' }, { problems: [
 test('languages not a list', () => check({ enabledLanguages: 'plaintext' }, { problems: [/enabledLanguages must be a list/] }));
 test('empty language id', () => check({ enabledLanguages: ['rust', ' '] }, { problems: [/enabledLanguages/] }));
 test('several problems at once', () =>
-  check({ inlayHints: 'yes', serverPath: 3, topK: -1 }, { problems: [/serverPath must be a string/, /topK/, /inlayHints must be true or false/] }));
+  check({ inlayHints: 'yes', serverPath: 3, topK: -1, compare: 1 }, { problems: [/serverPath must be a string/, /topK/, /inlayHints must be true or false/, /compare must be true or false/] }));
 
 test('server options carry only what the daemon reads', () => {
-  assert.deepEqual(toServerOptions({ ...DEFAULTS, model: '/x', topK: 7 }), { topK: 7, layerStride: 1, contextTokens: 1024, inlayHints: false });
+  assert.deepEqual(toServerOptions({ ...DEFAULTS, model: '/x', topK: 7 }), { topK: 7, layerStride: 1, contextTokens: 1024, inlayHints: false, compare: true });
 });
 
 test('server args', () => {
@@ -56,6 +56,7 @@ test('what restarts the daemon', () => {
     [{ model: '/m.gguf' }, true],
     [{ serverPath: '/bin/ll' }, true],
     [{ inlayHints: true }, true],
+    [{ compare: false }, false],
   ];
   for (const [change, want] of cases) assert.equal(needsRestart(DEFAULTS, { ...DEFAULTS, ...change }), want, JSON.stringify(change));
 });
