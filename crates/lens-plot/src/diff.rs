@@ -317,6 +317,7 @@ pub fn diff_html(plot: &DiffPlot<'_>, options: &Options) -> String {
 <html lang="en">
 <head>
 <meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
 <title>Diff lens · {model}</title>
 <style>
 body {{ font-family: 'DejaVu Sans', sans-serif; margin: 1.2em; color: #111; }}

@@ -441,6 +441,25 @@ impl Engine {
         })
     }
 
+    /// The positions of `after` worth comparing with `before` after an edit: from two tokens
+    /// before the first change to `tail` tokens after the changed span (all of it when the
+    /// texts tokenize the same).
+    pub fn diff_window(
+        &self,
+        before: &str,
+        after: &str,
+        tail: usize,
+    ) -> Result<Vec<i64>, RpcError> {
+        let ids = |text: &str| -> Result<Vec<u32>, RpcError> {
+            Ok(self.tokenize_text(text)?.iter().map(|t| t.id).collect())
+        };
+        let (b, a) = (ids(before)?, ids(after)?);
+        let al = Alignment::new(&b, &a);
+        let from = al.prefix.saturating_sub(2);
+        let to = (al.after_changed().end + tail).min(a.len());
+        Ok((from..to).map(|p| p as i64).collect())
+    }
+
     /// Where the hovered token (index `t` of `tokens`, the document's tokens) was in the
     /// previous version of the document, if it was there under another context: `None` in the
     /// shared prefix (the same states: nothing to compare), in an inserted span, and for

@@ -34,6 +34,9 @@ pub const SETTLE: Duration = Duration::from_millis(20);
 /// them, so typing a word compares with the text before the word, not before its last letter.
 pub const EDIT_GROUP: Duration = Duration::from_secs(1);
 
+/// `lens/diff` of a document (`uri`) compares at most this many tokens after its edit.
+pub const DIFF_AFTER_EDIT: usize = 32;
+
 /// Hovers older than this are not prepared again after edits.
 const PREPARE_WITHIN: Duration = Duration::from_secs(60);
 
@@ -315,10 +318,23 @@ impl LensLsp {
                 ))
                 .to_lsp()
             })?;
+            // Unless asked otherwise, the positions around the edit: the two tokens before
+            // it, the changed span and what follows, at most DIFF_AFTER_EDIT tokens after it.
+            let window = match params.get("positions") {
+                Some(p) if !p.is_null() => None,
+                _ => Some(
+                    self.engine
+                        .diff_window(&previous, &doc.text, DIFF_AFTER_EDIT)
+                        .map_err(|e| e.to_lsp())?,
+                ),
+            };
             if let Some(o) = params.as_object_mut() {
                 o.remove("uri");
                 o.insert("before".into(), Value::from(&*previous));
                 o.insert("after".into(), Value::from(&*doc.text));
+                if let Some(w) = window {
+                    o.insert("positions".into(), Value::from(w));
+                }
             }
         }
         self.custom("lens/diff", params).await

@@ -336,7 +336,8 @@ class Lens implements vscode.Disposable {
   /** The diff lens of the active document against its previous version (the daemon keeps the
    *  text before the last edit): which layers' predictions the edit changed. */
   private async compareWithPrevious(): Promise<void> {
-    const editor = vscode.window.activeTextEditor;
+    // From a webview (the heatmap beside it, say) there is no active editor: take the visible one.
+    const editor = vscode.window.activeTextEditor ?? vscode.window.visibleTextEditors[0];
     if (!editor) {
       void vscode.window.showInformationMessage('Logit Lens: open a document and edit it to compare it with its previous version.');
       return;
@@ -347,7 +348,9 @@ class Lens implements vscode.Disposable {
         { location: vscode.ProgressLocation.Window, title: 'Logit Lens: diff' },
         () => this.request<{ format: string; content: string }>('lens/diff', { uri: editor.document.uri.toString(), format: 'html' }),
       );
-      const panel = vscode.window.createWebviewPanel('logitLens.diff', title, vscode.ViewColumn.Beside, { enableScripts: false });
+      // The page has no script and forbids any (its CSP); scripts are enabled only so that the
+      // webview frame gets a JavaScript context (the e2e test reads the page through it).
+      const panel = vscode.window.createWebviewPanel('logitLens.diff', title, vscode.ViewColumn.Beside, { enableScripts: true });
       panel.webview.html = heatmapPage(r.content, title);
     } catch (err) {
       void vscode.window.showErrorMessage(`Logit Lens: compare failed: ${err instanceof Error ? err.message : String(err)}`);

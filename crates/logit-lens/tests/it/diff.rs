@@ -290,6 +290,18 @@ fn the_lsp_compares_a_document_with_its_previous_version() {
         rows(&then)[0][1].split(" · ").next().unwrap_or_default()
     );
     assert!(last_row[5].parse::<f64>().expect("KL") > 1.0);
+    // Without positions: around the edit (two tokens before it, the change, what follows).
+    let around = lsp.ok(
+        "lens/diff",
+        serde_json::json!({ "uri": uri, "layers": [30] }),
+    );
+    let afters: Vec<u64> = around["pairs"]
+        .as_array()
+        .expect("pairs")
+        .iter()
+        .filter_map(|p| p["after"].as_u64())
+        .collect();
+    assert_eq!(afters, [1, 2, 3, 4]);
     // The page for the editor's command.
     let page = lsp.ok(
         "lens/diff",

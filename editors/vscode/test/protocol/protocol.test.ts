@@ -103,7 +103,9 @@ function rows(md: string): string[][] {
   assert.ok(lines.length >= 3, `a markdown table with at least one row in:\n${md}`);
   assert.match(lines[0] ?? '', /\|\s*layer\s*\|\s*top predictions\s*\|\s*p\(written\)\s*\|\s*rank\(written\)\s*\|/);
   const body = lines.slice(2).map((l) => l.trim().replace(/^\||(?<!\\)\|$/g, '').split(/(?<!\\)\|/).map((c) => c.trim()));
-  for (const r of body) assert.equal(r.length, 4, `four cells in the row ${JSON.stringify(r)}`);
+  // After an edit that moved the token, two more: what the layer said before it, and the KL.
+  const width = /before edit/.test(lines[0] ?? '') ? 6 : 4;
+  for (const r of body) assert.equal(r.length, width, `${width} cells in the row ${JSON.stringify(r)}`);
   return body;
 }
 
@@ -155,7 +157,7 @@ test('initialize: capabilities', () => {
   assert.ok(caps.hoverProvider, 'hoverProvider');
   // docs/protocol.md: `experimental.logitLens.methods` lists the lens/* methods, heatmap included.
   const methods = (caps.experimental as { logitLens?: { methods?: string[] } } | undefined)?.logitLens?.methods;
-  assert.deepEqual([...(methods ?? [])].sort(), ['lens/analyze', 'lens/cacheStats', 'lens/heatmap', 'lens/modelInfo', 'lens/position', 'lens/tokenize']);
+  assert.deepEqual([...(methods ?? [])].sort(), ['lens/analyze', 'lens/cacheStats', 'lens/diff', 'lens/heatmap', 'lens/modelInfo', 'lens/position', 'lens/tokenize']);
   const sync = caps.textDocumentSync;
   const change = typeof sync === 'number' ? sync : sync?.change;
   assert.equal(change, 2, 'incremental sync');
