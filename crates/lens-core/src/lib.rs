@@ -27,7 +27,7 @@ pub use generate::{
 };
 pub use hidden::{HiddenStates, Site};
 pub use lens::{
-    host_lens, Cell, Lens, LensRequest, NextToken, PositionView, Prediction, SiteLogits,
+    decided_at, host_lens, Cell, Lens, LensRequest, NextToken, PositionView, Prediction, SiteLogits,
 };
 pub use loader::{
     Capabilities, Device, LoadOptions, Loader, Precision, Registry, Source, SourceKind,
