@@ -344,7 +344,7 @@ impl Loader for CandleLoader {
     ) -> Result<Box<dyn Backend>, lens_core::Error> {
         self.supports(source, options)?;
         if let Some(n) = options.threads {
-            threads(n)?;
+            set_threads(n)?;
         }
         // `supports` has refused every other kind of source.
         let (Source::Gguf(path) | Source::HfFolder(path)) = source else {
@@ -362,7 +362,7 @@ impl Loader for CandleLoader {
 
 /// Size rayon's global pool (which candle's kernels and the lens share) to `n` threads: once
 /// per process; asking again for another size is an error, not ignored.
-fn threads(n: usize) -> Result<(), lens_core::Error> {
+pub fn set_threads(n: usize) -> Result<(), lens_core::Error> {
     if n == 0 {
         return Err(lens_core::Error::Unsupported(
             "--threads must be at least 1".into(),

@@ -227,6 +227,12 @@ pub trait Loader: Send + Sync {
 
     fn capabilities(&self) -> Capabilities;
 
+    /// How the backend runs the model, in a few words (`logit-lens backends`): one process
+    /// unless it says otherwise (a pipeline over several processes, ...).
+    fn mode(&self) -> &'static str {
+        "one process"
+    }
+
     /// `Ok` when [`Loader::load`] can honour `source` and `options` (as far as can be told
     /// before reading the model); otherwise [`Error::Unsupported`] saying why. The default
     /// checks [`Loader::capabilities`].
