@@ -105,6 +105,8 @@ struct Job {
     dir: PathBuf,
     generation: u64,
     timeout: Duration,
+    /// Whether it still answers: a healthy job is asked to shut down before it is ended.
+    healthy: bool,
 }
 
 static JOBS: AtomicU64 = AtomicU64::new(0);
@@ -171,9 +173,11 @@ impl Job {
             dir,
             generation,
             timeout: launch.timeout,
+            healthy: false,
         };
         job.stream = job.accept(&listener)?;
         let hello = job.read()?;
+        job.healthy = true;
         Ok((job, hello))
     }
 
@@ -230,25 +234,30 @@ impl Job {
     }
 }
 
+/// Whether `child` exits within `secs` seconds.
+fn wait_exit(child: &mut Child, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 impl Drop for Job {
     fn drop(&mut self) {
-        // Ask politely, then end the process group.
-        let _ = write_frame(&mut self.stream, &Request::Shutdown.encode());
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // A healthy job is asked to shut down; then (or at once for a broken one) mpirun gets
+        // SIGTERM, which it passes to the ranks, and finally the process group is killed.
         let mut ended = false;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                ended = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if self.healthy {
+            let _ = write_frame(&mut self.stream, &Request::Shutdown.encode());
+            ended = wait_exit(&mut self.child, 5);
         }
         if !ended {
             signal_group(&self.child, "-TERM");
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_exit(&mut self.child, 2);
         }
         signal_group(&self.child, "-KILL");
         let _ = self.child.kill();
@@ -350,6 +359,7 @@ impl MpiBackend {
             Err(why) => {
                 let why = format!("{why}{}", log_tail(&job.dir));
                 tracing::warn!("{why}");
+                job.healthy = false;
                 *guard = None;
                 Err(broken(why))
             }
