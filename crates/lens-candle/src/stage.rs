@@ -177,8 +177,8 @@ pub fn split_blocks(
     // where stage s starts.
     let mut best = vec![vec![usize::MAX; n + 1]; stages];
     let mut from = vec![vec![0usize; n + 1]; stages];
-    for i in 1..=n {
-        best[0][i] = cost(0, 0, i);
+    for (i, b) in best[0].iter_mut().enumerate().skip(1) {
+        *b = cost(0, 0, i);
     }
     for s in 1..stages {
         for i in s + 1..=n {

@@ -30,7 +30,7 @@ pub use lens::{
     decided_at, host_lens, Cell, Lens, LensRequest, NextToken, PositionView, Prediction, SiteLogits,
 };
 pub use loader::{
-    Capabilities, Device, LoadOptions, Loader, Precision, Registry, Source, SourceKind,
+    Capabilities, Device, LoadOptions, Loader, Precision, Registry, Source, SourceKind, ONE_PROCESS,
 };
 pub use query::{Answer, Query};
 pub use spec::IndexSpec;

@@ -230,7 +230,7 @@ pub trait Loader: Send + Sync {
     /// How the backend runs the model, in a few words (`logit-lens backends`): one process
     /// unless it says otherwise (a pipeline over several processes, ...).
     fn mode(&self) -> &'static str {
-        "one process"
+        ONE_PROCESS
     }
 
     /// `Ok` when [`Loader::load`] can honour `source` and `options` (as far as can be told
@@ -246,6 +246,9 @@ pub trait Loader: Send + Sync {
     /// Load the model. An option the backend cannot honour is an error, never ignored.
     fn load(&self, source: &Source, options: &LoadOptions) -> Result<Box<dyn Backend>, Error>;
 }
+
+/// [`Loader::mode`] of a backend that runs the model in the calling process.
+pub const ONE_PROCESS: &str = "one process";
 
 /// The loaders compiled into a program, in order of preference.
 #[derive(Default)]

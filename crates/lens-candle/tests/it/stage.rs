@@ -8,13 +8,16 @@ use std::sync::Arc;
 use lens_candle::{CandleBackend, Precision, Stage, StageInput};
 use lens_core::{Backend, CaptureOptions, LensKind, Site, Stop};
 
+/// Per stage, the keys and values of each position.
+type StageKv = Vec<Vec<Arc<[f32]>>>;
+
 /// Run `tokens[past_len..]` through `stages` in order (each extending its own `past`), and
 /// return each new position's rows for layers `0..=N` and each stage's new keys and values.
 fn pipeline(
     stages: &[Stage],
     tokens: &[u32],
     past: &[Vec<Arc<[f32]>>],
-) -> (Vec<Vec<f32>>, Vec<Vec<Arc<[f32]>>>) {
+) -> (Vec<Vec<f32>>, StageKv) {
     let hidden = stages[0].info().hidden_size;
     let start = past.first().map_or(0, Vec::len);
     let new = &tokens[start..];
@@ -75,7 +78,7 @@ fn check(path: &Path, n_stages: usize, prompt: &[u32], edited: &[u32], keep: usi
         assert!(max_diff(r, want) <= 1e-5 * scale, "position {p}");
     }
     // An edit: each stage keeps the keys and values of its first `keep` positions.
-    let past: Vec<Vec<Arc<[f32]>>> = kvs.iter().map(|kv| kv[..keep].to_vec()).collect();
+    let past: StageKv = kvs.iter().map(|kv| kv[..keep].to_vec()).collect();
     let (rows, _) = pipeline(&stages, edited, &past);
     let want = whole
         .forward(edited, CaptureOptions::default())
