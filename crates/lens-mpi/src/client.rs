@@ -19,8 +19,7 @@ use lens_core::{
     LoadOptions, Loader, ModelInfo, PositionView, Precision, Site, Source, Stop, Token,
 };
 
-use crate::wire::{Reply, Request};
-use crate::worker::{read_frame, write_frame};
+use crate::wire::{read_frame, write_frame, Reply, Request};
 
 /// Replies larger than this are refused (a full lens of 2,048 positions × 31 layers at top-5
 /// is ~40 MB).

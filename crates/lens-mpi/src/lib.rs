@@ -11,9 +11,11 @@
 
 mod client;
 pub mod wire;
+#[cfg(feature = "worker")]
 pub mod worker;
 
 pub use client::{Launch, MpiBackend, MpiLoader, LOADER};
+#[cfg(feature = "worker")]
 pub use worker::{run as run_worker, WorkerArgs};
 
 /// What can go wrong in a rank or between the daemon and the job.

@@ -2,6 +2,8 @@
 //! its length) and between the ranks (over MPI, the same bytes): little-endian numbers,
 //! strings and vectors prefixed by their length. Floats cross bit for bit.
 
+use std::io::{Read, Write};
+
 use lens_core::{Cell, LensKind, ModelInfo, NextToken, PositionView, Prediction, Site, Token};
 
 use crate::Error;
@@ -46,6 +48,31 @@ pub enum Reply {
     },
     Views(Vec<PositionView>),
     Failed(String),
+}
+
+/// Write one frame: its length (u32, little-endian), then the bytes.
+pub fn write_frame(w: &mut impl Write, bytes: &[u8]) -> std::io::Result<()> {
+    let n = u32::try_from(bytes.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large"))?;
+    w.write_all(&n.to_le_bytes())?;
+    w.write_all(bytes)?;
+    w.flush()
+}
+
+/// Read one frame written by [`write_frame`] (at most `max` bytes).
+pub fn read_frame(r: &mut impl Read, max: usize) -> std::io::Result<Vec<u8>> {
+    let mut n = [0u8; 4];
+    r.read_exact(&mut n)?;
+    let n = u32::from_le_bytes(n) as usize;
+    if n > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a frame of {n} bytes is over the limit of {max}"),
+        ));
+    }
+    let mut bytes = vec![0u8; n];
+    r.read_exact(&mut bytes)?;
+    Ok(bytes)
 }
 
 #[derive(Default)]

@@ -6,7 +6,6 @@
 //! request, only the cells travel to rank 0.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +18,7 @@ use lens_core::{
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, Destination, Source};
 
-use crate::wire::{Reply, Request};
+use crate::wire::{read_frame, write_frame, Reply, Request};
 use crate::Error;
 
 const TAG_REQUEST: i32 = 1;
@@ -40,31 +39,6 @@ pub struct WorkerArgs {
     pub connect: PathBuf,
     /// Threads of this rank's pool (rayon's, which candle's kernels use).
     pub threads: Option<usize>,
-}
-
-/// Write one frame: its length (u32, little-endian), then the bytes.
-pub(crate) fn write_frame(w: &mut impl Write, bytes: &[u8]) -> std::io::Result<()> {
-    let n = u32::try_from(bytes.len())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large"))?;
-    w.write_all(&n.to_le_bytes())?;
-    w.write_all(bytes)?;
-    w.flush()
-}
-
-/// Read one frame written by [`write_frame`] (at most `max` bytes).
-pub(crate) fn read_frame(r: &mut impl Read, max: usize) -> std::io::Result<Vec<u8>> {
-    let mut n = [0u8; 4];
-    r.read_exact(&mut n)?;
-    let n = u32::from_le_bytes(n) as usize;
-    if n > max {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("a frame of {n} bytes is over the limit of {max}"),
-        ));
-    }
-    let mut bytes = vec![0u8; n];
-    r.read_exact(&mut bytes)?;
-    Ok(bytes)
 }
 
 /// The states one rank keeps for one prompt: the rows of its own layers (and the final

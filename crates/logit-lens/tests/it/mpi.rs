@@ -125,6 +125,43 @@ fn the_two_rank_lens_of_the_tiny_llama_equals_the_single_process_lens() {
     );
 }
 
+/// The pipeline backend in this process (the daemon's side), its ranks running this build's
+/// `logit-lens mpi-worker`.
+fn pipeline(model: &Path, ranks: usize) -> lens_mpi::MpiBackend {
+    lens_mpi::MpiBackend::start(lens_mpi::Launch {
+        mpirun: "mpirun".into(),
+        args: MPI_ARGS.split_whitespace().map(String::from).collect(),
+        ranks,
+        timeout: Duration::from_secs(300),
+        worker: PathBuf::from(env!("CARGO_BIN_EXE_logit-lens")),
+        model: model.to_path_buf(),
+        precision: lens_core::Precision::F32,
+        threads: None,
+    })
+    .expect("start the pipeline")
+}
+
+/// Against the independent reference: HF transformers' lens of the tiny Llama (the golden the
+/// candle backend is held to), read by two and by three ranks; and its tokenizer's offsets.
+#[test]
+fn the_pipeline_lens_of_the_tiny_llama_matches_hf_transformers() {
+    let model = PathBuf::from(tiny_llama());
+    let golden = data_dir().join("oracle/tiny-llama/golden.json");
+    for ranks in [2, 3] {
+        let backend = pipeline(&model, ranks);
+        let stages = backend.stages().to_vec();
+        assert_eq!(stages.len(), ranks);
+        assert_eq!((stages[0].0, stages[ranks - 1].1), (0, 4), "{stages:?}");
+        let dev = lens_conformance::check_golden(
+            &backend,
+            &golden,
+            lens_core::LensKind::Norm,
+            lens_conformance::F32,
+        );
+        assert_eq!(dev.cells, 5 * (8 + 26), "{ranks} ranks");
+    }
+}
+
 #[test]
 fn the_two_rank_lens_of_the_default_model_equals_the_single_process_lens() {
     let text = "The capital of France is Paris, and the capital of Germany is";
