@@ -18,9 +18,10 @@ case "$tier" in
   *) tier=all ;;
 esac
 step() { echo "==> $*" >&2; }
-# Every backend is built and tested, the mistral.rs one included (a feature of the binary, off
-# in the README's first command). One feature set for every step, so each crate is built once.
-features=logit-lens/mistralrs
+# Every backend is built and tested, the mistral.rs one and the MPI pipeline included (features
+# of the binary, off in the README's first command; scripts/deps/mpi.sh installs Open MPI). One
+# feature set for every step, so each crate is built once.
+features=logit-lens/mistralrs,logit-lens/mpi
 
 deps() {
   for dep in scripts/deps/*.sh; do

@@ -10,6 +10,7 @@ mod hf;
 mod kernels;
 mod model;
 mod spm;
+mod stage;
 mod tokenizer;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -30,6 +31,7 @@ pub use error::Error;
 /// stays f32).
 pub use lens_core::Precision;
 use model::{KvCache, Model};
+pub use stage::{split_blocks, Stage, StageInput, StageRun};
 use tokenizer::ModelTokenizer;
 
 /// A loaded model.
@@ -219,16 +221,28 @@ impl Backend for CandleBackend {
         lens: LensKind,
         stop: &Stop,
     ) -> Result<Vec<f32>, lens_core::Error> {
-        if !rows.len().is_multiple_of(self.info.hidden_size) {
-            return Err(lens_core::Error::Shape(format!(
-                "{} values is not a whole number of rows of {}",
-                rows.len(),
-                self.info.hidden_size
-            )));
-        }
-        stop.check()?;
-        Ok(self.model.readout(rows, lens == LensKind::Norm, stop)?)
+        readout(&self.model, &self.info, rows, lens, stop)
     }
+}
+
+/// The lens readout of `rows` (whole rows of the hidden size) on `model`: a whole model's or a
+/// pipeline stage's (the final norm and unembedding are on each).
+fn readout(
+    model: &Model,
+    info: &ModelInfo,
+    rows: &[f32],
+    lens: LensKind,
+    stop: &Stop,
+) -> Result<Vec<f32>, lens_core::Error> {
+    if !rows.len().is_multiple_of(info.hidden_size) {
+        return Err(lens_core::Error::Shape(format!(
+            "{} values is not a whole number of rows of {}",
+            rows.len(),
+            info.hidden_size
+        )));
+    }
+    stop.check()?;
+    Ok(model.readout(rows, lens == LensKind::Norm, stop)?)
 }
 
 impl CandleBackend {
@@ -330,7 +344,7 @@ impl Loader for CandleLoader {
     ) -> Result<Box<dyn Backend>, lens_core::Error> {
         self.supports(source, options)?;
         if let Some(n) = options.threads {
-            threads(n)?;
+            set_threads(n)?;
         }
         // `supports` has refused every other kind of source.
         let (Source::Gguf(path) | Source::HfFolder(path)) = source else {
@@ -348,7 +362,7 @@ impl Loader for CandleLoader {
 
 /// Size rayon's global pool (which candle's kernels and the lens share) to `n` threads: once
 /// per process; asking again for another size is an error, not ignored.
-fn threads(n: usize) -> Result<(), lens_core::Error> {
+pub fn set_threads(n: usize) -> Result<(), lens_core::Error> {
     if n == 0 {
         return Err(lens_core::Error::Unsupported(
             "--threads must be at least 1".into(),

@@ -169,6 +169,17 @@ impl Linear {
         }
     }
 
+    /// Bytes of the weights as the forward multiplies them (for balancing pipeline stages).
+    fn bytes(&self) -> usize {
+        let w = match &self.w {
+            QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+        };
+        w + self.bias.as_ref().map_or(0, |b| b.elem_count() * 4)
+    }
+
     pub(crate) fn with_small(mut self, small: Option<Matrix>) -> Self {
         self.small = small;
         self
@@ -206,6 +217,15 @@ pub(crate) struct Block {
 }
 
 impl Block {
+    /// Bytes of the block's weights (its linear maps; the norms are negligible).
+    pub(crate) fn bytes(&self) -> usize {
+        [&self.q, &self.k, &self.v, &self.o, &self.up, &self.down]
+            .into_iter()
+            .chain(&self.gate)
+            .map(Linear::bytes)
+            .sum()
+    }
+
     fn small_ready(&self) -> bool {
         [&self.q, &self.k, &self.v, &self.o, &self.up, &self.down]
             .into_iter()
@@ -228,9 +248,13 @@ struct Norms {
 
 pub(crate) struct Model {
     pub cfg: Config,
-    /// Token embeddings, dequantized: `[vocab, hidden]`.
+    /// Token embeddings, dequantized: `[vocab, hidden]` (`[0, hidden]` on a pipeline stage
+    /// that does not start at block 0).
     pub embed: Tensor,
+    /// The blocks this model runs: `first_block..first_block + blocks.len()` of the
+    /// `cfg.n_layers` (all of them unless [`Model::keep_blocks`] made it a pipeline stage).
     pub blocks: Vec<Block>,
+    first_block: usize,
     pub final_norm: Tensor,
     pub final_norm_bias: Option<Tensor>,
     /// Learned absolute position embeddings `[positions, hidden]` (GPT-2).
@@ -276,6 +300,25 @@ pub(crate) struct Capture {
     pub mid: Option<Vec<Arc<[f32]>>>,
     /// Per new position, see [`KvCache`].
     pub kv: Vec<Arc<[f32]>>,
+}
+
+/// What a forward pass starts from.
+#[derive(Clone, Copy)]
+pub(crate) enum Input<'a> {
+    /// Token ids, embedded (a whole model, or the first stage of a pipeline).
+    Tokens(&'a [u32]),
+    /// Residual rows `[t][hidden]` from the previous stage of a pipeline.
+    Rows(&'a [f32]),
+}
+
+impl Input<'_> {
+    /// The number of new positions.
+    pub(crate) fn len(&self, hidden: usize) -> usize {
+        match self {
+            Input::Tokens(ids) => ids.len(),
+            Input::Rows(rows) => rows.len() / hidden.max(1),
+        }
+    }
 }
 
 /// Per-position rows of `layers` (each `[t, width]`, in order).
@@ -338,6 +381,7 @@ impl Model {
             cfg,
             embed,
             blocks,
+            first_block: 0,
             final_norm,
             final_norm_bias: None,
             positions: None,
@@ -415,40 +459,109 @@ impl Model {
         mid_block: bool,
         stop: &Stop,
     ) -> Result<Capture, Error> {
-        let _span = tracing::debug_span!("forward", tokens = tokens.len()).entered();
         let start = prefix.map_or(0, |p| p.tokens.len());
-        let new = &tokens[start..];
         let past = prefix.map_or(&[][..], |p| &p.positions[..]);
-        if new.len() <= SMALL_ROWS {
-            if let Some(norms) = &self.small_norms {
-                return self.forward_small(new, past, norms, mid_block, stop);
+        self.forward_from(Input::Tokens(&tokens[start..]), past, mid_block, stop)
+    }
+
+    /// Run this model's blocks on `input` (the new positions, after the `past` positions whose
+    /// keys and values of these blocks are cached), capturing the residual stream: per new
+    /// position, the input row then the row after each block. The one forward pass of a whole
+    /// model (tokens in, every block) and of a pipeline stage (rows in, its blocks).
+    pub(crate) fn forward_from(
+        &self,
+        input: Input<'_>,
+        past: &[Arc<[f32]>],
+        mid_block: bool,
+        stop: &Stop,
+    ) -> Result<Capture, Error> {
+        let t = input.len(self.cfg.hidden);
+        let _span = tracing::debug_span!("forward", tokens = t).entered();
+        if let Input::Rows(rows) = input {
+            if rows.len() != t * self.cfg.hidden || t == 0 {
+                return Err(Error::Format(format!(
+                    "{} values are not whole rows of {}",
+                    rows.len(),
+                    self.cfg.hidden
+                )));
             }
         }
-        self.forward_candle(new, past, mid_block, stop)
+        if t <= SMALL_ROWS {
+            if let Some(norms) = &self.small_norms {
+                return self.forward_small(input, past, norms, mid_block, stop);
+            }
+        }
+        self.forward_candle(input, past, mid_block, stop)
+    }
+
+    /// The new positions' first residual rows: the embeddings of token ids (the first stage),
+    /// or the rows a previous stage computed, `[t, hidden]`.
+    fn input_tensor(&self, input: Input<'_>, start: usize) -> Result<Tensor, Error> {
+        match input {
+            Input::Tokens(ids) => self.embed(ids, start),
+            Input::Rows(rows) => {
+                let t = input.len(self.cfg.hidden);
+                Ok(Tensor::from_slice(
+                    rows,
+                    (t, self.cfg.hidden),
+                    &self.device,
+                )?)
+            }
+        }
+    }
+
+    /// Keep only blocks `range` (a pipeline stage): the others are dropped, and so are the
+    /// embeddings unless the range starts at block 0. The final norm and the unembedding stay
+    /// (every stage reads the lens of its own layers).
+    pub(crate) fn keep_blocks(&mut self, range: std::ops::Range<usize>) -> Result<(), Error> {
+        if range.is_empty() || range.end > self.blocks.len() || self.first_block != 0 {
+            return Err(Error::Format(format!(
+                "blocks {range:?} are not a range of the model's {}",
+                self.blocks.len()
+            )));
+        }
+        self.blocks.truncate(range.end);
+        self.blocks.drain(..range.start);
+        if let Some(n) = &mut self.small_norms {
+            n.truncate(range.end);
+            n.drain(..range.start);
+        }
+        if range.start > 0 {
+            self.embed = Tensor::zeros((0, self.cfg.hidden), DType::F32, &self.device)?;
+            self.positions = None;
+        }
+        self.first_block = range.start;
+        Ok(())
+    }
+
+    /// Bytes of the embeddings (as held: dequantized).
+    pub(crate) fn embed_bytes(&self) -> usize {
+        self.embed.elem_count() * self.embed.dtype().size_in_bytes()
     }
 
     /// The forward pass on candle's tensors (prompts, and edits far from the end).
     fn forward_candle(
         &self,
-        new: &[u32],
+        input: Input<'_>,
         past: &[Arc<[f32]>],
         mid_block: bool,
         stop: &Stop,
     ) -> Result<Capture, Error> {
         let start = past.len();
-        let t = new.len();
         let cfg = &self.cfg;
-        let mut x = self.embed(new, start)?; // [t, hidden]
+        let t = input.len(cfg.hidden);
+        let mut x = self.input_tensor(input, start)?; // [t, hidden]
+        let (first, n_blocks) = (self.first_block, self.blocks.len());
 
-        let mut layers: Vec<Vec<f32>> = Vec::with_capacity(cfg.n_layers + 1);
+        let mut layers: Vec<Vec<f32>> = Vec::with_capacity(n_blocks + 1);
         let mut mids: Vec<Vec<f32>> = Vec::new();
-        let mut kvs: Vec<Vec<f32>> = Vec::with_capacity(2 * cfg.n_layers);
+        let mut kvs: Vec<Vec<f32>> = Vec::with_capacity(2 * n_blocks);
         layers.push(x.flatten_all()?.to_vec1::<f32>()?);
 
         let rep = cfg.n_heads / cfg.n_kv_heads;
         // RoPE tables and masks per kind of block (global, and sliding-window if any).
         let mut kinds: Vec<(LayerKind, (Tensor, Tensor), Option<Tensor>)> = Vec::new();
-        for i in 0..cfg.n_layers {
+        for i in first..first + n_blocks {
             let kind = cfg.layer_attention(i);
             if kinds.iter().all(|(k, ..)| *k != kind) {
                 let (theta, window) = kind;
@@ -460,8 +573,9 @@ impl Model {
             }
         }
         let (nkv, hd) = (cfg.n_kv_heads, cfg.head_dim);
+        // `i` indexes this model's blocks (and its KV rows); the config speaks of `first + i`.
         for (i, b) in self.blocks.iter().enumerate() {
-            let _span = tracing::trace_span!("block", i).entered();
+            let _span = tracing::trace_span!("block", i = first + i).entered();
             if stop.is_stopped() {
                 return Err(Error::Stopped);
             }
@@ -472,9 +586,12 @@ impl Model {
                     self.past_tensor(past, i, nkv * hd)?,
                 )),
             };
-            let kind = cfg.layer_attention(i);
+            let kind = cfg.layer_attention(first + i);
             let Some((_, (cos, sin), mask)) = kinds.iter().find(|(k, ..)| *k == kind) else {
-                return Err(Error::Format(format!("no RoPE table for block {i}")));
+                return Err(Error::Format(format!(
+                    "no RoPE table for block {}",
+                    first + i
+                )));
             };
             let eps = cfg.rms_eps as f32;
             let h = self.norm(&x, &b.attn_norm, b.attn_norm_bias.as_ref())?;
@@ -557,7 +674,7 @@ impl Model {
     /// cached keys and values of each position.
     fn forward_small(
         &self,
-        new: &[u32],
+        input: Input<'_>,
         past: &[Arc<[f32]>],
         norms: &[Norms],
         mid_block: bool,
@@ -565,21 +682,25 @@ impl Model {
     ) -> Result<Capture, Error> {
         let cfg = &self.cfg;
         let (hidden, nh, nkv, hd) = (cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let (start, t) = (past.len(), new.len());
+        let (start, t) = (past.len(), input.len(hidden));
         let kvw = nkv * hd;
         let eps = cfg.rms_eps as f32;
-        let mut x = self.embed(new, start)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut x = match input {
+            Input::Tokens(ids) => self.embed(ids, start)?.flatten_all()?.to_vec1::<f32>()?,
+            Input::Rows(rows) => rows.to_vec(),
+        };
+        let (first, n_blocks) = (self.first_block, self.blocks.len());
 
-        let per = (cfg.n_layers + 1) * hidden;
+        let per = (n_blocks + 1) * hidden;
         let mut resid: Vec<Vec<f32>> = (0..t).map(|_| Vec::with_capacity(per)).collect();
         let mut mids: Vec<Vec<f32>> = match mid_block {
             true => (0..t)
-                .map(|_| Vec::with_capacity(cfg.n_layers * hidden))
+                .map(|_| Vec::with_capacity(n_blocks * hidden))
                 .collect(),
             false => Vec::new(),
         };
         let mut kv: Vec<Vec<f32>> = (0..t)
-            .map(|_| Vec::with_capacity(cfg.n_layers * 2 * kvw))
+            .map(|_| Vec::with_capacity(n_blocks * 2 * kvw))
             .collect();
         let push = |rows: &mut [Vec<f32>], x: &[f32]| {
             for (r, xr) in rows.iter_mut().zip(x.chunks(hidden)) {
@@ -609,7 +730,7 @@ impl Model {
             if let Some(w) = &n.k {
                 k = rms_norm_rows(&k, w, hd, eps);
             }
-            let (theta, window) = cfg.layer_attention(i);
+            let (theta, window) = cfg.layer_attention(first + i);
             let (cos, sin) = match &local {
                 Some(l) if theta != cfg.rope_theta || window.is_some() => l,
                 _ => &global,

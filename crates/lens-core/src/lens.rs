@@ -55,6 +55,27 @@ pub struct PositionView {
     pub cells: Vec<Cell>,
 }
 
+/// [`PositionView::decided_at`] of a position's cells: walking down from the last requested
+/// layer, the last layer whose cell still ranks the final top-1 first. (A backend that reduces
+/// the cells of one position in several places joins them and asks this again.)
+pub fn decided_at(cells: &[Cell]) -> Option<usize> {
+    let mut decided_at = None;
+    let mut layer_cells: Vec<&Cell> = cells
+        .iter()
+        .filter(|c| matches!(c.site, Site::Layer(_)))
+        .collect();
+    layer_cells.sort_by_key(|c| c.site);
+    for c in layer_cells.iter().rev() {
+        if c.final_top1_rank != 0 {
+            break;
+        }
+        if let Site::Layer(l) = c.site {
+            decided_at = Some(l);
+        }
+    }
+    decided_at
+}
+
 /// The logits behind a [`PositionView`]: one row of the vocabulary per site, in the order of
 /// the sites, and each row's `ln Σ exp`.
 #[derive(Debug, Clone)]
@@ -438,21 +459,7 @@ impl<'a, B: Backend + ?Sized> Lens<'a, B> {
             })
             .unzip();
 
-        // Walk down from the last layer while the final top-1 stays top-1.
-        let mut decided_at = None;
-        let mut layer_cells: Vec<&Cell> = cells
-            .iter()
-            .filter(|c| matches!(c.site, Site::Layer(_)))
-            .collect();
-        layer_cells.sort_by_key(|c| c.site);
-        for c in layer_cells.iter().rev() {
-            if c.final_top1_rank != 0 {
-                break;
-            }
-            if let Site::Layer(l) = c.site {
-                decided_at = Some(l);
-            }
-        }
+        let decided_at = decided_at(&cells);
         let view = PositionView {
             position,
             token: tokens.get(position).copied().unwrap_or(0),

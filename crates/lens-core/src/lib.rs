@@ -29,10 +29,10 @@ pub use generate::{
 };
 pub use hidden::{HiddenStates, Site};
 pub use lens::{
-    host_lens, Cell, Lens, LensRequest, NextToken, PositionView, Prediction, SiteLogits,
+    decided_at, host_lens, Cell, Lens, LensRequest, NextToken, PositionView, Prediction, SiteLogits,
 };
 pub use loader::{
-    Capabilities, Device, LoadOptions, Loader, Precision, Registry, Source, SourceKind,
+    Capabilities, Device, LoadOptions, Loader, Precision, Registry, Source, SourceKind, ONE_PROCESS,
 };
 pub use query::{Answer, Query};
 pub use spec::IndexSpec;

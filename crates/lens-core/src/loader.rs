@@ -227,6 +227,12 @@ pub trait Loader: Send + Sync {
 
     fn capabilities(&self) -> Capabilities;
 
+    /// How the backend runs the model, in a few words (`logit-lens backends`): one process
+    /// unless it says otherwise (a pipeline over several processes, ...).
+    fn mode(&self) -> &'static str {
+        ONE_PROCESS
+    }
+
     /// `Ok` when [`Loader::load`] can honour `source` and `options` (as far as can be told
     /// before reading the model); otherwise [`Error::Unsupported`] saying why. The default
     /// checks [`Loader::capabilities`].
@@ -240,6 +246,9 @@ pub trait Loader: Send + Sync {
     /// Load the model. An option the backend cannot honour is an error, never ignored.
     fn load(&self, source: &Source, options: &LoadOptions) -> Result<Box<dyn Backend>, Error>;
 }
+
+/// [`Loader::mode`] of a backend that runs the model in the calling process.
+pub const ONE_PROCESS: &str = "one process";
 
 /// The loaders compiled into a program, in order of preference.
 #[derive(Default)]

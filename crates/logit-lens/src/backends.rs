@@ -14,7 +14,36 @@ pub fn registry() -> Registry {
         &lens_candle::LOADER,
         #[cfg(feature = "mistralrs")]
         &lens_mistralrs::LOADER,
+        #[cfg(feature = "mpi")]
+        &lens_mpi::LOADER,
     ])
+}
+
+/// `logit-lens mpi-worker`: one rank of the `mpi` backend's job (started by `mpirun`, which
+/// the backend runs; not for people).
+#[cfg(feature = "mpi")]
+#[derive(clap::Args)]
+pub struct MpiWorkerArgs {
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    #[arg(long, default_value = "f32")]
+    pub precision: lens_core::Precision,
+    /// The daemon's socket, which rank 0 connects to.
+    #[arg(long)]
+    pub connect: std::path::PathBuf,
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[cfg(feature = "mpi")]
+pub fn mpi_worker(a: MpiWorkerArgs) -> Result<()> {
+    lens_mpi::run_worker(lens_mpi::WorkerArgs {
+        model: a.model,
+        precision: a.precision,
+        connect: a.connect,
+        threads: a.threads,
+    })?;
+    Ok(())
 }
 
 /// What `path` holds: a GGUF file (by its magic) or an HF-style folder. Only regular files and
@@ -69,6 +98,7 @@ pub fn list(a: BackendsArgs) -> Result<()> {
             let strings = |v: Vec<&str>| v.into_iter().map(String::from).collect::<Vec<_>>();
             serde_json::json!({
                 "name": l.name(),
+                "mode": l.mode(),
                 "sources": strings(c.sources.iter().map(|s| s.as_str()).collect()),
                 "devices": strings(c.devices.iter().map(|d| d.family()).collect()),
                 "precisions": strings(c.precisions.iter().map(|p| p.as_str()).collect()),
@@ -80,7 +110,14 @@ pub fn list(a: BackendsArgs) -> Result<()> {
         writeln!(out, "{}", serde_json::json!({ "backends": rows }))?;
         return Ok(());
     }
-    const FIELDS: [&str; 5] = ["name", "sources", "devices", "precisions", "architectures"];
+    const FIELDS: [&str; 6] = [
+        "name",
+        "mode",
+        "sources",
+        "devices",
+        "precisions",
+        "architectures",
+    ];
     let cell = |row: &serde_json::Value, field: &str| match &row[field] {
         serde_json::Value::Array(v) => v
             .iter()
@@ -92,6 +129,7 @@ pub fn list(a: BackendsArgs) -> Result<()> {
     let table: Vec<Vec<String>> = std::iter::once(
         [
             "backend",
+            "mode",
             "sources",
             "devices",
             "precisions",

@@ -155,6 +155,67 @@ pub fn run(args: BenchArgs) -> Result<()> {
         writeln!(out, "{n:>6} {:>11} {:>11} {:>11} {:>9.0} | {hf_fwd:>11} {hf_full:>11} {hf_one:>11} | {r_full:>8} {r_one:>8}", ms(*fwd), ms(*full), ms(*one), mem)?;
     }
     writeln!(out, "× = HF time / logit-lens time (higher is better for logit-lens; target for the full lens ≥ 3)")?;
+    #[cfg(feature = "mpi")]
+    if args.model.backend != "mpi" {
+        pipeline(&args, &path, &rows, &mut out)?;
+    }
+    Ok(())
+}
+
+/// The same forward and full lens on the `mpi` backend (a pipeline of
+/// `LOGIT_LENS_MPI_RANKS` ranks on this machine unless `LOGIT_LENS_MPI_ARGS` names hosts),
+/// beside the figures above, measured in the same run.
+#[cfg(feature = "mpi")]
+fn pipeline(
+    args: &BenchArgs,
+    path: &std::path::Path,
+    one: &[(usize, f64, f64, f64, f64)],
+    out: &mut impl Write,
+) -> Result<()> {
+    let ranks = std::env::var("LOGIT_LENS_MPI_RANKS").unwrap_or_else(|_| "2".into());
+    writeln!(out)?;
+    let backend = match crate::backends::load(path, "mpi", &args.model.options()) {
+        Ok(b) => b,
+        Err(e) => {
+            writeln!(out, "pipeline (mpi backend) not measured: {e:#}")?;
+            return Ok(());
+        }
+    };
+    writeln!(
+        out,
+        "{:>6} {:>15} {:>15} {:>8} | {:>15} {:>8}",
+        "tokens",
+        "1-proc fwd ms",
+        format!("{ranks}-rank fwd ms"),
+        "fwd ×",
+        format!("{ranks}-rank full ms"),
+        "full ×"
+    )?;
+    let all = backend.tokenize(&TEXT.repeat(8))?;
+    for &(n, fwd, full, _, _) in one {
+        let ids: Vec<u32> = all.iter().take(n).map(|t| t.id).collect();
+        let (p_fwd, states) = time(args.repeats, || {
+            Ok(backend.forward(&ids, CaptureOptions::default())?)
+        })?;
+        let lens = Lens::new(&*backend, &states, LensKind::Norm, 5);
+        let sites = lens.all_layers();
+        let (p_full, _) = time(args.repeats, || Ok(lens.grid(&sites)?))?;
+        let ms = |x: f64| format!("{:.1}", x * 1e3);
+        writeln!(
+            out,
+            "{n:>6} {:>15} {:>15} {:>8.2} | {:>15} {:>8.2}",
+            ms(fwd),
+            ms(p_fwd),
+            fwd / p_fwd,
+            ms(p_full),
+            full / p_full
+        )?;
+    }
+    writeln!(
+        out,
+        "× = one-process time / pipeline time (the pipeline's full lens includes the cells' trip \
+         to rank 0 and the daemon; on one machine its ranks share the cores)"
+    )?;
     Ok(())
 }
 

@@ -58,6 +58,10 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Measure the daemon's latency (analyze, hover after edits, warm hover) and cache memory.
     BenchServer(bench_server::BenchServerArgs),
+    /// One rank of the `mpi` backend's job (started by mpirun; not for people).
+    #[cfg(feature = "mpi")]
+    #[command(hide = true)]
+    MpiWorker(backends::MpiWorkerArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -218,6 +222,8 @@ pub fn run(args: Args) -> Result<()> {
         Command::Plot(p) => crate::plot::run(p),
         Command::Serve(s) => serve::run(s),
         Command::BenchServer(b) => bench_server::run(b),
+        #[cfg(feature = "mpi")]
+        Command::MpiWorker(w) => backends::mpi_worker(w),
     }
 }
 

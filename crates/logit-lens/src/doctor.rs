@@ -172,6 +172,9 @@ pub fn run(a: DoctorArgs) -> Result<()> {
             .loaders()
             .iter()
             .filter(|l| l.supports(&source, &options).is_ok())
+            // Backends in this process; a pipeline is held to one process by its own tests
+            // (it reads cells on its ranks, not the logits the doctor compares).
+            .filter(|l| l.mode() == lens_core::ONE_PROCESS)
             .map(|l| l.name().to_string())
             .collect(),
     };

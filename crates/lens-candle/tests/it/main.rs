@@ -11,6 +11,7 @@ mod mutation;
 mod oracle;
 mod reuse;
 mod smollm2;
+mod stage;
 mod stop;
 
 use std::path::PathBuf;

@@ -8,6 +8,8 @@ mod gemma;
 mod generate;
 mod hardening;
 mod model_cache;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod nvim;
 mod plot;
 mod run;
@@ -40,10 +42,20 @@ pub fn logit_lens(args: &[&str]) -> Run {
 }
 
 pub fn logit_lens_stdin(args: &[&str], stdin: Option<&[u8]>) -> Run {
+    logit_lens_with(args, stdin, &[])
+}
+
+/// [`logit_lens`] with extra environment variables.
+pub fn logit_lens_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    logit_lens_with(args, None, env)
+}
+
+fn logit_lens_with(args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &str)]) -> Run {
     ensure_model();
     let mut child = Command::new(env!("CARGO_BIN_EXE_logit-lens"))
         .args(args)
         .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
         .env_remove("LOGIT_LENS_MODEL")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

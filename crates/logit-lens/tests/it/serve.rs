@@ -28,11 +28,17 @@ impl Drop for Server {
 
 impl Server {
     pub fn tcp(extra: &[&str]) -> Server {
+        Server::tcp_with_env(extra, &[])
+    }
+
+    /// [`Server::tcp`] with extra environment variables.
+    pub fn tcp_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         ensure_model();
         let mut child = Command::new(env!("CARGO_BIN_EXE_logit-lens"))
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(extra)
             .env_remove("LOGIT_LENS_MODEL")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -76,6 +82,11 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the server process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn port(&self) -> &str {
