@@ -204,6 +204,10 @@ impl Backend for CandleBackend {
         }
     }
 
+    fn readout_weights(&self) -> Option<Result<lens_core::ReadoutWeights, lens_core::Error>> {
+        Some(self.model.readout_weights().map_err(Into::into))
+    }
+
     fn state_bytes(&self, states: &HiddenStates) -> usize {
         states
             .backend_state()
@@ -227,7 +231,7 @@ impl Backend for CandleBackend {
             )));
         }
         stop.check()?;
-        Ok(self.model.readout(rows, lens == LensKind::Norm, stop)?)
+        Ok(self.model.readout(rows, lens.applies_norm(), stop)?)
     }
 }
 

@@ -19,8 +19,11 @@ mod loader;
 pub mod math;
 mod query;
 pub mod spec;
+mod tuned;
 
-pub use backend::{Backend, CaptureOptions, Error, LensKind, ModelInfo, Stop, Token};
+pub use backend::{
+    Backend, CaptureOptions, Error, FinalNorm, LensKind, ModelInfo, ReadoutWeights, Stop, Token,
+};
 pub use engine_check::{engine_check, EngineCheck, EngineLogits};
 pub use generate::{
     host_generate, sample, Finish, GenerateRequest, Generator, Rng, Sampling, Step,
@@ -34,3 +37,4 @@ pub use loader::{
 };
 pub use query::{Answer, Query};
 pub use spec::IndexSpec;
+pub use tuned::{Affine, Translators};

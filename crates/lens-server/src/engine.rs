@@ -73,6 +73,7 @@ impl LensParams {
             layers,
             positions,
             kind: self.lens.unwrap_or_default(),
+            tuned: None,
             top_k,
         })
     }

@@ -393,6 +393,7 @@ fn run_lens(a: RunArgs) -> Result<()> {
             .position
             .map_or_else(IndexSpec::default, |p| IndexSpec::List(vec![p])),
         kind: a.lens,
+        tuned: None,
         top_k: usize::from(a.top_k),
     };
     let (backend, tokens) = load_prompt(&a.prompt, &a.model, &query)?;

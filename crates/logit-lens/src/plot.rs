@@ -89,6 +89,7 @@ pub fn run(a: PlotArgs) -> Result<()> {
         layers: a.layers.clone(),
         positions: a.tokens.clone(),
         kind: a.lens,
+        tuned: None,
         top_k: usize::from(a.top_k),
     };
     let (backend, tokens) = cli::load_prompt(&a.prompt, &a.model, &query)?;
