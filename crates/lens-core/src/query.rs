@@ -70,7 +70,9 @@ impl Query {
     /// The layers of a model with `n_layers` blocks; also checks `top_k` and that a tuned
     /// lens has a translator for each block.
     pub fn layers_of(&self, n_layers: usize) -> Result<Vec<usize>, Error> {
-        if let Some(t) = self.translators()? {
+        // A tuned query's translators may be loaded after this check (they need the model);
+        // `run` requires them.
+        if let (LensKind::Tuned, Some(t)) = (self.kind, &self.tuned) {
             if t.n_layers() != n_layers {
                 t.check_fits(n_layers, t.hidden_size())?;
             }

@@ -10,6 +10,7 @@
 mod color;
 mod grid;
 mod html;
+mod lines;
 mod svg;
 mod text;
 
@@ -17,6 +18,7 @@ use lens_core::{Answer, Token};
 
 pub use color::{dark_text, rgb};
 pub use grid::Metric;
+pub use lines::{line_chart, Series};
 pub use text::visible;
 
 /// The font every label is drawn with: DejaVu Sans Condensed (see `fonts/PROVENANCE.md`).
