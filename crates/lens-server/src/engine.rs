@@ -443,9 +443,15 @@ impl Engine {
         let lens = Lens::new(
             &*self.backend,
             &states,
-            LensKind::Norm,
+            // The daemon's tuned lens when it was given one (every hover alike, so the
+            // caches of hovers and previous rows hold one lens's numbers).
+            match self.tuned {
+                Some(_) => LensKind::Tuned,
+                None => LensKind::Norm,
+            },
             options.top_k.clamp(1, 100),
         )
+        .with_translators(self.tuned.as_deref())
         .with_stop(stop.clone());
         let cached = match pos {
             0 => None,
