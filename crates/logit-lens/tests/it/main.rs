@@ -11,6 +11,7 @@ mod nvim;
 mod plot;
 mod run;
 mod serve;
+mod tuned;
 mod vscode;
 
 use std::io::Write;
