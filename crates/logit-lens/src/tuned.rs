@@ -291,25 +291,25 @@ pub fn eval_lens(a: EvalLensArgs) -> Result<()> {
         writeln!(out, "  lens {}", s.label)?;
     }
     let names: Vec<String> = (0..stats.len()).map(|i| format!("L{i}")).collect();
+    let head = |what: &str, w: usize| {
+        names
+            .iter()
+            .map(|n| format!("{:>w$}", format!("{what} {n}")))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     writeln!(
         out,
-        "layer  {:>9}  {:>7}  {:>9}",
-        names
-            .iter()
-            .map(|n| format!("KL {n}"))
-            .collect::<Vec<_>>()
-            .join(" "),
-        names
-            .iter()
-            .map(|n| format!("top1 {n}"))
-            .collect::<Vec<_>>()
-            .join(" "),
-        names
-            .iter()
-            .map(|n| format!("ppl {n}"))
-            .collect::<Vec<_>>()
-            .join(" "),
+        "layer  {}  {}  {}",
+        head("KL", 8),
+        head("top1", 8),
+        head("ppl", 10)
     )?;
+    // Perplexities of early layers run to astronomical values: those in scientific notation.
+    let ppl = |p: f64| match p < 1e6 {
+        true => format!("{p:>10.1}"),
+        false => format!("{p:>10.2e}"),
+    };
     for l in 0..per[0].len() {
         let col = |f: &dyn Fn(&lens_tuned::LayerStats) -> String| {
             per.iter().map(|p| f(&p[l])).collect::<Vec<_>>().join(" ")
@@ -317,9 +317,9 @@ pub fn eval_lens(a: EvalLensArgs) -> Result<()> {
         writeln!(
             out,
             "{l:>5}  {}  {}  {}",
-            col(&|s| format!("{:>7.3}", s.kl)),
-            col(&|s| format!("{:>7.3}", s.top1_agreement)),
-            col(&|s| format!("{:>9.1}", s.perplexity)),
+            col(&|s| format!("{:>8.3}", s.kl)),
+            col(&|s| format!("{:>8.3}", s.top1_agreement)),
+            col(&|s| ppl(s.perplexity)),
         )?;
     }
     for s in &stats {
