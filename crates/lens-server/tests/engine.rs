@@ -212,3 +212,34 @@ fn the_tuned_lens_is_the_one_the_daemon_was_given() {
         serde_json::to_value(&norm.positions).expect("json")
     );
 }
+
+/// Hovers read the daemon's tuned lens when it has one: identity translators give the norm
+/// lens's hover, shifted ones another.
+#[test]
+fn hovers_read_the_daemons_tuned_lens() {
+    let hover = |tuned: Option<lens_core::Translators>| {
+        Engine::new(Arc::new(ReferenceBackend::new()), 64 << 20)
+            .with_tuned(tuned.map(Arc::new))
+            .hover(
+                "the cat sat on the mat",
+                9,
+                &lens_server::HoverOptions::default(),
+                &Stop::never(),
+            )
+            .expect("hover")
+            .expect("a token")
+            .markdown
+    };
+    let n = lens_conformance::N_BLOCKS;
+    let norm = hover(None);
+    assert_eq!(
+        hover(Some(lens_core::Translators::identity("id", 4, n))),
+        norm
+    );
+    let shift = lens_core::Affine {
+        weight: vec![0.0; 16],
+        bias: vec![5.0, -5.0, 0.0, 0.0],
+    };
+    let shifted = lens_core::Translators::new("shift", 4, vec![shift; n]).expect("translators");
+    assert_ne!(hover(Some(shifted)), norm);
+}
