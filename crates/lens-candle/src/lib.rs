@@ -206,6 +206,10 @@ impl Backend for CandleBackend {
         }
     }
 
+    fn readout_weights(&self) -> Option<Result<lens_core::ReadoutWeights, lens_core::Error>> {
+        Some(self.model.readout_weights().map_err(Into::into))
+    }
+
     fn state_bytes(&self, states: &HiddenStates) -> usize {
         states
             .backend_state()
@@ -242,7 +246,7 @@ fn readout(
         )));
     }
     stop.check()?;
-    Ok(model.readout(rows, lens == LensKind::Norm, stop)?)
+    Ok(model.readout(rows, lens.applies_norm(), stop)?)
 }
 
 impl CandleBackend {

@@ -915,6 +915,27 @@ impl Model {
         ))
     }
 
+    /// The readout's weights as plain values: the final norm and `W_U` dequantized.
+    pub(crate) fn readout_weights(&self) -> Result<lens_core::ReadoutWeights, Error> {
+        let values = |t: &Tensor| -> Result<Vec<f32>, Error> {
+            Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        };
+        let unembedding = match &self.unembed {
+            QMatMul::QTensor(q) => values(&q.dequantize(&self.device)?)?,
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => values(t)?,
+        };
+        let eps = self.cfg.rms_eps;
+        Ok(lens_core::ReadoutWeights {
+            norm: match self.cfg.norm {
+                NormKind::Rms => lens_core::FinalNorm::Rms { eps },
+                NormKind::Layer => lens_core::FinalNorm::Layer { eps },
+            },
+            norm_weight: values(&self.final_norm)?,
+            norm_bias: self.final_norm_bias.as_ref().map(values).transpose()?,
+            unembedding,
+        })
+    }
+
     /// `unembed(final_norm(rows))` or `rows · W_Uᵀ`.
     pub(crate) fn readout(&self, rows: &[f32], norm: bool, stop: &Stop) -> Result<Vec<f32>, Error> {
         let hidden = self.cfg.hidden;

@@ -567,6 +567,7 @@ pub fn reduce_matches_host(backend: &dyn Backend, ids: &[u32]) -> usize {
             positions,
             sites,
             kind,
+            translators: None,
             top_k,
         };
         let what = format!("{kind} lens, top-{top_k}, positions {positions:?}, sites {sites:?}");

@@ -115,7 +115,7 @@ fn block(b: usize, h: &Row, sum: &Row, t: usize) -> (Row, Row) {
 
 fn logits_of(h: &Row, kind: LensKind, out: &mut Vec<f32>) {
     let x = match kind {
-        LensKind::Norm => {
+        LensKind::Norm | LensKind::Tuned => {
             let n = rmsnorm(h);
             std::array::from_fn(|j| NORM_W[j] * n[j])
         }

@@ -7,6 +7,8 @@ use lens_core::{
     host_lens, Backend, CaptureOptions, Error, HiddenStates, IndexSpec, Lens, LensKind,
     LensRequest, ModelInfo, PositionView, Query, Site, Stop, Token,
 };
+use lens_core::{Affine, Translators};
+use std::sync::Arc;
 
 fn states(backend: &dyn Backend, text: &str, mid_block: bool) -> HiddenStates {
     let ids = suite::ids(backend, text);
@@ -18,6 +20,7 @@ fn query(layers: &str, positions: &str, kind: LensKind, top_k: usize) -> Query {
         layers: layers.parse().unwrap(),
         positions: positions.parse().unwrap(),
         kind,
+        tuned: None,
         top_k,
     }
 }
@@ -83,6 +86,68 @@ fn query_run_reads_the_hand_computed_cell() {
         view.cells[1].next.is_none(),
         "the last position has no next token"
     );
+}
+
+/// Translators for the reference model (3 blocks, width 4): layer 0 shifted by `bias`, the
+/// others the identity.
+fn shifted(bias: [f32; 4]) -> Arc<Translators> {
+    let mut layers = Translators::identity("shift", 4, 3).layers().to_vec();
+    layers[0] = Affine {
+        weight: vec![0.0; 16],
+        bias: bias.to_vec(),
+    };
+    Arc::new(Translators::new("shift", 4, layers).unwrap())
+}
+
+#[test]
+fn the_tuned_lens_reads_the_translated_row_through_the_norm_readout() {
+    let b = ReferenceBackend::new();
+    let s = states(&b, "the cat sat on the mat", false);
+    let tuned = |t: Arc<Translators>, layers: &str| Query {
+        layers: layers.parse().unwrap(),
+        positions: "-1".parse().unwrap(),
+        top_k: 3,
+        ..Query::tuned(t)
+    };
+    // Layer 0 at "mat" is [0.8, -0.5, 0.8, 0.2]; shifted by b it is [1.0, 0.0, 0.5, 0.3].
+    let answer = tuned(shifted([0.2, 0.5, -0.3, 0.1]), "0,3")
+        .run(&b, &s, &Stop::never())
+        .unwrap();
+    assert_eq!(answer.kind, LensKind::Tuned);
+    let (id, p) = top1_by_hand([1.0, 0.0, 0.5, 0.3]);
+    let cell = &answer.views[0].cells[0];
+    assert_eq!(cell.top[0].id, id);
+    assert!(
+        (f64::from(cell.top[0].prob) - p).abs() < 1e-6,
+        "{cell:?} vs {p}"
+    );
+    // The last layer is untranslated: the model output.
+    assert_eq!(answer.views[0].cells[1].kl_to_final, 0.0);
+    // Identity translators are the norm lens, cell for cell, also on a backend that reduces
+    // on its own device (the tuned lens always runs on the host).
+    let device = ReferenceBackend::with_reduce(lens_conformance::Reduce::Device);
+    let identity = Arc::new(Translators::identity("id", 4, 3));
+    let norm = query("all", "all", LensKind::Norm, 3)
+        .run(&b, &s, &Stop::never())
+        .unwrap();
+    let same = Query {
+        positions: IndexSpec::default(),
+        ..tuned(identity.clone(), "all")
+    }
+    .run(&device, &s, &Stop::never())
+    .unwrap();
+    assert_eq!(same.views, norm.views);
+    // The kind without translators, translators of another model, a mid-block site: refused.
+    let bare = query("all", "all", LensKind::Tuned, 3).run(&b, &s, &Stop::never());
+    assert!(matches!(bare, Err(Error::Unsupported(_))), "{bare:?}");
+    let other =
+        tuned(Arc::new(Translators::identity("x", 4, 2)), "all").run(&b, &s, &Stop::never());
+    assert!(matches!(other, Err(Error::Shape(_))), "{other:?}");
+    let mid = states(&b, "the cat", true);
+    let r = Lens::new(&b as &dyn Backend, &mid, LensKind::Tuned, 1)
+        .with_translators(Some(&identity))
+        .position(0, &[Site::MidBlock(1)]);
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
 }
 
 #[test]
@@ -156,6 +221,7 @@ fn host_lens_validates_its_request() {
             positions,
             sites,
             kind: LensKind::Norm,
+            translators: None,
             top_k: 2,
         };
         host_lens(&b, &request, &Stop::never()).map(|v| v.len())
@@ -189,6 +255,7 @@ fn host_lens_validates_its_request() {
         positions: &[0],
         sites: &[Site::Layer(0)],
         kind: LensKind::Raw,
+        translators: None,
         top_k: 1,
     };
     assert!(matches!(

@@ -44,16 +44,33 @@ pub enum LensKind {
     Norm,
     /// `h · W_Uᵀ` with no final norm.
     Raw,
+    /// The tuned lens: `unembed(final_norm(h + W_l·h + b_l))` with a learned translator per
+    /// layer ([`crate::Translators`], carried beside the kind by [`crate::Query`] and
+    /// [`crate::Lens`]). lens-core translates the rows on the host; a backend's
+    /// [`Backend::readout`] asked for `Tuned` is the norm readout of rows already translated.
+    Tuned,
 }
 
 impl LensKind {
+    /// The readouts a backend implements itself (`Tuned` is `Norm` on translated rows).
     pub const ALL: [LensKind; 2] = [LensKind::Norm, LensKind::Raw];
 
     pub fn as_str(self) -> &'static str {
         match self {
             LensKind::Norm => "norm",
             LensKind::Raw => "raw",
+            LensKind::Tuned => "tuned",
         }
+    }
+
+    /// Whether the readout applies the final norm (every kind but `Raw`).
+    pub fn applies_norm(self) -> bool {
+        self != LensKind::Raw
+    }
+
+    /// Whether the last layer's readout is the model's output (no translator, final norm).
+    pub fn last_layer_is_output(self) -> bool {
+        self != LensKind::Raw
     }
 }
 
@@ -67,11 +84,33 @@ impl FromStr for LensKind {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        LensKind::ALL
+        [LensKind::Norm, LensKind::Raw, LensKind::Tuned]
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown lens `{s}`: use norm or raw"))
+            .ok_or_else(|| format!("unknown lens `{s}`: use norm, raw or tuned"))
     }
+}
+
+/// The lens readout's frozen parameters as plain numbers (for training a tuned lens in front
+/// of it, and for recognising the model a tuned lens belongs to).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadoutWeights {
+    pub norm: FinalNorm,
+    /// The final norm's scale, `hidden` (Gemma's `1 + w` already added).
+    pub norm_weight: Vec<f32>,
+    /// The final norm's shift (LayerNorm), `hidden`.
+    pub norm_bias: Option<Vec<f32>>,
+    /// `W_U`, `vocab × hidden`, row-major, dequantized.
+    pub unembedding: Vec<f32>,
+}
+
+/// The final norm's formula.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FinalNorm {
+    /// `x / sqrt(mean(x²) + eps) · w`.
+    Rms { eps: f64 },
+    /// `(x − mean) / sqrt(var + eps) · w + b`.
+    Layer { eps: f64 },
 }
 
 /// What a forward pass captures besides the residual stream at block boundaries.
@@ -272,6 +311,12 @@ pub trait Backend: Send + Sync {
     /// Generation, where the backend can write ([`crate::host_generate`] is the loop on its
     /// own forward and readout). The default: it cannot.
     fn generator(&self) -> Option<&dyn Generator> {
+        None
+    }
+
+    /// The readout's weights as plain numbers, where the backend can hand them out (the tuned
+    /// lens trains on them and checks a lens file against their hash). The default: it cannot.
+    fn readout_weights(&self) -> Option<Result<ReadoutWeights, Error>> {
         None
     }
 

@@ -11,7 +11,9 @@
 use std::ops::Range;
 
 use crate::math::kl_rows;
-use crate::{Backend, Error, HiddenStates, Lens, LensKind, Prediction, Site, SiteLogits, Stop};
+use crate::{
+    Backend, Error, HiddenStates, Lens, LensKind, Prediction, Site, SiteLogits, Stop, Translators,
+};
 
 /// Positions compared in one readout batch per version (each position's rows are
 /// `layers × vocabulary` floats, ~6 MB for the default model).
@@ -173,12 +175,16 @@ pub(crate) fn compare(
     (before, after): (&HiddenStates, &HiddenStates),
     pairs: &[Pair],
     layers: &[usize],
-    (kind, top_k): (LensKind, usize),
+    (kind, top_k, translators): (LensKind, usize, Option<&Translators>),
     stop: &Stop,
 ) -> Result<Vec<PairDiff>, Error> {
     let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
-    let lens_before = Lens::new(backend, before, kind, top_k).with_stop(stop.clone());
-    let lens_after = Lens::new(backend, after, kind, top_k).with_stop(stop.clone());
+    let lens = |states| {
+        Lens::new(backend, states, kind, top_k)
+            .with_translators(translators)
+            .with_stop(stop.clone())
+    };
+    let (lens_before, lens_after) = (lens(before), lens(after));
     let mut out = Vec::with_capacity(pairs.len());
     for batch in pairs.chunks(PAIRS_PER_BATCH) {
         let b: Vec<usize> = batch.iter().map(|p| p.before).collect();

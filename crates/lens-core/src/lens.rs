@@ -1,7 +1,7 @@
 use rayon::prelude::*;
 
 use crate::math::{self, Reference, RowStats};
-use crate::{Backend, Error, HiddenStates, LensKind, Site, Stop};
+use crate::{Backend, Error, HiddenStates, LensKind, Site, Stop, Translators};
 
 /// Rows read out in one call to the backend when scanning a whole prompt: large enough for
 /// an efficient matrix product, small enough that logits never take more than ~100 MB.
@@ -106,6 +106,8 @@ pub struct LensRequest<'a> {
     pub positions: &'a [usize],
     pub sites: &'a [Site],
     pub kind: LensKind,
+    /// The translators of [`LensKind::Tuned`].
+    pub translators: Option<&'a Translators>,
     /// Predictions kept per cell.
     pub top_k: usize,
 }
@@ -123,6 +125,7 @@ pub fn host_lens<B: Backend + ?Sized>(
         backend,
         states: request.states,
         kind: request.kind,
+        translators: request.translators,
         top_k: request.top_k,
         stop: stop.clone(),
     };
@@ -162,6 +165,7 @@ pub struct Lens<'a, B: Backend + ?Sized = dyn Backend> {
     backend: &'a B,
     states: &'a HiddenStates,
     kind: LensKind,
+    translators: Option<&'a Translators>,
     top_k: usize,
     stop: Stop,
 }
@@ -172,9 +176,16 @@ impl<'a, B: Backend + ?Sized> Lens<'a, B> {
             backend,
             states,
             kind,
+            translators: None,
             top_k,
             stop: Stop::never(),
         }
+    }
+
+    /// The translators [`LensKind::Tuned`] reads through (it requires them).
+    pub fn with_translators(mut self, translators: Option<&'a Translators>) -> Self {
+        self.translators = translators;
+        self
     }
 
     /// Readouts give up with [`Error::Stopped`] once `stop` is raised.
@@ -284,7 +295,8 @@ impl<'a, B: Backend + ?Sized> Lens<'a, B> {
     }
 
     /// The lens at `sites` for each of `positions`, in that order, through the backend's
-    /// [`Backend::lens`] (the host math unless the backend reduces on its device).
+    /// [`Backend::lens`] (the host math unless the backend reduces on its device). The tuned
+    /// lens translates rows on the host, so it always runs [`host_lens`].
     pub fn positions(
         &self,
         positions: &[usize],
@@ -296,9 +308,13 @@ impl<'a, B: Backend + ?Sized> Lens<'a, B> {
             positions,
             sites,
             kind: self.kind,
+            translators: self.translators,
             top_k: self.top_k,
         };
-        let views = self.backend.lens(&request, &self.stop)?;
+        let views = match self.kind {
+            LensKind::Tuned => host_lens(self.backend, &request, &self.stop)?,
+            _ => self.backend.lens(&request, &self.stop)?,
+        };
         if views.len() != positions.len()
             || views
                 .iter()
@@ -353,8 +369,22 @@ impl<'a, B: Backend + ?Sized> Lens<'a, B> {
                 max: st.n_layers(),
             });
         }
-        // With the norm lens, the last layer's row *is* the model output; reuse it.
-        Ok(self.kind == LensKind::Norm && sites.contains(&Site::Layer(st.n_layers())))
+        if self.kind == LensKind::Tuned {
+            let t = self.translators.ok_or_else(|| {
+                Error::Unsupported(
+                    "the tuned lens needs its translators: load a lens file (--lens tuned:PATH)"
+                        .into(),
+                )
+            })?;
+            t.check_fits(st.n_layers(), st.hidden_size())?;
+            if let Some(Site::MidBlock(l)) = sites.iter().find(|s| matches!(s, Site::MidBlock(_))) {
+                return Err(Error::Unsupported(format!(
+                    "the tuned lens translates layer boundaries only, not the middle of block {l}"
+                )));
+            }
+        }
+        // With the norm and tuned lenses, the last layer's row *is* the model output; reuse it.
+        Ok(self.kind.last_layer_is_output() && sites.contains(&Site::Layer(st.n_layers())))
     }
 
     /// Logits of every site at each position of `group` (position-major), and, unless the
@@ -373,7 +403,23 @@ impl<'a, B: Backend + ?Sized> Lens<'a, B> {
                 rows.extend_from_slice(st.row(s, p).unwrap_or(&[]));
             }
         }
-        let logits = self.backend.readout_until(&rows, self.kind, &self.stop)?;
+        let (rows, kind) = match (self.kind, self.translators) {
+            (LensKind::Tuned, Some(t)) => {
+                let layers: Vec<usize> = group
+                    .iter()
+                    .flat_map(|_| {
+                        // Mid-block sites were refused by `check`; none is translated.
+                        sites.iter().map(|s| match *s {
+                            Site::Layer(l) => l,
+                            Site::MidBlock(_) => usize::MAX,
+                        })
+                    })
+                    .collect();
+                (t.translate(&rows, &layers), LensKind::Norm)
+            }
+            (kind, _) => (rows, kind),
+        };
+        let logits = self.backend.readout_until(&rows, kind, &self.stop)?;
         let final_logits = if final_in_sites {
             None
         } else {

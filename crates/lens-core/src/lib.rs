@@ -20,8 +20,11 @@ mod loader;
 pub mod math;
 mod query;
 pub mod spec;
+mod tuned;
 
-pub use backend::{Backend, CaptureOptions, Error, LensKind, ModelInfo, Stop, Token};
+pub use backend::{
+    Backend, CaptureOptions, Error, FinalNorm, LensKind, ModelInfo, ReadoutWeights, Stop, Token,
+};
 pub use diff::{Alignment, Change, Diff, DiffCell, Pair, PairDiff, Part};
 pub use engine_check::{engine_check, EngineCheck, EngineLogits};
 pub use generate::{
@@ -36,3 +39,4 @@ pub use loader::{
 };
 pub use query::{Answer, Query};
 pub use spec::IndexSpec;
+pub use tuned::{Affine, Translators};

@@ -3,8 +3,13 @@
 //! and its hovers all read the lens through [`Query::run`], so the same cell is the same
 //! numbers everywhere.
 
+use std::sync::Arc;
+
+use crate::{
+    Backend, Error, HiddenStates, IndexSpec, Lens, LensKind, PositionView, Site, Stop, Translators,
+};
+
 use crate::diff::{self, Alignment, Diff};
-use crate::{Backend, Error, HiddenStates, IndexSpec, Lens, LensKind, PositionView, Site, Stop};
 
 /// What to read: validated against the model ([`Query::layers_of`]) before any forward pass
 /// and against the prompt ([`Query::positions_of`]) right after tokenizing.
@@ -13,6 +18,8 @@ pub struct Query {
     pub layers: IndexSpec,
     pub positions: IndexSpec,
     pub kind: LensKind,
+    /// The translators of [`LensKind::Tuned`] (required by it, ignored by the other kinds).
+    pub tuned: Option<Arc<Translators>>,
     /// Predictions per cell, 1..=[`Query::MAX_TOP_K`].
     pub top_k: usize,
 }
@@ -23,6 +30,7 @@ impl Default for Query {
             layers: IndexSpec::default(),
             positions: IndexSpec::default(),
             kind: LensKind::Norm,
+            tuned: None,
             top_k: 5,
         }
     }
@@ -41,8 +49,36 @@ pub struct Answer {
 impl Query {
     pub const MAX_TOP_K: usize = 100;
 
-    /// The layers of a model with `n_layers` blocks; also checks `top_k`.
+    /// A query for the tuned lens with `translators`.
+    pub fn tuned(translators: Arc<Translators>) -> Query {
+        Query {
+            kind: LensKind::Tuned,
+            tuned: Some(translators),
+            ..Query::default()
+        }
+    }
+
+    /// The translators the query reads through: `Some` for the tuned lens, which requires them.
+    pub fn translators(&self) -> Result<Option<&Translators>, Error> {
+        match (self.kind, &self.tuned) {
+            (LensKind::Tuned, None) => Err(Error::Unsupported(
+                "the tuned lens needs its translators: load a lens file (--lens tuned:PATH)".into(),
+            )),
+            (LensKind::Tuned, Some(t)) => Ok(Some(t)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The layers of a model with `n_layers` blocks; also checks `top_k` and that a tuned
+    /// lens has a translator for each block.
     pub fn layers_of(&self, n_layers: usize) -> Result<Vec<usize>, Error> {
+        // A tuned query's translators may be loaded after this check (they need the model);
+        // `run` requires them.
+        if let (LensKind::Tuned, Some(t)) = (self.kind, &self.tuned) {
+            if t.n_layers() != n_layers {
+                t.check_fits(n_layers, t.hidden_size())?;
+            }
+        }
         if !(1..=Self::MAX_TOP_K).contains(&self.top_k) {
             return Err(Error::Layers(format!(
                 "top-k must be 1..={}, not {}",
@@ -69,6 +105,7 @@ impl Query {
         let positions = self.positions_of(states.n_positions())?;
         let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
         let views = Lens::new(backend, states, self.kind, self.top_k)
+            .with_translators(self.translators()?)
             .with_stop(stop.clone())
             .positions(&positions, &sites)?;
         Ok(Answer {
@@ -110,7 +147,7 @@ impl Query {
             (before, after),
             &pairs,
             &layers,
-            (self.kind, self.top_k),
+            (self.kind, self.top_k, self.translators()?),
             stop,
         )?;
         Ok(Diff {

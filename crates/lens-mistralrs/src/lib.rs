@@ -341,7 +341,7 @@ impl Backend for MistralRsBackend {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(self.model.readout(rows, lens == LensKind::Norm)?)
+        Ok(self.model.readout(rows, lens.applies_norm())?)
     }
 
     fn state_bytes(&self, states: &HiddenStates) -> usize {

@@ -504,6 +504,11 @@ impl Backend for MpiBackend {
     /// Each rank reduces the cells of its own layers; rank 0 joins them.
     fn lens(&self, request: &LensRequest<'_>, stop: &Stop) -> Result<Vec<PositionView>, LensError> {
         stop.check()?;
+        if request.kind == LensKind::Tuned {
+            return Err(LensError::Unsupported(
+                "the mpi backend has no tuned lens yet (its ranks hold no translators)".into(),
+            ));
+        }
         let sites: Vec<usize> = request
             .sites
             .iter()

@@ -186,6 +186,8 @@ fn kind_code(kind: LensKind) -> u8 {
     match kind {
         LensKind::Norm => 0,
         LensKind::Raw => 1,
+        // Refused before it is sent (the ranks hold no translators).
+        LensKind::Tuned => 2,
     }
 }
 

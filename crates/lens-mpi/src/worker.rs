@@ -408,6 +408,7 @@ impl Rank {
             sites: &local,
             kind,
             top_k,
+            translators: None,
         };
         // A local layer past the own ones is the final layer.
         let n = self.stage.info().n_layers;

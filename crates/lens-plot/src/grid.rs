@@ -334,6 +334,7 @@ impl Grid {
         let lens = match self.lens {
             LensKind::Norm => "norm lens (final norm + unembedding)",
             LensKind::Raw => "raw lens (unembedding only)",
+            LensKind::Tuned => "tuned lens (translator + final norm + unembedding)",
         };
         format!(
             "{lens} · colour: {} · outlined: top-1 = actual next token",

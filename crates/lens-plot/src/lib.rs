@@ -11,6 +11,7 @@ mod color;
 mod diff;
 mod grid;
 mod html;
+mod lines;
 mod svg;
 mod text;
 
@@ -19,6 +20,7 @@ use lens_core::{Answer, Token};
 pub use color::{dark_text, rgb};
 pub use diff::{diff_html, diff_png, diff_svg, kl_t, DiffPlot};
 pub use grid::Metric;
+pub use lines::{line_chart, Series};
 pub use text::visible;
 
 /// The font every label is drawn with: DejaVu Sans Condensed (see `fonts/PROVENANCE.md`).

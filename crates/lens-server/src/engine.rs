@@ -35,7 +35,8 @@ pub struct LensParams {
     pub layers: Option<LayersParam>,
     #[serde(default)]
     pub top_k: Option<i64>,
-    /// `"norm"` (default) or `"raw"`.
+    /// `"norm"` (default), `"raw"`, or `"tuned"` (the lens the daemon was started with,
+    /// `serve --tuned-lens PATH`: no method takes a path).
     #[serde(default, deserialize_with = "lens_kind")]
     pub lens: Option<LensKind>,
 }
@@ -74,6 +75,7 @@ impl LensParams {
             layers,
             positions,
             kind: self.lens.unwrap_or_default(),
+            tuned: None,
             top_k,
         })
     }
@@ -214,6 +216,8 @@ pub struct Engine {
     /// The most bytes a prompt of the model's context can have (`token_bytes` times the
     /// context): longer texts are refused before they are tokenized.
     max_prompt_bytes: usize,
+    /// The tuned lens's translators, when the daemon was given one.
+    tuned: Option<Arc<lens_core::Translators>>,
 }
 
 /// The most bytes of text a token can stand for: the longest decoded token (at least 4, a
@@ -239,7 +243,22 @@ impl Engine {
             token_bytes,
             max_prompt_bytes: token_bytes.saturating_mul(backend.info().context_length.max(1)),
             backend,
+            tuned: None,
         }
+    }
+
+    /// Serve `"lens": "tuned"` with these translators (checked against the model by whoever
+    /// loaded them).
+    pub fn with_tuned(mut self, tuned: Option<Arc<lens_core::Translators>>) -> Self {
+        self.tuned = tuned;
+        self
+    }
+
+    /// The query of `params` at `positions`, with the daemon's tuned lens.
+    fn query_of(&self, params: &LensParams, positions: Option<&[i64]>) -> Result<Query, RpcError> {
+        let mut query = params.query(positions)?;
+        query.tuned = self.tuned.clone();
+        Ok(query)
     }
 
     /// The most bytes a `lens/*` text may have.
@@ -353,14 +372,14 @@ impl Engine {
 
     /// `lens/analyze`: the same report as `logit-lens run --format json`.
     pub fn analyze(&self, p: &AnalyzeParams, stop: &Stop) -> Result<Report, RpcError> {
-        let query = p.lens.query(p.positions.as_deref())?;
+        let query = self.query_of(&p.lens, p.positions.as_deref())?;
         let (tokens, answer) = self.answer(&p.text, &query, stop)?;
         Ok(wire::build(&*self.backend, &tokens, &answer))
     }
 
     /// `lens/position`: the report with one position.
     pub fn position(&self, p: &PositionParams, stop: &Stop) -> Result<Report, RpcError> {
-        let query = p.lens.query(Some(&[p.position]))?;
+        let query = self.query_of(&p.lens, Some(&[p.position]))?;
         let (tokens, answer) = self.answer(&p.text, &query, stop)?;
         Ok(wire::build(&*self.backend, &tokens, &answer))
     }
@@ -380,7 +399,7 @@ impl Engine {
             None => lens_plot::Metric::default(),
             Some(m) => m.parse().map_err(RpcError::invalid_params)?,
         };
-        let query = p.lens.query(None)?;
+        let query = self.query_of(&p.lens, None)?;
         let (tokens, answer) = self.answer(&p.text, &query, stop)?;
         let decode = |id: u32| self.backend.decode(id);
         let plot = lens_plot::Plot {
@@ -409,7 +428,7 @@ impl Engine {
                 "format must be \"json\", \"svg\" or \"html\", not {format:?}"
             )));
         }
-        let query = p.lens.query(p.positions.as_deref())?;
+        let query = self.query_of(&p.lens, p.positions.as_deref())?;
         query.layers_of(self.backend.info().n_layers)?;
         let before = self.prompt(&p.before)?;
         let after = self.prompt(&p.after)?;
@@ -601,9 +620,15 @@ impl Engine {
         let lens = Lens::new(
             &*self.backend,
             &states,
-            LensKind::Norm,
+            // The daemon's tuned lens when it was given one (every hover alike, so the
+            // caches of hovers and previous rows hold one lens's numbers).
+            match self.tuned {
+                Some(_) => LensKind::Tuned,
+                None => LensKind::Norm,
+            },
             options.top_k.clamp(1, 100),
         )
+        .with_translators(self.tuned.as_deref())
         .with_stop(stop.clone());
         let cached = match pos {
             0 => None,

@@ -243,6 +243,8 @@ pub struct ServeConfig {
     /// Allow a non-loopback listener without TLS (the token and every prompt in clear text).
     pub insecure: bool,
     pub limits: Limits,
+    /// The tuned lens `"lens": "tuned"` reads through.
+    pub tuned: Option<Arc<lens_core::Translators>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -307,7 +309,8 @@ pub fn run(backend: Arc<dyn Backend>, config: ServeConfig) -> Result<(), ServeEr
         _ => None,
     };
     let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
-    let engine = Arc::new(Engine::new(backend, config.cache_bytes));
+    let engine =
+        Arc::new(Engine::new(backend, config.cache_bytes).with_tuned(config.tuned.clone()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -175,7 +175,71 @@ fn analyze_selects_and_refuses_like_the_protocol_says() {
     assert_eq!(code(serde_json::json!({ "text": text, "topK": 0 })), -32602);
     assert_eq!(code(serde_json::json!({ "text": "" })), -32010);
     assert!(serde_json::from_value::<AnalyzeParams>(
-        serde_json::json!({ "text": text, "lens": "tuned" })
+        serde_json::json!({ "text": text, "lens": "tuned:/a/path" })
     )
     .is_err());
+}
+
+/// `"lens": "tuned"` reads through the translators the daemon was started with, and is refused
+/// without them.
+#[test]
+fn the_tuned_lens_is_the_one_the_daemon_was_given() {
+    let params = |lens: &str| -> AnalyzeParams {
+        serde_json::from_value(serde_json::json!({ "text": "the cat sat", "lens": lens }))
+            .expect("params")
+    };
+    let bare = Engine::new(Arc::new(ReferenceBackend::new()), 64 << 20);
+    let err = bare
+        .analyze(&params("tuned"), &Stop::never())
+        .expect_err("no tuned lens");
+    assert!(
+        err.message.contains("tuned lens needs its translators"),
+        "{err:?}"
+    );
+    // Identity translators: the norm lens's cells, labelled tuned.
+    let identity = lens_core::Translators::identity("id", 4, lens_conformance::N_BLOCKS);
+    let engine = Engine::new(Arc::new(ReferenceBackend::new()), 64 << 20)
+        .with_tuned(Some(Arc::new(identity)));
+    let tuned = engine
+        .analyze(&params("tuned"), &Stop::never())
+        .expect("tuned");
+    let norm = engine
+        .analyze(&params("norm"), &Stop::never())
+        .expect("norm");
+    assert_eq!(tuned.lens, "tuned");
+    assert_eq!(
+        serde_json::to_value(&tuned.positions).expect("json"),
+        serde_json::to_value(&norm.positions).expect("json")
+    );
+}
+
+/// Hovers read the daemon's tuned lens when it has one: identity translators give the norm
+/// lens's hover, shifted ones another.
+#[test]
+fn hovers_read_the_daemons_tuned_lens() {
+    let hover = |tuned: Option<lens_core::Translators>| {
+        Engine::new(Arc::new(ReferenceBackend::new()), 64 << 20)
+            .with_tuned(tuned.map(Arc::new))
+            .hover(
+                "the cat sat on the mat",
+                9,
+                &lens_server::HoverOptions::default(),
+                &Stop::never(),
+            )
+            .expect("hover")
+            .expect("a token")
+            .markdown
+    };
+    let n = lens_conformance::N_BLOCKS;
+    let norm = hover(None);
+    assert_eq!(
+        hover(Some(lens_core::Translators::identity("id", 4, n))),
+        norm
+    );
+    let shift = lens_core::Affine {
+        weight: vec![0.0; 16],
+        bias: vec![5.0, -5.0, 0.0, 0.0],
+    };
+    let shifted = lens_core::Translators::new("shift", 4, vec![shift; n]).expect("translators");
+    assert_ne!(hover(Some(shifted)), norm);
 }

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lens_core::{
-    Backend, CaptureOptions, Device, IndexSpec, LensKind, LoadOptions, Precision, Query, Stop,
-    Token,
+    Backend, CaptureOptions, Device, IndexSpec, LoadOptions, Precision, Query, Stop, Token,
 };
 
 use crate::{backends, bench, bench_server, render, serve};
@@ -54,6 +53,11 @@ pub enum Command {
     Diff(crate::diff::DiffArgs),
     /// Draw the lens as a heatmap: SVG, PNG or an interactive HTML page.
     Plot(crate::plot::PlotArgs),
+    /// Train a tuned lens (one affine translator per layer) on texts; resumable.
+    Tune(crate::tuned::TuneArgs),
+    /// Measure lenses side by side on a held-out text: per layer, KL to the output, top-1
+    /// agreement, next-token perplexity (norm, raw and the tuned lenses given).
+    EvalLens(crate::tuned::EvalLensArgs),
     /// Run the daemon: LSP on stdio, or the `lens/*` JSON-RPC methods on a socket.
     Serve(serve::ServeArgs),
     /// Measure the daemon's latency (analyze, hover after edits, warm hover) and cache memory.
@@ -153,9 +157,10 @@ pub struct RunArgs {
     #[arg(long, short = 'k', default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=100))]
     pub top_k: u16,
     /// norm: the final norm, then the unembedding (the standard logit lens); raw: the
-    /// unembedding alone.
+    /// unembedding alone; tuned:PATH: a tuned lens's translators (a file of `logit-lens tune`
+    /// or a folder of the tuned-lens Python package), then the norm lens.
     #[arg(long, default_value = "norm")]
-    pub lens: LensKind,
+    pub lens: crate::tuned::LensArg,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
 }
@@ -220,6 +225,8 @@ pub fn run(args: Args) -> Result<()> {
         Command::Bench(b) => bench::run(b),
         Command::Diff(d) => crate::diff::run(d),
         Command::Plot(p) => crate::plot::run(p),
+        Command::Tune(t) => crate::tuned::tune(t),
+        Command::EvalLens(e) => crate::tuned::eval_lens(e),
         Command::Serve(s) => serve::run(s),
         Command::BenchServer(b) => bench_server::run(b),
         #[cfg(feature = "mpi")]
@@ -397,15 +404,17 @@ pub(crate) fn answer(
 }
 
 fn run_lens(a: RunArgs) -> Result<()> {
-    let query = Query {
+    let mut query = Query {
         layers: a.layers.clone(),
         positions: a
             .position
             .map_or_else(IndexSpec::default, |p| IndexSpec::List(vec![p])),
-        kind: a.lens,
+        kind: a.lens.kind,
+        tuned: None,
         top_k: usize::from(a.top_k),
     };
     let (backend, tokens) = load_prompt(&a.prompt, &a.model, &query)?;
+    query.tuned = a.lens.translators(&*backend)?;
     let answer = answer(&*backend, &tokens, &query)?;
     let mut out = anstream::stdout();
     match a.format {

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use lens_core::{Backend, CaptureOptions, IndexSpec, LensKind, Query, Stop, Token};
+use lens_core::{Backend, CaptureOptions, IndexSpec, Query, Stop, Token};
 use lens_plot::{DiffPlot, Options};
 
 use crate::cli::{self, Format, ModelArgs, PromptArgs};
@@ -38,9 +38,10 @@ pub struct DiffArgs {
     /// Predictions per version and cell.
     #[arg(long, short = 'k', default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=100))]
     pub top_k: u16,
-    /// norm (the final norm, then the unembedding) or raw (the unembedding alone).
+    /// norm (the final norm, then the unembedding), raw (the unembedding alone) or
+    /// tuned:PATH (a tuned lens's translators, then the norm lens).
     #[arg(long, default_value = "norm")]
-    pub lens: LensKind,
+    pub lens: crate::tuned::LensArg,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
     /// Also draw the diff heatmap here (.svg, .png or .html).
@@ -96,13 +97,15 @@ pub fn run(a: DiffArgs) -> Result<()> {
     {
         bail!("--scale must be in (0, 16], not {}", a.scale);
     }
-    let query = Query {
+    let mut query = Query {
         layers: a.layers.clone(),
         positions: a.tokens.clone(),
-        kind: a.lens,
+        kind: a.lens.kind,
+        tuned: None,
         top_k: usize::from(a.top_k),
     };
     let backend = cli::load(&a.model)?;
+    query.tuned = a.lens.translators(&*backend)?;
     query.layers_of(backend.info().n_layers)?;
     let before = tokenize(&*backend, &before_text, "before")?;
     let after = tokenize(&*backend, &after_text, "after")?;

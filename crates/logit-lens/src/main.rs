@@ -12,6 +12,7 @@ mod generate;
 mod plot;
 mod render;
 mod serve;
+mod tuned;
 
 use std::process::ExitCode;
 

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
-use lens_core::{IndexSpec, LensKind, Query};
+use lens_core::{IndexSpec, Query};
 use lens_plot::{Metric, Options, Plot};
 
 use crate::cli::{self, ModelArgs, PromptArgs};
@@ -25,9 +25,10 @@ pub struct PlotArgs {
     /// entropy, the KL divergence to the model's output, or the next token's rank (log scale).
     #[arg(long, default_value = "prob")]
     pub metric: Metric,
-    /// norm (the final norm, then the unembedding) or raw (the unembedding alone).
+    /// norm (the final norm, then the unembedding), raw (the unembedding alone) or
+    /// tuned:PATH (a tuned lens's translators, then the norm lens).
     #[arg(long, default_value = "norm")]
-    pub lens: LensKind,
+    pub lens: crate::tuned::LensArg,
     /// Layers to show: `all`, `A..B`, `A..`, `..B`, `:STEP`, `A..B:STEP`, or a list `0,10,30`.
     #[arg(long, default_value = "all", allow_hyphen_values = true)]
     pub layers: IndexSpec,
@@ -85,13 +86,15 @@ pub fn run(a: PlotArgs) -> Result<()> {
     if format == PlotFormat::Png && !(a.scale.is_finite() && a.scale > 0.0 && a.scale <= 16.0) {
         bail!("--scale must be in (0, 16], not {}", a.scale);
     }
-    let query = Query {
+    let mut query = Query {
         layers: a.layers.clone(),
         positions: a.tokens.clone(),
-        kind: a.lens,
+        kind: a.lens.kind,
+        tuned: None,
         top_k: usize::from(a.top_k),
     };
     let (backend, tokens) = cli::load_prompt(&a.prompt, &a.model, &query)?;
+    query.tuned = a.lens.translators(&*backend)?;
     let answer = cli::answer(&*backend, &tokens, &query)?;
     let decode = |id: u32| backend.decode(id);
     let plot = Plot {

@@ -65,6 +65,10 @@ pub struct ServeArgs {
     /// Close a socket connection idle (no message, nothing in flight) for this many seconds.
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     pub idle_timeout: u64,
+    /// A tuned lens (a file of `logit-lens tune`, or a tuned-lens package folder) that the
+    /// methods' `"lens": "tuned"` reads through.
+    #[arg(long, value_name = "PATH")]
+    pub tuned_lens: Option<PathBuf>,
     /// Write logs to this file instead of stderr.
     #[arg(long, value_name = "FILE", env = "LOGIT_LENS_LOG_FILE")]
     pub log_file: Option<PathBuf>,
@@ -93,7 +97,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         a.max_message_mb > 0 && a.max_connections > 0 && a.idle_timeout > 0,
         "--max-message-mb, --max-connections and --idle-timeout must be at least 1"
     );
-    let config = ServeConfig {
+    let mut config = ServeConfig {
         door,
         cache_bytes: a.cache_mb.saturating_mul(1 << 20),
         allow_remote: a.allow_remote,
@@ -108,6 +112,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             max_connections: a.max_connections,
             idle_timeout: Duration::from_secs(a.idle_timeout),
         },
+        tuned: None,
     };
     // Refuse a bad address or option before loading the model.
     if let Door::Listen(addr) = &config.door {
@@ -127,6 +132,15 @@ pub fn run(a: ServeArgs) -> Result<()> {
         backend.info().name,
         backend.info().precision
     );
+    config.tuned = a
+        .tuned_lens
+        .map(|path| crate::tuned::LensArg {
+            kind: lens_core::LensKind::Tuned,
+            path: Some(path),
+        })
+        .map(|lens| lens.translators(&*backend))
+        .transpose()?
+        .flatten();
     let backend: Arc<dyn Backend> = Arc::from(backend);
     lens_server::run(backend, config).context("the server stopped")
 }

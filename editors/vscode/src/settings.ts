@@ -4,6 +4,8 @@
 export interface LensSettings {
   serverPath: string;
   model: string;
+  /** A tuned lens file (or tuned-lens package folder) that hovers read through; empty: the norm lens. */
+  tunedLens: string;
   topK: number;
   layerStride: number;
   contextTokens: number;
@@ -24,6 +26,7 @@ export interface ServerOptionsWire {
 export const DEFAULTS: LensSettings = {
   serverPath: '',
   model: '',
+  tunedLens: '',
   topK: 5,
   layerStride: 1,
   contextTokens: 1024,
@@ -53,7 +56,7 @@ export function validateSettings(raw: Record<string, unknown>): Validated {
   const problems: string[] = [];
   const settings: LensSettings = { ...DEFAULTS, enabledLanguages: [...DEFAULTS.enabledLanguages] };
 
-  for (const key of ['serverPath', 'model'] as const) {
+  for (const key of ['serverPath', 'model', 'tunedLens'] as const) {
     const v = raw[key];
     if (v === undefined || v === null) continue;
     if (typeof v === 'string') settings[key] = v.trim();
@@ -93,7 +96,8 @@ export function toServerOptions(s: LensSettings): ServerOptionsWire {
 
 /** The daemon's command line arguments for these settings. */
 export function serverArgs(s: LensSettings): string[] {
-  return s.model ? ['serve', '--stdio', '--model', s.model] : ['serve', '--stdio'];
+  const args = s.model ? ['serve', '--stdio', '--model', s.model] : ['serve', '--stdio'];
+  return s.tunedLens ? [...args, '--tuned-lens', s.tunedLens] : args;
 }
 
 /**
@@ -107,9 +111,9 @@ export function isLensEnabled(languageId: string, enabledLanguages: readonly str
 
 /**
  * Settings whose change needs a new daemon process (the others are sent to the running one):
- * the binary, the model, and inlay hints (the daemon declares that capability at initialize).
+ * the binary, the model, the tuned lens, and inlay hints (the daemon declares that capability at initialize).
  */
-export const RESTART_KEYS = ['serverPath', 'model', 'inlayHints'] as const;
+export const RESTART_KEYS = ['serverPath', 'model', 'tunedLens', 'inlayHints'] as const;
 
 /** Whether going from `before` to `after` needs a new daemon process. */
 export function needsRestart(before: LensSettings, after: LensSettings): boolean {

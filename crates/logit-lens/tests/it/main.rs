@@ -14,6 +14,7 @@ mod nvim;
 mod plot;
 mod run;
 mod serve;
+mod tuned;
 mod vscode;
 
 use std::io::Write;

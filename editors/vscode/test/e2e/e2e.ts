@@ -568,31 +568,6 @@ async function main(): Promise<void> {
     result.heatmap = `lens/heatmap: ${heat.columns} tokens x ${heat.layers} layers`;
     log(`heatmap: ${String(result.heatmap)}`);
 
-    // 4b. The diff lens against the version before the last edit (the daemon keeps it): both
-    // versions' tokens, the inserted word among the after version's changed ones.
-    await page.keyboard.press('Escape');
-    await command(page, 'Logit Lens: Compare with the previous version');
-    const diffFrame = await waitForFrameText(page, /Diff lens/, 120000);
-    const lastInsertion = (insertions[(ROUNDS - 1) % insertions.length] ?? ' x').trim();
-    const diffView = await diffFrame.evaluate(() => ({
-      heading: document.body.innerText.slice(0, 300),
-      before: document.getElementById('before')?.innerText ?? '',
-      after: document.getElementById('after')?.innerText ?? '',
-      changed: [...document.querySelectorAll('#after mark')].map((m) => m.textContent ?? '').join(''),
-      cells: document.querySelectorAll('svg g.cell').length,
-      changedCells: document.querySelectorAll('svg rect.changed').length,
-    }));
-    const count = (s: string) => (s.match(new RegExp(`\\b${lastInsertion}\\b`, 'g')) ?? []).length;
-    check(diffView.heading.includes('before the last edit → now'), `the diff panel's heading, in ${JSON.stringify(diffView.heading)}`);
-    check(/Jupiter/.test(diffView.before) && /Jupiter/.test(diffView.after), "both versions' tokens are in the diff view");
-    // Edits less than a second apart are one edit: the rounds may have merged into one.
-    check(count(diffView.after) > count(diffView.before), `the after version has more ${JSON.stringify(lastInsertion)} than the before version: ${count(diffView.after)} vs ${count(diffView.before)}`);
-    check(diffView.changed.includes(lastInsertion), `the inserted ${JSON.stringify(lastInsertion)} is marked as changed, marks ${JSON.stringify(diffView.changed)}`);
-    check(diffView.cells > 0, 'the diff heatmap has cells');
-    await page.screenshot({ path: path.join(OUT, 'diff.png') });
-    result.diff = `lens/diff: ${diffView.cells} cells, ${diffView.changedCells} with a changed top-1; marked ${JSON.stringify(diffView.changed)}`;
-    log(`diff: ${String(result.diff)}`);
-
     // 5. The status bar item opens the model info and cache statistics.
     await page.locator('.statusbar-item', { hasText: /· ready/ }).first().click();
     const dialog = page.locator('.monaco-dialog-box');

@@ -33,6 +33,8 @@ test('server options carry only what the daemon reads', () => {
 test('server args', () => {
   assert.deepEqual(serverArgs(DEFAULTS), ['serve', '--stdio']);
   assert.deepEqual(serverArgs({ ...DEFAULTS, model: '/m/a b.gguf' }), ['serve', '--stdio', '--model', '/m/a b.gguf']);
+  assert.deepEqual(serverArgs({ ...DEFAULTS, tunedLens: '/l/lens.safetensors' }), ['serve', '--stdio', '--tuned-lens', '/l/lens.safetensors']);
+  assert.ok(needsRestart(DEFAULTS, { ...DEFAULTS, tunedLens: '/l/x' }));
 });
 
 test('which documents get the lens', () => {
