@@ -224,6 +224,7 @@ fn hovers_read_the_daemons_tuned_lens() {
                 "the cat sat on the mat",
                 9,
                 &lens_server::HoverOptions::default(),
+                None,
                 &Stop::never(),
             )
             .expect("hover")
