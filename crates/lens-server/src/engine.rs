@@ -257,6 +257,11 @@ impl Engine {
     /// The query of `params` at `positions`, with the daemon's tuned lens.
     fn query_of(&self, params: &LensParams, positions: Option<&[i64]>) -> Result<Query, RpcError> {
         let mut query = params.query(positions)?;
+        if query.kind == LensKind::Tuned && self.tuned.is_none() {
+            return Err(RpcError::invalid_params(
+                "lens \"tuned\": this daemon has no tuned lens (start it with serve --tuned-lens PATH)",
+            ));
+        }
         query.tuned = self.tuned.clone();
         Ok(query)
     }

@@ -193,7 +193,7 @@ fn the_tuned_lens_is_the_one_the_daemon_was_given() {
         .analyze(&params("tuned"), &Stop::never())
         .expect_err("no tuned lens");
     assert!(
-        err.message.contains("tuned lens needs its translators"),
+        err.message.contains("this daemon has no tuned lens") && err.code == -32602,
         "{err:?}"
     );
     // Identity translators: the norm lens's cells, labelled tuned.
