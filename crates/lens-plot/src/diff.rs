@@ -237,15 +237,7 @@ fn legend(s: &mut String, x: u32, y: u32, h: u32, hi: f64, ticks: &[f64]) {
         s,
         r#"<g class="legend"><defs><linearGradient id="kmap" x1="0" y1="1" x2="0" y2="0">"#
     );
-    let table = color::table();
-    for i in (0..color::STEPS).step_by(15) {
-        let _ = writeln!(
-            s,
-            r#"<stop offset="{:.3}" stop-color="{}"/>"#,
-            i as f64 / (color::STEPS - 1) as f64,
-            table[i]
-        );
-    }
+    crate::svg::gradient_stops(s);
     let _ = writeln!(
         s,
         r##"</linearGradient></defs><text x="{x}" y="{}" fill="#222222" font-weight="bold">KL (nats)</text><rect x="{x}" y="{y}" width="{bar_w}" height="{h}" fill="url(#kmap)" stroke="#555555" stroke-width="0.5"/>"##,
@@ -253,15 +245,7 @@ fn legend(s: &mut String, x: u32, y: u32, h: u32, hi: f64, ticks: &[f64]) {
     );
     for &v in ticks {
         let ty = f64::from(y) + (1.0 - t_of(v, hi)) * f64::from(h);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{}" y1="{ty:.1}" x2="{}" y2="{ty:.1}" stroke="#333333"/><text x="{}" y="{:.1}" fill="#333333">{}</text>"##,
-            x + bar_w,
-            x + bar_w + 4,
-            x + bar_w + 7,
-            ty + 4.0,
-            trim_float(v)
-        );
+        crate::svg::tick(s, x + bar_w, ty, &trim_float(v));
     }
     let ky = y + h + 18;
     let _ = writeln!(

@@ -236,15 +236,7 @@ fn legend(s: &mut String, grid: &Grid, metric: Metric, x: u32, y: u32, n_layers:
         s,
         r#"<defs><linearGradient id="cmap" x1="0" y1="1" x2="0" y2="0">"#
     );
-    let table = color::table();
-    for i in (0..color::STEPS).step_by(15) {
-        let _ = writeln!(
-            s,
-            r#"<stop offset="{:.3}" stop-color="{}"/>"#,
-            i as f64 / (color::STEPS - 1) as f64,
-            table[i]
-        );
-    }
+    gradient_stops(s);
     s.push_str("</linearGradient></defs>\n");
     let _ = writeln!(
         s,
@@ -259,15 +251,7 @@ fn legend(s: &mut String, grid: &Grid, metric: Metric, x: u32, y: u32, n_layers:
     for (v, label) in &scale.ticks {
         let t = scale.t(*v);
         let ty = f64::from(y) + (1.0 - t) * f64::from(h);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{}" y1="{ty:.1}" x2="{}" y2="{ty:.1}" stroke="#333333"/><text x="{}" y="{:.1}" fill="#333333">{}</text>"##,
-            x + bar_w,
-            x + bar_w + 4,
-            x + bar_w + 7,
-            ty + 4.0,
-            xml(label)
-        );
+        tick(s, x + bar_w, ty, label);
     }
     // The outline's key.
     let ky = y + h + 18;
@@ -291,4 +275,29 @@ fn legend(s: &mut String, grid: &Grid, metric: Metric, x: u32, y: u32, n_layers:
         ky + CELL_H + 12
     );
     s.push_str("</g>\n");
+}
+
+/// The stops of a legend's gradient: every 15th entry of the colour table, dark to bright.
+pub(crate) fn gradient_stops(s: &mut String) {
+    let table = color::table();
+    for i in (0..color::STEPS).step_by(15) {
+        let _ = writeln!(
+            s,
+            r#"<stop offset="{:.3}" stop-color="{}"/>"#,
+            i as f64 / (color::STEPS - 1) as f64,
+            table[i]
+        );
+    }
+}
+
+/// A legend tick at height `ty` on the right edge `x` of the colour bar, with its label.
+pub(crate) fn tick(s: &mut String, x: u32, ty: f64, label: &str) {
+    let _ = writeln!(
+        s,
+        r##"<line x1="{x}" y1="{ty:.1}" x2="{}" y2="{ty:.1}" stroke="#333333"/><text x="{}" y="{:.1}" fill="#333333">{}</text>"##,
+        x + 4,
+        x + 7,
+        ty + 4.0,
+        xml(label)
+    );
 }
