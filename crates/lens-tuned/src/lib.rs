@@ -8,7 +8,8 @@
 //!   in`) and `translators.{l}.bias` for `l = 0..N`, the translator being `h + W·h + b`; the
 //!   metadata ([`Meta`]) names the model it belongs to (architecture, hidden size, blocks,
 //!   vocabulary, a SHA-256 of the unembedding) and how far training got. [`load`] refuses it
-//!   on any other model.
+//!   on any other model. While it is trained, AdamW's moments are kept beside it
+//!   ([`adam_path`]: `NAME.adam.safetensors`) so that a stopped run resumes exactly.
 //! - The `tuned-lens` Python package's folder (`lens.save(DIR)`: `params.pt`, a torch pickle of
 //!   the translators `{l}.weight`/`{l}.bias` in the same parameterisation, and `config.json`
 //!   with `d_model` and `num_hidden_layers`), read with candle's pickle reader. Its
@@ -25,10 +26,13 @@ use lens_core::{Affine, Backend, ModelInfo, ReadoutWeights, Translators};
 use sha2::{Digest, Sha256};
 
 pub use eval::{LayerStats, LensStats};
-pub use train::{Batch, TrainOptions, Trainer};
+pub use train::{AdamState, Batch, LayerMoments, TrainOptions, Trainer};
 
 /// The format our lens files declare in their metadata.
 pub const FORMAT: &str = "logit-lens/tuned-lens/v1";
+
+/// The format of the optimiser state saved beside a lens being trained ([`adam_path`]).
+pub const ADAM_FORMAT: &str = "logit-lens/tuned-lens-adam/v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -273,40 +277,14 @@ fn format_error(path: &Path, message: impl Into<String>) -> Error {
 
 fn read_ours(path: &Path) -> Result<LensFile, Error> {
     let bytes = std::fs::read(path).map_err(io(path))?;
-    let bad = |e: safetensors::SafeTensorError| {
-        format_error(path, format!("not a safetensors file ({e})"))
-    };
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(bad)?;
-    let meta = Meta::from_map(
-        header.metadata().as_ref().unwrap_or(&HashMap::new()),
-        &path.display().to_string(),
-    )?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(bad)?;
+    let (metadata, st) = open_safetensors(path, &bytes)?;
+    let meta = Meta::from_map(&metadata, &path.display().to_string())?;
     let d = meta.hidden_size;
-    let tensor = |name: String, shape: &[usize]| -> Result<Vec<f32>, Error> {
-        let t = st
-            .tensor(&name)
-            .map_err(|_| format_error(path, format!("no tensor `{name}`")))?;
-        if t.dtype() != safetensors::Dtype::F32 || t.shape() != shape {
-            return Err(format_error(
-                path,
-                format!(
-                    "`{name}` is {:?} {:?}, expected F32 {shape:?}",
-                    t.dtype(),
-                    t.shape()
-                ),
-            ));
-        }
-        Ok(t.data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
-    };
     let layers = (0..meta.n_layers)
         .map(|l| {
             Ok(Affine {
-                weight: tensor(format!("translators.{l}.weight"), &[d, d])?,
-                bias: tensor(format!("translators.{l}.bias"), &[d])?,
+                weight: f32_tensor(path, &st, format!("translators.{l}.weight"), &[d, d])?,
+                bias: f32_tensor(path, &st, format!("translators.{l}.bias"), &[d])?,
             })
         })
         .collect::<Result<Vec<_>, Error>>()?;
@@ -321,39 +299,169 @@ fn read_ours(path: &Path) -> Result<LensFile, Error> {
 /// stopped training never leaves half a file.
 pub fn save(path: &Path, translators: &Translators, meta: &Meta) -> Result<(), Error> {
     let d = translators.hidden_size();
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = translators
+    let tensors = translators
         .layers()
         .iter()
         .enumerate()
         .flat_map(|(l, a)| {
             [
-                (format!("translators.{l}.weight"), &a.weight, vec![d, d]),
-                (format!("translators.{l}.bias"), &a.bias, vec![d]),
+                (format!("translators.{l}.weight"), &a.weight[..], vec![d, d]),
+                (format!("translators.{l}.bias"), &a.bias[..], vec![d]),
             ]
         })
-        .map(|(name, v, shape)| {
-            (
-                name,
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                shape,
-            )
-        })
-        .collect();
-    let views = bytes
+        .collect::<Vec<_>>();
+    write_f32_tensors(path, &tensors, meta.to_map())
+}
+
+/// Where the optimiser state of the lens file `lens` is kept while it is trained:
+/// `NAME.adam.safetensors` beside `NAME.safetensors`. The lens file itself stays the size of
+/// its translators (the moments would triple it), and a finished lens can be shared without it.
+pub fn adam_path(lens: &Path) -> std::path::PathBuf {
+    let stem = lens.file_stem().unwrap_or_default().to_string_lossy();
+    lens.with_file_name(format!("{stem}.adam.safetensors"))
+}
+
+/// Save the optimiser state of a lens trained for `steps` steps (atomically, as [`save`]).
+pub fn save_adam(path: &Path, state: &AdamState, steps: usize) -> Result<(), Error> {
+    let tensors = state
+        .layers
         .iter()
-        .map(|(name, b, shape)| {
+        .enumerate()
+        .flat_map(|(l, m)| {
+            let d = m.bias_m.len();
+            [
+                (format!("{l}.weight.m"), &m.weight_m[..], vec![d, d]),
+                (format!("{l}.weight.v"), &m.weight_v[..], vec![d, d]),
+                (format!("{l}.bias.m"), &m.bias_m[..], vec![d]),
+                (format!("{l}.bias.v"), &m.bias_v[..], vec![d]),
+            ]
+        })
+        .collect::<Vec<_>>();
+    let meta = [
+        ("format", ADAM_FORMAT.to_string()),
+        ("steps", steps.to_string()),
+        ("t", state.t.to_string()),
+        ("layers", state.layers.len().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    write_f32_tensors(path, &tensors, meta)
+}
+
+/// Read the optimiser state saved by [`save_adam`] for a lens of `n_layers` translators of
+/// width `hidden`: the state and the step count it was saved at.
+pub fn read_adam(path: &Path, hidden: usize, n_layers: usize) -> Result<(AdamState, usize), Error> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let (meta, st) = open_safetensors(path, &bytes)?;
+    let bad = |message: String| format_error(path, message);
+    let get = |k: &str| {
+        meta.get(k)
+            .cloned()
+            .ok_or_else(|| bad(format!("the metadata has no `{k}`")))
+    };
+    let num = |k: &str| {
+        get(k)?
+            .parse::<usize>()
+            .map_err(|_| bad(format!("the metadata's `{k}` is not a count")))
+    };
+    if get("format")? != ADAM_FORMAT {
+        return Err(bad(format!("not a {ADAM_FORMAT} file")));
+    }
+    if num("layers")? != n_layers {
+        return Err(bad(format!(
+            "it holds {} layers' moments, the lens has {n_layers}",
+            num("layers")?
+        )));
+    }
+    let layers = (0..n_layers)
+        .map(|l| {
+            Ok(LayerMoments {
+                weight_m: f32_tensor(path, &st, format!("{l}.weight.m"), &[hidden, hidden])?,
+                weight_v: f32_tensor(path, &st, format!("{l}.weight.v"), &[hidden, hidden])?,
+                bias_m: f32_tensor(path, &st, format!("{l}.bias.m"), &[hidden])?,
+                bias_v: f32_tensor(path, &st, format!("{l}.bias.v"), &[hidden])?,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok((
+        AdamState {
+            t: num("t")?,
+            layers,
+        },
+        num("steps")?,
+    ))
+}
+
+/// A safetensors file of f32 tensors with `metadata`, written atomically (a temporary file
+/// beside it, renamed into place).
+fn write_f32_tensors(
+    path: &Path,
+    tensors: &[(String, &[f32], Vec<usize>)],
+    metadata: HashMap<String, String>,
+) -> Result<(), Error> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, v, _)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, _, shape), b)| {
             safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
                 .map(|v| (name.clone(), v))
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format_error(path, e.to_string()))?;
-    let data = safetensors::serialize(views, Some(meta.to_map()))
+    let data = safetensors::serialize(views, Some(metadata))
         .map_err(|e| format_error(path, e.to_string()))?;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".partial");
     let tmp = std::path::PathBuf::from(tmp);
     std::fs::write(&tmp, data).map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// A safetensors file's metadata and tensors.
+fn open_safetensors<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+) -> Result<(HashMap<String, String>, safetensors::SafeTensors<'a>), Error> {
+    let bad = |e: safetensors::SafeTensorError| {
+        format_error(path, format!("not a safetensors file ({e})"))
+    };
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(bad)?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    Ok((
+        meta,
+        safetensors::SafeTensors::deserialize(bytes).map_err(bad)?,
+    ))
+}
+
+/// The f32 tensor `name` of shape `shape`, or an error naming the file.
+fn f32_tensor(
+    path: &Path,
+    st: &safetensors::SafeTensors<'_>,
+    name: String,
+    shape: &[usize],
+) -> Result<Vec<f32>, Error> {
+    let t = st
+        .tensor(&name)
+        .map_err(|_| format_error(path, format!("no tensor `{name}`")))?;
+    if t.dtype() != safetensors::Dtype::F32 || t.shape() != shape {
+        return Err(format_error(
+            path,
+            format!(
+                "`{name}` is {:?} {:?}, expected F32 {shape:?}",
+                t.dtype(),
+                t.shape()
+            ),
+        ));
+    }
+    Ok(t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
 }
 
 /// The Python package's `config.json`, the fields we use.

@@ -2,9 +2,11 @@
 //! `KL(p_N ‖ softmax(W_U · norm(h_l + W_l·h_l + b_l)))`, `p_N` being the model's output, the
 //! final norm and `W_U` frozen.
 //!
-//! Optimiser: candle-nn's AdamW (β = 0.9, 0.999; weight decay 1e-3 pulls `W`, `b` towards 0,
+//! Optimiser: AdamW (β = 0.9, 0.999, ε = 1e-8; weight decay 1e-3 pulls `W`, `b` towards 0,
 //! i.e. the translator towards the identity), learning rate linearly warmed up over the first
-//! fifth of the steps, then linearly decayed to 0: the tuned-lens package's Adam recipe. Adam
+//! fifth of the steps, then linearly decayed to 0: the tuned-lens package's Adam recipe. The
+//! update is candle-nn's `AdamW`'s, written here because candle-nn keeps its moments private and
+//! a resumed run must go on with them ([`AdamState`], saved beside the lens). Adam
 //! rather than the paper's SGD with Nesterov momentum because our budgets are small (tens to a
 //! few hundred steps of a few hundred tokens, on two cores): per-parameter step sizes reach a
 //! useful translator in far fewer steps than SGD tuned for 250 steps of 2^18 tokens.
@@ -14,8 +16,8 @@
 //! layer (candle's matmul backward would also form the unused gradient of the frozen `W_U`);
 //! candle's autograd then carries `∂KL/∂z` through the final norm and the translator.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use lens_core::{Affine, FinalNorm, HiddenStates, ReadoutWeights, Site, Translators};
 
 use crate::Error;
@@ -90,10 +92,70 @@ impl Batch {
     }
 }
 
+/// AdamW's first and second moments of one parameter.
+struct Moments {
+    m: Tensor,
+    v: Tensor,
+}
+
+impl Moments {
+    fn zeros(like: &Var) -> Result<Moments, Error> {
+        Ok(Moments {
+            m: like.as_tensor().zeros_like()?,
+            v: like.as_tensor().zeros_like()?,
+        })
+    }
+
+    /// One AdamW update of `theta` (candle-nn's formula): the moments' running means of the
+    /// gradient and its square, bias-corrected for step `t` (1-based), decoupled weight decay.
+    fn update(
+        &mut self,
+        theta: &Var,
+        grads: &GradStore,
+        lr: f64,
+        decay: f64,
+        t: usize,
+    ) -> Result<(), Error> {
+        let Some(g) = grads.get(theta) else {
+            return Ok(());
+        };
+        let m = ((&self.m * BETA1)? + (g * (1.0 - BETA1))?)?;
+        let v = ((&self.v * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
+        let m_hat = (&m * (1.0 / (1.0 - BETA1.powi(t as i32))))?;
+        let v_hat = (&v * (1.0 / (1.0 - BETA2.powi(t as i32))))?;
+        let step = (m_hat / (v_hat.sqrt()? + EPS)?)?;
+        theta.set(&((theta.as_tensor() * (1.0 - lr * decay))? - (step * lr)?)?)?;
+        (self.m, self.v) = (m, v);
+        Ok(())
+    }
+}
+
+const BETA1: f64 = 0.9;
+const BETA2: f64 = 0.999;
+const EPS: f64 = 1e-8;
+
 struct Layer {
     weight: Var,
     bias: Var,
-    opt: AdamW,
+    weight_moments: Moments,
+    bias_moments: Moments,
+}
+
+/// The optimiser's state, to resume training where it stopped: AdamW's update count and, per
+/// layer, the moments of `W` (`hidden × hidden`, row-major) and `b`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamState {
+    /// Updates the moments have seen.
+    pub t: usize,
+    pub layers: Vec<LayerMoments>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerMoments {
+    pub weight_m: Vec<f32>,
+    pub weight_v: Vec<f32>,
+    pub bias_m: Vec<f32>,
+    pub bias_v: Vec<f32>,
 }
 
 /// The translators being trained, their optimisers and the frozen readout.
@@ -110,10 +172,14 @@ pub struct Trainer {
     options: TrainOptions,
     /// Steps done (including those of the lens it resumed).
     pub step: usize,
+    /// AdamW updates since its moments started (fewer than `step` when a run resumed without
+    /// them).
+    adam_t: usize,
 }
 
 impl Trainer {
-    /// Start from `start` (identity translators, or a saved lens to resume) after `step` steps.
+    /// Start from `start` (identity translators, or a saved lens to resume) after `step` steps,
+    /// with fresh moments ([`Trainer::restore`] puts saved ones back).
     pub fn new(
         start: &Translators,
         weights: &ReadoutWeights,
@@ -131,13 +197,12 @@ impl Trainer {
             .map(|a| {
                 let weight = Var::from_tensor(&Tensor::from_slice(&a.weight, (d, d), &device)?)?;
                 let bias = Var::from_tensor(&Tensor::from_slice(&a.bias, d, &device)?)?;
-                let params = ParamsAdamW {
-                    lr: options.lr_at(step),
-                    weight_decay: options.weight_decay,
-                    ..ParamsAdamW::default()
-                };
-                let opt = AdamW::new(vec![weight.clone(), bias.clone()], params)?;
-                Ok(Layer { weight, bias, opt })
+                Ok(Layer {
+                    weight_moments: Moments::zeros(&weight)?,
+                    bias_moments: Moments::zeros(&bias)?,
+                    weight,
+                    bias,
+                })
             })
             .collect::<Result<Vec<_>, Error>>()?;
         Ok(Trainer {
@@ -154,8 +219,66 @@ impl Trainer {
             layers,
             options,
             step,
+            adam_t: 0,
             device,
         })
+    }
+
+    /// The optimiser's state now (to save beside the lens).
+    pub fn adam_state(&self) -> Result<AdamState, Error> {
+        let flat = |t: &Tensor| -> Result<Vec<f32>, Error> { Ok(t.flatten_all()?.to_vec1()?) };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerMoments {
+                    weight_m: flat(&l.weight_moments.m)?,
+                    weight_v: flat(&l.weight_moments.v)?,
+                    bias_m: flat(&l.bias_moments.m)?,
+                    bias_v: flat(&l.bias_moments.v)?,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(AdamState {
+            t: self.adam_t,
+            layers,
+        })
+    }
+
+    /// Go on with saved moments (of a lens with the same layers and width).
+    pub fn restore(&mut self, state: &AdamState) -> Result<(), Error> {
+        let d = self.hidden;
+        if state.layers.len() != self.layers.len() {
+            return Err(Error::Lens(lens_core::Error::Shape(format!(
+                "the optimiser state has {} layers, the lens {}",
+                state.layers.len(),
+                self.layers.len()
+            ))));
+        }
+        let tensor = |v: &[f32], shape: &[usize]| -> Result<Tensor, Error> {
+            Ok(Tensor::from_slice(v, shape, &self.device)?)
+        };
+        let restored = state
+            .layers
+            .iter()
+            .map(|m| {
+                Ok((
+                    Moments {
+                        m: tensor(&m.weight_m, &[d, d])?,
+                        v: tensor(&m.weight_v, &[d, d])?,
+                    },
+                    Moments {
+                        m: tensor(&m.bias_m, &[d])?,
+                        v: tensor(&m.bias_v, &[d])?,
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        for (layer, (w, b)) in self.layers.iter_mut().zip(restored) {
+            (layer.weight_moments, layer.bias_moments) = (w, b);
+        }
+        self.adam_t = state.t;
+        Ok(())
     }
 
     /// The final norm, in differentiable candle ops.
@@ -195,7 +318,8 @@ impl Trainer {
         let rows = |l: usize| Tensor::from_slice(&batch.layers[l], (t, d), &self.device);
         let log_p = self.log_probs(&self.norm(&rows(n)?)?)?;
         let p = log_p.exp()?;
-        let lr = self.options.lr_at(self.step);
+        let (lr, decay) = (self.options.lr_at(self.step), self.options.weight_decay);
+        self.adam_t += 1;
         let mut losses = Vec::with_capacity(n);
         for l in 0..n {
             let x = rows(l)?;
@@ -210,8 +334,13 @@ impl Trainer {
             let dz = ((log_q.exp()? - &p)?.matmul(&self.unembed)? / t as f64)?;
             let grads = (z * dz)?.sum_all()?.backward()?;
             let layer = &mut self.layers[l];
-            layer.opt.set_learning_rate(lr);
-            layer.opt.step(&grads)?;
+            let at = self.adam_t;
+            layer
+                .weight_moments
+                .update(&layer.weight, &grads, lr, decay, at)?;
+            layer
+                .bias_moments
+                .update(&layer.bias, &grads, lr, decay, at)?;
             losses.push(kl);
         }
         self.step += 1;

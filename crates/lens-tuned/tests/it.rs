@@ -162,3 +162,84 @@ fn training_lowers_the_kl_of_every_layer() {
     }
     assert_eq!(after[n].kl, 0.0, "the last layer is the model output");
 }
+
+#[test]
+fn a_resumed_run_goes_on_with_its_saved_moments() {
+    let backend = tiny_llama();
+    let weights = lens_tuned::readout_weights(&backend).unwrap();
+    let info = backend.info().clone();
+    let start = lens_core::Translators::identity("t", info.hidden_size, info.n_layers);
+    let options = TrainOptions {
+        steps: 6,
+        lr: 1e-2,
+        weight_decay: 1e-3,
+    };
+    let states = backend
+        .forward(
+            &ids(&backend, "Once upon a time, there was a little cat."),
+            CaptureOptions::default(),
+        )
+        .unwrap();
+    let batch = Batch::of(&[&states]);
+    let train = |trainer: &mut Trainer, steps: usize| {
+        for _ in 0..steps {
+            trainer.step(&batch).unwrap();
+        }
+    };
+    let mut straight = Trainer::new(&start, &weights, options, 0).unwrap();
+    train(&mut straight, 6);
+
+    // Three steps, saved as `tune` saves them, read back and three more.
+    let dir = tempfile::tempdir().unwrap();
+    let lens = dir.path().join("lens.safetensors");
+    let adam = lens_tuned::adam_path(&lens);
+    assert_eq!(adam, dir.path().join("lens.adam.safetensors"));
+    let mut first = Trainer::new(&start, &weights, options, 0).unwrap();
+    train(&mut first, 3);
+    let mut meta = Meta::of(&info, &weights);
+    meta.steps = 3;
+    lens_tuned::save(&lens, &first.translators("t").unwrap(), &meta).unwrap();
+    lens_tuned::save_adam(&adam, &first.adam_state().unwrap(), 3).unwrap();
+    let file = lens_tuned::load(&lens, &backend).unwrap();
+    let (state, saved_at) = lens_tuned::read_adam(&adam, info.hidden_size, info.n_layers).unwrap();
+    assert_eq!(saved_at, 3);
+    assert_eq!(state, first.adam_state().unwrap());
+    let resume = |restore: bool| {
+        let mut t = Trainer::new(&file.translators, &weights, options, 3).unwrap();
+        if restore {
+            t.restore(&state).unwrap();
+        }
+        train(&mut t, 3);
+        t.translators("t").unwrap()
+    };
+    let gap = |a: &lens_core::Translators| {
+        a.layers()
+            .iter()
+            .zip(straight.translators("t").unwrap().layers())
+            .flat_map(|(x, y)| {
+                x.weight
+                    .iter()
+                    .zip(&y.weight)
+                    .chain(x.bias.iter().zip(&y.bias))
+                    .map(|(p, q)| (p - q).abs())
+            })
+            .fold(0f32, f32::max)
+    };
+    let resumed = gap(&resume(true));
+    assert!(
+        resumed <= 1e-6,
+        "resumed with the moments: {resumed} from the straight run"
+    );
+    // Without them the run takes other steps: the check above can fail.
+    let restarted = gap(&resume(false));
+    assert!(restarted > 1e-3, "restarted moments: {restarted}");
+
+    // A state of another lens's shape is refused with the file named.
+    let err = lens_tuned::read_adam(&adam, info.hidden_size, info.n_layers + 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lens.adam.safetensors") && err.contains("layers"),
+        "{err}"
+    );
+}

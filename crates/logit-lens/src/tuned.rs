@@ -149,12 +149,29 @@ pub fn tune(a: TuneArgs) -> Result<()> {
     };
     let mut trainer = Trainer::new(&start, &weights, options, meta.steps)?;
     drop(weights);
+    // The optimiser's moments go on where they stopped when they were saved with the lens's
+    // last save; otherwise (a lens whose run was killed between the two files, or copied
+    // without them) they start again and say so.
+    let adam = lens_tuned::adam_path(&a.out);
+    if meta.steps > 0 {
+        match lens_tuned::read_adam(&adam, info.hidden_size, info.n_layers) {
+            Ok((state, steps)) if steps == meta.steps => trainer.restore(&state)?,
+            Ok((_, steps)) => tracing::warn!(
+                "{} was saved at step {steps}, the lens at step {}: the optimiser's moments \
+                 start again",
+                adam.display(),
+                meta.steps
+            ),
+            Err(e) => tracing::warn!("{e}: the optimiser's moments start again"),
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())
         .context("cannot catch Ctrl-C")?;
     let label = a.out.display().to_string();
     let save = |trainer: &Trainer, meta: &Meta| -> Result<()> {
         lens_tuned::save(&a.out, &trainer.translators(&label)?, meta)?;
+        lens_tuned::save_adam(&adam, &trainer.adam_state()?, meta.steps)?;
         Ok(())
     };
     let mut err = anstream::stderr();

@@ -51,8 +51,15 @@ fn tune_resumes_and_eval_lens_puts_the_tuned_lens_below_the_norm_lens() {
         "{}",
         first.stderr
     );
+    // The optimiser's moments are saved beside the lens, and the resumed run takes them.
+    assert!(dir.path().join("lens.adam.safetensors").is_file());
     let second = tune("12");
     assert_eq!(second.code, 0, "{}", second.stderr);
+    assert!(
+        !second.stderr.contains("moments start again"),
+        "{}",
+        second.stderr
+    );
     assert!(second.stderr.contains("steps 3..12"), "{}", second.stderr);
     assert!(
         second.stderr.contains("step 4/12 tokens 128"),
