@@ -267,6 +267,21 @@ async function waitForFrameText(page: Page, needle: RegExp, timeoutMs: number): 
   }
 }
 
+/** The webview frame whose text matches `needle`, or an error with the text of the first
+ * notification matching `failure` (the command failed and said why). */
+async function frameOrToast(page: Page, needle: RegExp, failure: RegExp, timeoutMs: number): Promise<Frame> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const frame = await waitForFrameText(page, needle, 0).catch(() => undefined);
+    if (frame) return frame;
+    const texts = await page.locator('.notifications-toasts .notification-toast').allInnerTexts();
+    const failed = texts.find((t) => failure.test(t));
+    if (failed) throw new Error(`the command failed: ${failed}`);
+    if (Date.now() > deadline) throw new Error(`no webview frame with ${needle}; notifications ${JSON.stringify(texts)}`);
+    await page.waitForTimeout(200);
+  }
+}
+
 /** The daemons (`BIN serve --stdio`) in the session of code-server (which runs setsid). */
 function daemonPids(session: number, withArg?: string): number[] {
   const pids: number[] = [];
@@ -567,6 +582,40 @@ async function main(): Promise<void> {
     await page.screenshot({ path: path.join(OUT, 'heatmap.png') });
     result.heatmap = `lens/heatmap: ${heat.columns} tokens x ${heat.layers} layers`;
     log(`heatmap: ${String(result.heatmap)}`);
+
+    // 4b. An edit, then the diff lens against the version before it (the daemon keeps it): the
+    // page shows both versions' tokens, the inserted word marked among the after version's.
+    await page.mouse.move(5, 450);
+    await page.keyboard.press('Escape');
+    box = await wordBox(page, HOVER_WORD);
+    await page.mouse.click(box.x, box.y); // the editor, not the heatmap beside it, has the focus
+    await page.keyboard.press('Control+End');
+    await page.keyboard.press('ArrowUp');
+    await page.keyboard.press('End');
+    for (let i = 0; i < HOVER_WORD.length + 1; i++) await page.keyboard.press('ArrowLeft');
+    const inserted = ' indeed';
+    await page.keyboard.type(inserted, { delay: 25 });
+    const before = text;
+    const at = text.lastIndexOf(` ${HOVER_WORD}`);
+    text = text.slice(0, at) + inserted + text.slice(at);
+    await command(page, 'Logit Lens: Compare with the previous version');
+    const diffFrame = await frameOrToast(page, /Diff lens/, /compare failed|open a document/, 120000);
+    const diffView = await diffFrame.evaluate(() => ({
+      heading: document.body.innerText.slice(0, 300),
+      before: document.getElementById('before')?.innerText ?? '',
+      after: document.getElementById('after')?.innerText ?? '',
+      changed: [...document.querySelectorAll('#after mark')].map((m) => m.textContent ?? '').join(''),
+      cells: document.querySelectorAll('#figure svg g.cell').length,
+    }));
+    const count = (s: string, w: string) => s.split(w).length - 1;
+    check(diffView.heading.includes('before the last edit → now'), `the diff panel's heading, in ${JSON.stringify(diffView.heading)}`);
+    check(/Jupiter/.test(diffView.before) && /Jupiter/.test(diffView.after), `both versions' tokens are in the diff view: ${JSON.stringify(diffView.before.slice(-120))} / ${JSON.stringify(diffView.after.slice(-120))}`);
+    check(count(diffView.after, 'indeed') === count(text, 'indeed') && count(diffView.before, 'indeed') === count(before, 'indeed'), `the after version has the inserted word, the before version not: ${JSON.stringify(diffView.before.slice(-80))} / ${JSON.stringify(diffView.after.slice(-80))}`);
+    check(diffView.changed.includes('indeed'), `the inserted word is marked as changed, marks ${JSON.stringify(diffView.changed)}`);
+    check(diffView.cells > 0, 'the diff heatmap has cells');
+    await page.screenshot({ path: path.join(OUT, 'diff.png') });
+    result.diff = `lens/diff: ${diffView.cells} cells; marked ${JSON.stringify(diffView.changed)}`;
+    log(`diff: ${String(result.diff)}`);
 
     // 5. The status bar item opens the model info and cache statistics.
     await page.locator('.statusbar-item', { hasText: /· ready/ }).first().click();
