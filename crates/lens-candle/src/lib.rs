@@ -384,3 +384,37 @@ pub fn set_threads(n: usize) -> Result<(), lens_core::Error> {
         ))),
     }
 }
+
+/// The f32 matrix-multiply rate this machine reaches with candle's CPU GEMM (the one the
+/// dense forward and readout use), in FLOP/s: the median of `repeats` products
+/// `[m, k] · [k, n]` of fixed pseudo-random values. Benchmarks divide a product's FLOPs by it
+/// to print the floor their timings are held to.
+pub fn gemm_rate(m: usize, k: usize, n: usize, repeats: usize) -> Result<f64, lens_core::Error> {
+    let fill = |len: usize, seed: u32| -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32
+                    / (1u32 << 24) as f32
+                    - 0.5
+            })
+            .collect()
+    };
+    let dev = candle_core::Device::Cpu;
+    let run = || -> Result<std::time::Duration, Error> {
+        let a = candle_core::Tensor::from_vec(fill(m * k, 1), (m, k), &dev)?;
+        let b = candle_core::Tensor::from_vec(fill(k * n, 2), (k, n), &dev)?;
+        let t = std::time::Instant::now();
+        let c = a.matmul(&b)?;
+        let elapsed = t.elapsed();
+        // Read one value so the product is not optimised away (candle computes eagerly).
+        let _ = c.get(0)?.get(0)?.to_scalar::<f32>()?;
+        Ok(elapsed)
+    };
+    run()?; // warm-up: threads started, pages touched
+    let mut times = (0..repeats.max(1))
+        .map(|_| run())
+        .collect::<Result<Vec<_>, Error>>()?;
+    times.sort();
+    let median = times[times.len() / 2].as_secs_f64();
+    Ok(2.0 * (m * k * n) as f64 / median.max(1e-9))
+}

@@ -306,7 +306,7 @@ pub fn diff_html(plot: &DiffPlot<'_>, options: &Options) -> String {
 <style>
 body {{ font-family: 'DejaVu Sans', sans-serif; margin: 1.2em; color: #111; }}
 .versions p {{ margin: 0.3em 0; }}
-.tok {{ white-space: pre; border-right: 1px dotted #bbb; }}
+.tok {{ white-space: pre; display: inline-block; border-right: 1px dotted #bbb; }}
 mark.tok {{ background: #ffd6e2; }}
 table.changes {{ border-collapse: collapse; margin-top: 1em; }}
 table.changes td, table.changes th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: left; }}

@@ -90,6 +90,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     )?;
     let all = backend.tokenize(&TEXT.repeat(8))?;
     let mut rows = Vec::new();
+    let mut readouts = Vec::new();
     for &n in &args.sizes {
         let ids: Vec<u32> = all.iter().take(n).map(|t| t.id).collect();
         let (fwd, states) = time(args.repeats, || {
@@ -101,6 +102,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let (one, _) = time(args.repeats.max(5), || {
             Ok(lens.position(ids.len() - 1, &sites)?)
         })?;
+        // The one position's readout alone (its logits, no reductions): the product the floor
+        // below bounds.
+        let last: Vec<f32> = sites
+            .iter()
+            .flat_map(|&s| states.row(s, ids.len() - 1).unwrap_or(&[]).to_vec())
+            .collect();
+        let (readout, _) = time(args.repeats.max(5), || {
+            Ok(backend.readout(&last, LensKind::Norm)?)
+        })?;
         rows.push((
             ids.len(),
             fwd,
@@ -108,6 +118,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             one,
             peak_rss_mib().unwrap_or(f64::NAN),
         ));
+        readouts.push((readout, sites.len()));
     }
 
     let hf = match &args.python {
@@ -155,6 +166,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         writeln!(out, "{n:>6} {:>11} {:>11} {:>11} {:>9.0} | {hf_fwd:>11} {hf_full:>11} {hf_one:>11} | {r_full:>8} {r_one:>8}", ms(*fwd), ms(*full), ms(*one), mem)?;
     }
     writeln!(out, "× = HF time / logit-lens time (higher is better for logit-lens; target for the full lens ≥ 3)")?;
+    floor(&info, &rows, &readouts, args.repeats, &mut out)?;
     #[cfg(feature = "mpi")]
     if args.model.backend != "mpi" {
         pipeline(&args, &path, &rows, &mut out)?;
@@ -215,6 +227,70 @@ fn pipeline(
         out,
         "× = one-process time / pipeline time (the pipeline's full lens includes the cells' trip \
          to rank 0 and the daemon; on one machine its ranks share the cores)"
+    )?;
+    Ok(())
+}
+
+/// The lens's products against the floor measured in this run: their FLOPs (`2 · rows ·
+/// hidden · vocab`, the readout; the forward is not counted) over the f32 GEMM rate candle
+/// reaches here on a large product of the readout's shape.
+fn floor(
+    info: &lens_core::ModelInfo,
+    rows: &[(usize, f64, f64, f64, f64)],
+    readouts: &[(f64, usize)],
+    repeats: usize,
+    out: &mut impl Write,
+) -> Result<()> {
+    #[cfg(feature = "candle")]
+    let rate = lens_candle::gemm_rate(512, info.hidden_size, info.vocab_size, repeats)?;
+    #[cfg(not(feature = "candle"))]
+    let rate = {
+        let _ = (info, rows, readouts, repeats);
+        return Ok(writeln!(
+            out,
+            "GEMM floor not measured: a build without candle"
+        )?);
+    };
+    writeln!(out)?;
+    writeln!(
+        out,
+        "f32 GEMM rate here ([512, {}] · [{}, {}], candle): {:.1} GFLOP/s",
+        info.hidden_size,
+        info.hidden_size,
+        info.vocab_size,
+        rate / 1e9
+    )?;
+    writeln!(
+        out,
+        "{:>6} {:>11} {:>14} {:>13} {:>9} | {:>11} {:>13} {:>9}",
+        "tokens",
+        "1-pos ms",
+        "1-pos readout",
+        "1-pos floor",
+        "1-pos/fl",
+        "full ms",
+        "full floor",
+        "full/fl"
+    )?;
+    let product = |r: usize| 2.0 * (r * info.hidden_size * info.vocab_size) as f64 / rate;
+    for ((n, _, full, one, _), (readout, sites)) in rows.iter().zip(readouts) {
+        let (one_floor, full_floor) = (product(*sites), product(*sites * n));
+        writeln!(
+            out,
+            "{n:>6} {:>11.1} {:>14.1} {:>13.1} {:>9.2} | {:>11.1} {:>13.1} {:>9.2}",
+            one * 1e3,
+            readout * 1e3,
+            one_floor * 1e3,
+            one / one_floor,
+            full * 1e3,
+            full_floor * 1e3,
+            full / full_floor
+        )?;
+    }
+    writeln!(
+        out,
+        "floor = the readout's FLOPs / that rate; /fl = time / floor (targets: one position \
+         ≤ 11 ms, the full lens within 1.3× of its floor)"
     )?;
     Ok(())
 }
