@@ -44,6 +44,8 @@ struct HfConfig {
     use_sliding_window: Option<bool>,
     #[serde(default)]
     name_or_path: Option<String>,
+    /// One id or a list: the tokens that end generation.
+    eos_token_id: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -138,7 +140,19 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
     if !tok_path.is_file() {
         return Err(Error::Format(format!("{} is missing", tok_path.display())));
     }
-    let tokenizer = ModelTokenizer::from_file(&tok_path)?;
+    let mut tokenizer = ModelTokenizer::from_file(&tok_path)?;
+    tokenizer.eos = match &hf.eos_token_id {
+        Some(serde_json::Value::Array(ids)) => ids
+            .iter()
+            .filter_map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok()))
+            .collect(),
+        Some(v) => v
+            .as_u64()
+            .and_then(|id| u32::try_from(id).ok())
+            .into_iter()
+            .collect(),
+        None => Vec::new(),
+    };
 
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .map_err(|source| Error::Io {

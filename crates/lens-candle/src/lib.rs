@@ -19,8 +19,9 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use lens_core::{
-    Backend, Capabilities, CaptureOptions, Device as LensDevice, HiddenStates, LensKind,
-    LoadOptions, Loader, ModelInfo, Source, SourceKind, Stop, Token,
+    Backend, Capabilities, CaptureOptions, Device as LensDevice, Finish, GenerateRequest,
+    Generator, HiddenStates, LensKind, LoadOptions, Loader, ModelInfo, Source, SourceKind, Step,
+    Stop, Token,
 };
 
 pub use error::Error;
@@ -206,6 +207,10 @@ impl Backend for CandleBackend {
         }
     }
 
+    fn generator(&self) -> Option<&dyn Generator> {
+        Some(self)
+    }
+
     fn readout_weights(&self) -> Option<Result<lens_core::ReadoutWeights, lens_core::Error>> {
         Some(self.model.readout_weights().map_err(Into::into))
     }
@@ -226,6 +231,31 @@ impl Backend for CandleBackend {
         stop: &Stop,
     ) -> Result<Vec<f32>, lens_core::Error> {
         readout(&self.model, &self.info, rows, lens, stop)
+    }
+}
+
+/// Generation on our own forward ([`lens_core::host_generate`]): one token's forward per step,
+/// reusing the KV cache of the tokens before it, greedy or seeded top-p sampling; it stops at
+/// the model's end-of-sequence (and end-of-turn) tokens.
+impl Generator for CandleBackend {
+    fn chat_prompt(&self, _text: &str) -> Result<Vec<u32>, lens_core::Error> {
+        Err(lens_core::Error::Unsupported(
+            "the candle backend has no chat template engine (--chat needs --backend mistralrs)"
+                .into(),
+        ))
+    }
+
+    fn stop_tokens(&self) -> Vec<u32> {
+        self.tokenizer.eos.clone()
+    }
+
+    fn generate(
+        &self,
+        request: &GenerateRequest<'_>,
+        stop: &Stop,
+        on_step: &mut dyn FnMut(Step<'_>) -> Result<(), lens_core::Error>,
+    ) -> Result<Finish, lens_core::Error> {
+        lens_core::host_generate(self, request, &self.tokenizer.eos, stop, on_step)
     }
 }
 

@@ -31,6 +31,8 @@ pub(crate) struct ModelTokenizer {
     bos: Option<u32>,
     add_bos: bool,
     vocab_size: usize,
+    /// The tokens that end generation (end of sequence, end of turn).
+    pub(crate) eos: Vec<u32>,
 }
 
 /// The two kinds of tokenizer: HF's library (byte-level BPE, `tokenizer.json`) or our own
@@ -59,6 +61,11 @@ impl ModelTokenizer {
         let bos = md
             .get("tokenizer.ggml.bos_token_id")
             .and_then(|v| v.to_u32().ok());
+        let mut eos: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+            .iter()
+            .filter_map(|k| md.get(*k).and_then(|v| v.to_u32().ok()))
+            .collect();
+        eos.dedup();
         let flag = |key: &str, default: bool| {
             md.get(key)
                 .and_then(|v| v.to_bool().ok())
@@ -90,6 +97,7 @@ impl ModelTokenizer {
                     inner: Inner::Spm(spm),
                     bos,
                     add_bos: flag("tokenizer.ggml.add_bos_token", true),
+                    eos,
                 });
             }
             _ => {
@@ -165,6 +173,7 @@ impl ModelTokenizer {
             bos,
             add_bos: flag("tokenizer.ggml.add_bos_token", false),
             vocab_size: tokens.len(),
+            eos,
         })
     }
 
@@ -178,6 +187,7 @@ impl ModelTokenizer {
             bos: None,
             add_bos: false,
             vocab_size,
+            eos: Vec::new(),
         })
     }
 

@@ -277,6 +277,102 @@ pub fn build_diff(
     }
 }
 
+/// One generated token and its lens: a line of `logit-lens generate --format jsonl` and the
+/// params of the daemon's `lens/generateStep` notification (schema in docs/protocol.md).
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateStepJson {
+    /// 0-based index among the generated tokens.
+    pub step: usize,
+    pub token: u32,
+    pub text: String,
+    /// The first shown layer whose top-1 is the chosen token, and its probability there.
+    pub first_top1_layer: Option<usize>,
+    #[serde(serialize_with = "opt_f32_shortest")]
+    pub first_top1_prob: Option<f32>,
+    pub layers: Vec<GenerateLayerJson>,
+    /// On the last step: `"length"`, `"stop"` (a stop token) or `"context"`.
+    pub finish: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateLayerJson {
+    pub layer: usize,
+    pub top1: u32,
+    pub top1_text: String,
+    #[serde(serialize_with = "f32_shortest")]
+    pub top1_prob: f32,
+    /// The chosen token's probability and rank (0 = top-1) at this layer.
+    #[serde(serialize_with = "f32_shortest")]
+    pub token_prob: f32,
+    pub token_rank: usize,
+}
+
+/// The lens of one generation step at `layers` (norm lens, the step's last position).
+pub fn generate_step(
+    backend: &dyn Backend,
+    step: &lens_core::Step<'_>,
+    layers: &[usize],
+) -> Result<GenerateStepJson, lens_core::Error> {
+    let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
+    let lens = lens_core::Lens::new(backend, step.states, lens_core::LensKind::Norm, 1);
+    let last = step.states.n_positions().saturating_sub(1);
+    let (view, logits) = lens.position_with_logits(last, &sites)?;
+    let mut rows = Vec::with_capacity(layers.len());
+    let mut first = None;
+    for (i, (cell, &layer)) in view.cells.iter().zip(layers).enumerate() {
+        let top = cell
+            .top
+            .first()
+            .ok_or_else(|| lens_core::Error::Shape("an empty cell".into()))?;
+        let (prob, rank) = logits
+            .prob_and_rank(i, step.token)
+            .unwrap_or((0.0, usize::MAX));
+        if first.is_none() && top.id == step.token {
+            first = Some((layer, prob));
+        }
+        rows.push(GenerateLayerJson {
+            layer,
+            top1: top.id,
+            top1_text: backend.decode(top.id),
+            top1_prob: top.prob,
+            token_prob: prob,
+            token_rank: rank,
+        });
+    }
+    Ok(GenerateStepJson {
+        step: step.index,
+        token: step.token,
+        text: backend.decode(step.token),
+        first_top1_layer: first.map(|f| f.0),
+        first_top1_prob: first.map(|f| f.1),
+        layers: rows,
+        finish: None,
+    })
+}
+
+impl GenerateStepJson {
+    /// Mark the step that ends generation: the `max_tokens`-th, or a stop token. (A prompt
+    /// that reaches the context ends without a marked step; the stream's end says so.)
+    pub fn with_finish(mut self, max_tokens: usize, stop_tokens: &[u32]) -> Self {
+        self.finish = match (
+            stop_tokens.contains(&self.token),
+            self.step + 1 >= max_tokens,
+        ) {
+            (true, _) => Some("stop"),
+            (false, true) => Some("length"),
+            (false, false) => None,
+        };
+        self
+    }
+}
+
+fn opt_f32_shortest<S: Serializer>(v: &Option<f32>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => f32_shortest(v, s),
+        None => s.serialize_none(),
+    }
+}
+
 /// Write an `f32` as the `f64` with the same shortest decimal digits, so a report printed
 /// directly and one that went through `serde_json::Value` (an `f64` inside) print alike:
 /// `0.1f32` is written `0.1`, never `0.10000000149011612`.

@@ -6,9 +6,9 @@
 use std::io::{IsTerminal, Write};
 
 use anstyle::Style;
-use anyhow::{Context, Result};
-use lens_core::{Backend, GenerateRequest, IndexSpec, Lens, LensKind, Sampling, Site, Step, Stop};
-use serde_json::json;
+use anyhow::Result;
+use lens_core::{GenerateRequest, IndexSpec, Sampling, Stop};
+use lens_server::wire::{self, GenerateStepJson};
 
 use crate::cli::{load, read_prompt, ModelArgs, PromptArgs};
 use crate::render::{cell_style, fit};
@@ -56,66 +56,8 @@ pub struct GenerateArgs {
     pub format: StreamFormat,
 }
 
-/// One generated token's lens.
-struct Column {
-    token: u32,
-    text: String,
-    /// Per shown layer: top-1 id, its text, its probability; the chosen token's probability
-    /// and rank.
-    layers: Vec<(usize, u32, String, f32, f32, usize)>,
-    first_top1: Option<(usize, f32)>,
-}
-
-fn column(backend: &dyn Backend, step: &Step<'_>, layers: &[usize]) -> Result<Column> {
-    let sites: Vec<Site> = layers.iter().map(|&l| Site::Layer(l)).collect();
-    let lens = Lens::new(backend, step.states, LensKind::Norm, 1);
-    let last = step.states.n_positions() - 1;
-    let (view, logits) = lens.position_with_logits(last, &sites)?;
-    let mut rows = Vec::with_capacity(layers.len());
-    let mut first_top1 = None;
-    for (i, (cell, &layer)) in view.cells.iter().zip(layers).enumerate() {
-        let top = cell.top.first().context("an empty cell")?;
-        let (prob, rank) = logits
-            .prob_and_rank(i, step.token)
-            .unwrap_or((0.0, usize::MAX));
-        if first_top1.is_none() && top.id == step.token {
-            first_top1 = Some((layer, prob));
-        }
-        rows.push((layer, top.id, backend.decode(top.id), top.prob, prob, rank));
-    }
-    Ok(Column {
-        token: step.token,
-        text: backend.decode(step.token),
-        layers: rows,
-        first_top1,
-    })
-}
-
-fn jsonl(out: &mut dyn Write, index: usize, c: &Column, finish: Option<&str>) -> Result<()> {
-    let layers: Vec<serde_json::Value> = c
-        .layers
-        .iter()
-        .map(|(layer, id, text, p, token_p, rank)| {
-            json!({
-                "layer": layer,
-                "top1": id,
-                "top1_text": text,
-                "top1_prob": lens_core::math::shortest(*p),
-                "token_prob": lens_core::math::shortest(*token_p),
-                "token_rank": rank,
-            })
-        })
-        .collect();
-    let line = json!({
-        "step": index,
-        "token": c.token,
-        "text": c.text,
-        "first_top1_layer": c.first_top1.map(|f| f.0),
-        "first_top1_prob": c.first_top1.map(|f| lens_core::math::shortest(f.1)),
-        "layers": layers,
-        "finish": finish,
-    });
-    writeln!(out, "{line}")?;
+fn jsonl(out: &mut dyn Write, step: &GenerateStepJson) -> Result<()> {
+    writeln!(out, "{}", serde_json::to_string(step)?)?;
     out.flush()?;
     Ok(())
 }
@@ -127,7 +69,12 @@ const CELL: usize = 9;
 /// generated token; a cell is the layer's top-1, coloured by its probability, `*` where it is
 /// the token chosen. Returns the number of lines written.
 /// `live`: redrawn in place, each line ends by clearing the rest of the terminal's line.
-fn heatmap(out: &mut dyn Write, columns: &[Column], width: usize, live: bool) -> Result<usize> {
+fn heatmap(
+    out: &mut dyn Write,
+    columns: &[GenerateStepJson],
+    width: usize,
+    live: bool,
+) -> Result<usize> {
     let eol = if live { "\x1b[K" } else { "" };
     let fits = (width.saturating_sub(LABEL) / CELL).max(1);
     let shown = &columns[columns.len().saturating_sub(fits)..];
@@ -140,17 +87,17 @@ fn heatmap(out: &mut dyn Write, columns: &[Column], width: usize, live: bool) ->
         write!(
             out,
             "{dim}{:>w$} {dim:#}",
-            first.layers[row].0,
+            first.layers[row].layer,
             w = LABEL - 1
         )?;
         for c in shown {
-            let (_, id, text, p, ..) = &c.layers[row];
-            let mark = if *id == c.token { "*" } else { " " };
-            let s = cell_style(*p);
+            let l = &c.layers[row];
+            let mark = if l.top1 == c.token { "*" } else { " " };
+            let s = cell_style(l.top1_prob);
             write!(
                 out,
                 "{s}{}{mark}{s:#}",
-                fit(&lens_plot::visible(text), CELL - 1)
+                fit(&lens_plot::visible(&l.top1_text), CELL - 1)
             )?;
         }
         writeln!(out, "{eol}")?;
@@ -163,9 +110,10 @@ fn heatmap(out: &mut dyn Write, columns: &[Column], width: usize, live: bool) ->
     writeln!(out, "{eol}")?;
     write!(out, "{:>w$}", "", w = LABEL)?;
     for c in shown {
-        let first = c
-            .first_top1
-            .map_or_else(|| "never".to_string(), |(l, p)| format!("L{l} {p:.2}"));
+        let first = match (c.first_top1_layer, c.first_top1_prob) {
+            (Some(l), Some(p)) => format!("L{l} {p:.2}"),
+            _ => "never".to_string(),
+        };
         write!(out, "{dim}{}{dim:#}", fit(&first, CELL))?;
     }
     writeln!(out, "{eol}")?;
@@ -187,7 +135,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let name = a.model.backend.clone();
     let generator = backend.generator().ok_or_else(|| {
         lens_core::Error::Unsupported(format!(
-            "the {} backend cannot generate (use --backend mistralrs in a build with it)",
+            "the {} backend cannot generate (use --backend candle or mistralrs)",
             match name.as_str() {
                 "auto" => "chosen",
                 n => n,
@@ -215,7 +163,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut out = anstream::stdout();
     let live = a.format == StreamFormat::Text && std::io::stdout().is_terminal();
     let width = crate::render::terminal_width();
-    let mut columns: Vec<Column> = Vec::new();
+    let mut columns: Vec<GenerateStepJson> = Vec::new();
     let mut drawn = 0;
     if a.format == StreamFormat::Text {
         writeln!(
@@ -232,16 +180,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut failed: Option<anyhow::Error> = None;
     let finish = generator.generate(&request, &Stop::never(), &mut |step| {
         let result = (|| -> Result<()> {
-            let c = column(&*backend, &step, &layers)?;
+            let c = wire::generate_step(&*backend, &step, &layers)?
+                .with_finish(a.max_tokens, &stop_tokens);
             match a.format {
-                StreamFormat::Jsonl => {
-                    let last = step.index + 1 == a.max_tokens || stop_tokens.contains(&step.token);
-                    let finish = last.then(|| match stop_tokens.contains(&step.token) {
-                        true => "stop",
-                        false => "length",
-                    });
-                    jsonl(&mut out, step.index, &c, finish)?;
-                }
+                StreamFormat::Jsonl => jsonl(&mut out, &c)?,
                 StreamFormat::Text if live => {
                     columns.push(c);
                     if drawn > 0 {

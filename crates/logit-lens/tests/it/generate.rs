@@ -1,5 +1,5 @@
-//! `logit-lens generate`: a backend that cannot generate says so; with the mistralrs backend
-//! each new token streams as one JSON line with every layer's top-1 at that step.
+//! `logit-lens generate`: on the candle backend (our own forward, greedy) and the mistralrs
+//! backend, each new token streams as one JSON line with every layer's top-1 at that step.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -8,22 +8,64 @@ use crate::logit_lens;
 
 #[cfg(feature = "candle")]
 #[test]
-fn a_backend_that_cannot_generate_says_so() {
+fn candle_generates_greedily_on_its_own_forward() {
     let run = logit_lens(&[
         "generate",
         "The capital of France is",
         "--backend",
         "candle",
         "--max-tokens",
-        "2",
+        "6",
+        "--format",
+        "jsonl",
     ]);
-    assert_eq!(run.code, 2, "{}", run.stderr);
-    assert!(run.stdout.is_empty(), "{}", run.stdout);
-    assert!(
-        run.stderr.contains("the candle backend cannot generate"),
-        "{}",
-        run.stderr
-    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let lines = check_jsonl(&run.stdout, 30, true);
+    assert_eq!(lines.len(), 6, "{}", run.stdout);
+    assert_eq!(lines[5]["finish"], "length");
+    let text: String = lines.iter().map(|l| l["text"].as_str().unwrap()).collect();
+    assert!(text.contains("Paris"), "{text:?}");
+    // No chat template engine here: said, not guessed.
+    let chat = logit_lens(&[
+        "generate",
+        "The capital of France is",
+        "--backend",
+        "candle",
+        "--chat",
+    ]);
+    assert_eq!(chat.code, 2, "{}", chat.stderr);
+    assert!(chat.stderr.contains("no chat template"), "{}", chat.stderr);
+}
+
+/// The JSON lines of `generate`, each checked: every shown layer once, the step's token the
+/// final layer's top-1 when greedy, and the first layer where it is top-1 consistent with the
+/// layers. Returns the lines.
+pub fn check_jsonl(stdout: &str, n_layers: usize, greedy: bool) -> Vec<serde_json::Value> {
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["step"], i, "{line}");
+        let layers = line["layers"].as_array().expect("layers");
+        assert_eq!(layers.len(), n_layers + 1, "{line}");
+        let token = &line["token"];
+        let first = layers.iter().find(|l| l["top1"] == *token);
+        assert_eq!(
+            line["first_top1_layer"],
+            first.map_or(serde_json::Value::Null, |l| l["layer"].clone())
+        );
+        if greedy {
+            assert_eq!(layers[n_layers]["top1"], *token, "step {i}: greedy");
+            assert_eq!(layers[n_layers]["token_rank"], 0);
+        }
+        for l in layers {
+            let p = l["token_prob"].as_f64().expect("token_prob");
+            assert!((0.0..=1.0).contains(&p), "{l}");
+            assert!(l["top1_prob"].as_f64().expect("top1_prob") >= p, "{l}");
+        }
+    }
+    lines
 }
 
 #[test]
@@ -42,38 +84,8 @@ fn bad_sampling_parameters_are_usage_errors() {
 mod mistralrs {
     use serde_json::Value;
 
+    use super::check_jsonl;
     use crate::{data_dir, logit_lens};
-
-    /// The JSON lines of `generate`, each checked: every shown layer once, the step's token the
-    /// final layer's top-1 when greedy, and the first layer where it is top-1 consistent with the
-    /// layers. Returns the lines.
-    pub fn check_jsonl(stdout: &str, n_layers: usize, greedy: bool) -> Vec<Value> {
-        let lines: Vec<Value> = stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("a JSON line"))
-            .collect();
-        for (i, line) in lines.iter().enumerate() {
-            assert_eq!(line["step"], i, "{line}");
-            let layers = line["layers"].as_array().expect("layers");
-            assert_eq!(layers.len(), n_layers + 1, "{line}");
-            let token = &line["token"];
-            let first = layers.iter().find(|l| l["top1"] == *token);
-            assert_eq!(
-                line["first_top1_layer"],
-                first.map_or(Value::Null, |l| l["layer"].clone())
-            );
-            if greedy {
-                assert_eq!(layers[n_layers]["top1"], *token, "step {i}: greedy");
-                assert_eq!(layers[n_layers]["token_rank"], 0);
-            }
-            for l in layers {
-                let p = l["token_prob"].as_f64().expect("token_prob");
-                assert!((0.0..=1.0).contains(&p), "{l}");
-                assert!(l["top1_prob"].as_f64().expect("top1_prob") >= p, "{l}");
-            }
-        }
-        lines
-    }
 
     #[test]
     fn mistralrs_generate_streams_one_line_per_token() {
