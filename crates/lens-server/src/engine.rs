@@ -9,7 +9,7 @@ use lens_core::{
     math, Alignment, Answer, Backend, HiddenStates, IndexSpec, Lens, LensKind, Part, Query, Site,
     SiteLogits, Stop, Token,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cache::{ActivationCache, CacheStats};
 use crate::hover;
@@ -101,6 +101,53 @@ pub struct PositionParams {
     pub position: i64,
     #[serde(flatten)]
     pub lens: LensParams,
+}
+
+/// `lens/generate` params.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GenerateParams {
+    pub text: String,
+    /// Tokens to write at most (1..=[`GenerateParams::MAX_TOKENS`], default 32).
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: i64,
+    /// 0 (default): greedy.
+    #[serde(default)]
+    pub temperature: f32,
+    #[serde(default = "one")]
+    pub top_p: f32,
+    #[serde(default)]
+    pub seed: u64,
+    /// Wrap the text in the model's chat template as one user turn.
+    #[serde(default)]
+    pub chat: bool,
+    /// Layers shown per step (a spec such as `"-4:"` or a list), all by default.
+    #[serde(default)]
+    pub layers: Option<LayersParam>,
+}
+
+impl GenerateParams {
+    pub const MAX_TOKENS: i64 = 4096;
+}
+
+fn default_max_tokens() -> i64 {
+    32
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// How `lens/generate` ended.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerateOut {
+    pub prompt_tokens: usize,
+    pub generated: usize,
+    /// The generated tokens' text.
+    pub text: String,
+    /// `"length"`, `"stop"` or `"context"`.
+    pub finish: &'static str,
 }
 
 /// `lens/heatmap` params.
@@ -387,6 +434,74 @@ impl Engine {
         let query = self.query_of(&p.lens, Some(&[p.position]))?;
         let (tokens, answer) = self.answer(&p.text, &query, stop)?;
         Ok(wire::build(&*self.backend, &tokens, &answer))
+    }
+
+    /// `lens/generate`: the model writes up to `maxTokens` tokens after the text; `on_step`
+    /// gets each one with its lens at once (the door sends it as a notification). Stops
+    /// within a token's work when `stop` is raised (the request is cancelled).
+    pub fn generate(
+        &self,
+        p: &GenerateParams,
+        stop: &Stop,
+        on_step: &mut dyn FnMut(wire::GenerateStepJson),
+    ) -> Result<GenerateOut, RpcError> {
+        let generator = self.backend.generator().ok_or_else(|| {
+            RpcError::from(lens_core::Error::Unsupported(
+                "this daemon's backend cannot generate (start it with --backend candle or \
+                 mistralrs)"
+                    .into(),
+            ))
+        })?;
+        if !(1..=GenerateParams::MAX_TOKENS).contains(&p.max_tokens) {
+            return Err(RpcError::invalid_params(format!(
+                "maxTokens must be 1..={}, got {}",
+                GenerateParams::MAX_TOKENS,
+                p.max_tokens
+            )));
+        }
+        let sampling = lens_core::Sampling {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            seed: p.seed,
+        };
+        sampling
+            .validate()
+            .map_err(|e| RpcError::invalid_params(e.to_string()))?;
+        let lens = LensParams {
+            layers: p.layers.clone(),
+            ..LensParams::default()
+        };
+        let layers = lens.query(None)?.layers_of(self.backend.info().n_layers)?;
+        let prompt: Vec<u32> = match p.chat {
+            true => {
+                self.prompt(&p.text)?; // the same bounds on the text as every method
+                generator.chat_prompt(&p.text)?
+            }
+            false => self.prompt(&p.text)?.iter().map(|t| t.id).collect(),
+        };
+        let stop_tokens = generator.stop_tokens();
+        let max_tokens = p.max_tokens as usize;
+        let request = lens_core::GenerateRequest {
+            prompt: &prompt,
+            max_tokens,
+            sampling,
+        };
+        let mut text = String::new();
+        let mut generated = 0;
+        let finish = generator.generate(&request, stop, &mut |step| {
+            let json = wire::generate_step(&*self.backend, &step, &layers)?
+                .with_finish(max_tokens, &stop_tokens);
+            text.push_str(&json.text);
+            generated += 1;
+            on_step(json);
+            Ok(())
+        })?;
+        Ok(GenerateOut {
+            prompt_tokens: prompt.len(),
+            generated,
+            text,
+            finish: finish.as_str(),
+        })
     }
 
     /// `lens/heatmap`: the same SVG or HTML page as `logit-lens plot` for the whole text.

@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::engine::{
-    AnalyzeParams, DiffOut, DiffParams, HeatmapParams, PositionParams, TokenizeParams,
+    AnalyzeParams, DiffOut, DiffParams, GenerateParams, HeatmapParams, PositionParams,
+    TokenizeParams,
 };
 use crate::framing::{self, FrameError};
 use crate::{wire, ClientId, Engine, Limits, RpcError, Turns};
@@ -90,6 +91,39 @@ pub async fn call(
         "lens/cacheStats" => to_value(&engine.stats()),
         _ => Err(RpcError::method_not_found(method)),
     }
+}
+
+/// `lens/generate` (the socket doors only: it streams): each new token goes out at once as a
+/// `lens/generateStep` notification whose params are the step ([`wire::GenerateStepJson`])
+/// and the request's `id`; the answer ([`crate::engine::GenerateOut`]) comes when generation
+/// ends. `$/cancelRequest` stops it within a token, and no step is sent after it.
+async fn generate(
+    engine: Arc<Engine>,
+    p: Value,
+    client: ClientId,
+    id: Value,
+    tx: mpsc::UnboundedSender<Value>,
+) -> Result<Value, RpcError> {
+    let p: GenerateParams = params(p)?;
+    let turns = engine.turns().clone();
+    let out = blocking(&turns, client, move |stop| {
+        engine.generate(&p, stop, &mut |step| {
+            if stop.is_stopped() {
+                return;
+            }
+            let mut params = serde_json::to_value(&step).unwrap_or_else(|_| json!({}));
+            if let Some(o) = params.as_object_mut() {
+                o.insert("id".into(), id.clone());
+            }
+            let _ = tx.send(json!({
+                "jsonrpc": "2.0",
+                "method": "lens/generateStep",
+                "params": params,
+            }));
+        })
+    })
+    .await?;
+    to_value(&out)
 }
 
 /// The names of the `lens/*` methods.
@@ -353,8 +387,12 @@ fn handle(
             ))),
         ));
     }
+    let stream = (tx.clone(), id.clone());
     let task = tokio::spawn(async move {
-        let result = call(engine, &method, p, client).await;
+        let result = match method.as_str() {
+            "lens/generate" => generate(engine, p, client, stream.1, stream.0).await,
+            _ => call(engine, &method, p, client).await,
+        };
         // Answer only if the request was not cancelled meanwhile.
         let still_ours = in_flight2
             .lock()

@@ -222,3 +222,111 @@ mod mistralrs {
         }
     }
 }
+
+/// `lens/generate` over TCP: one `lens/generateStep` notification per token, each the same as
+/// the CLI's JSON line for that step, then the answer; `$/cancelRequest` stops it within a
+/// token and the daemon goes on serving.
+#[cfg(feature = "candle")]
+#[test]
+fn the_daemon_streams_generation_and_stops_when_cancelled() {
+    use crate::serve::{frame, Server};
+    use serde_json::{json, Value};
+
+    let server = Server::tcp(&[]);
+    let mut conn = server.connect();
+    let send =
+        |conn: &mut crate::serve::Conn, v: Value| conn.send_raw(&frame(v.to_string().as_bytes()));
+    let prompt = "The capital of France is";
+    send(
+        &mut conn,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "lens/generate",
+               "params": {"text": prompt, "maxTokens": 6, "layers": "-4.."}}),
+    );
+    let mut steps = Vec::new();
+    let answer = loop {
+        let v: Value = serde_json::from_str(&conn.read().expect("a message")).unwrap();
+        match v["method"].as_str() {
+            Some("lens/generateStep") => {
+                assert_eq!(v["params"]["id"], 1, "{v}");
+                steps.push(v["params"].clone());
+            }
+            _ => {
+                assert_eq!(v["id"], 1, "{v}");
+                break v;
+            }
+        }
+    };
+    assert!(answer.get("error").is_none(), "{answer}");
+    assert_eq!(steps.len(), 6);
+    assert_eq!(answer["result"]["generated"], 6, "{answer}");
+    assert_eq!(answer["result"]["finish"], "length", "{answer}");
+    let text: String = steps.iter().map(|s| s["text"].as_str().unwrap()).collect();
+    assert_eq!(answer["result"]["text"], text.as_str());
+    // Each step is the CLI's line for it (the same wire type), with the request's id.
+    let cli = logit_lens(&[
+        "generate",
+        prompt,
+        "--max-tokens",
+        "6",
+        "--layers=-4..",
+        "--format",
+        "jsonl",
+    ]);
+    assert_eq!(cli.code, 0, "{}", cli.stderr);
+    for (step, line) in steps.iter_mut().zip(cli.stdout.lines()) {
+        step.as_object_mut().unwrap().remove("id");
+        assert_eq!(*step, serde_json::from_str::<Value>(line).unwrap());
+        assert_eq!(step["layers"].as_array().unwrap().len(), 4, "{step}");
+    }
+
+    // A long generation, cancelled after its second token.
+    send(
+        &mut conn,
+        json!({"jsonrpc": "2.0", "id": 2, "method": "lens/generate",
+               "params": {"text": prompt, "maxTokens": 500}}),
+    );
+    let mut seen = 0;
+    while seen < 2 {
+        let v: Value = serde_json::from_str(&conn.read().expect("a message")).unwrap();
+        assert_eq!(v["method"], "lens/generateStep", "{v}");
+        seen += 1;
+    }
+    send(
+        &mut conn,
+        json!({"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": 2}}),
+    );
+    // A request that needs the model waits for the generation's turn: when it is answered,
+    // generation has ended and every step it sent has arrived.
+    send(
+        &mut conn,
+        json!({"jsonrpc": "2.0", "id": 3, "method": "lens/position",
+               "params": {"text": prompt, "position": -1}}),
+    );
+    let (mut after_cancel, mut cancelled, mut position) = (0, None, None);
+    while position.is_none() {
+        let v: Value = serde_json::from_str(&conn.read().expect("a message")).unwrap();
+        match (v["method"].as_str(), v["id"].as_i64()) {
+            (Some("lens/generateStep"), _) => after_cancel += 1,
+            (_, Some(2)) => cancelled = Some(v),
+            (_, Some(3)) => position = Some(v),
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    let cancelled = cancelled.expect("the cancelled request is answered");
+    assert_eq!(cancelled["error"]["code"], -32800, "{cancelled}");
+    assert!(after_cancel <= 1, "{after_cancel} steps after the cancel");
+    let position = position.unwrap();
+    assert!(position.get("error").is_none(), "{position}");
+
+    // Bad params are errors, not a stream.
+    for params in [
+        json!({"text": prompt, "maxTokens": 0}),
+        json!({"text": prompt, "temperature": -1.0}),
+        json!({"text": prompt, "chat": true}),
+        json!({"text": "", "maxTokens": 2}),
+        json!({"text": prompt, "bogus": 1}),
+    ] {
+        let r = conn.request("lens/generate", params.clone());
+        assert!(r["error"]["code"].as_i64().is_some(), "{params}: {r}");
+    }
+}
