@@ -9,7 +9,16 @@ Standard library only (socket, json). Messages use the LSP base-protocol framing
         report = c.analyze("The capital of France is", top_k=3)
         print(report["positions"][-1]["final_top1"]["text"])
 
+Generation streams: each new token arrives with every layer's top-1 at that step.
+
+    with LensClient("127.0.0.1", 7420) as c:
+        for step in c.generate("The capital of France is", max_tokens=8):
+            print(step["text"], step["first_top1_layer"])
+
+Leaving the loop early cancels the generation on the daemon.
+
 As a command:  python3 lens_client.py HOST:PORT analyze|position|tokenize|modelInfo|cacheStats [TEXT] [POSITION]
+               python3 lens_client.py HOST:PORT generate TEXT [MAX_TOKENS]   (one JSON line per token, then the result)
 """
 
 import json
@@ -78,6 +87,40 @@ class LensClient:
                     raise LensError(msg["error"])
                 return msg["result"]
 
+    def generate(self, text, max_tokens=32, temperature=0.0, top_p=1.0, seed=0, chat=False, layers=None):
+        """Yield each generated token's step (`lens/generateStep`) as it arrives; the
+        generator's return value (``result = yield from c.generate(...)``) is the final
+        answer. Closing the generator early (``break``) cancels the request."""
+        params = {"text": text, "maxTokens": max_tokens, "temperature": temperature,
+                  "topP": top_p, "seed": seed, "chat": chat}
+        if layers is not None:
+            params["layers"] = layers
+        if self.token is not None:
+            params["token"] = self.token
+        rid = self.next_id
+        self.next_id += 1
+        self.send({"jsonrpc": "2.0", "id": rid, "method": "lens/generate", "params": params})
+        done = False
+        try:
+            while True:
+                msg = self.receive()
+                if msg.get("method") == "lens/generateStep" and msg["params"].get("id") == rid:
+                    step = dict(msg["params"])
+                    del step["id"]
+                    yield step
+                elif msg.get("id") == rid:
+                    done = True
+                    if "error" in msg:
+                        raise LensError(msg["error"])
+                    return msg["result"]
+        finally:
+            if not done:
+                # Stopped early: cancel, then read up to the request's answer so that the
+                # connection carries no stale messages.
+                self.send({"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": rid}})
+                while self.receive().get("id") != rid:
+                    pass
+
     def analyze(self, text, layers=None, positions=None, top_k=None, lens=None):
         params = {"text": text}
         for key, value in (("layers", layers), ("positions", positions), ("topK", top_k), ("lens", lens)):
@@ -115,6 +158,14 @@ def main(argv):
             result = c.position(rest[0], int(rest[1]) if len(rest) > 1 else -1)
         elif command == "tokenize":
             result = c.tokenize(rest[0])
+        elif command == "generate":
+            steps = c.generate(rest[0], max_tokens=int(rest[1]) if len(rest) > 1 else 32)
+            while True:
+                try:
+                    print(json.dumps(next(steps), ensure_ascii=False), flush=True)
+                except StopIteration as end:
+                    result = end.value
+                    break
         elif command == "modelInfo":
             result = c.model_info()
         elif command == "cacheStats":

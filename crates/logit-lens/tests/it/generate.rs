@@ -318,6 +318,46 @@ fn the_daemon_streams_generation_and_stops_when_cancelled() {
     let position = position.unwrap();
     assert!(position.get("error").is_none(), "{position}");
 
+    // The Python client: the same steps as a command, and leaving its loop cancels.
+    let client = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../editors/python");
+    let py = std::process::Command::new("python3")
+        .arg(client.join("lens_client.py"))
+        .args([server.addr.as_str(), "generate", prompt, "6"])
+        .output()
+        .expect("run python3");
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&py.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 7, "6 steps and the result: {lines:?}");
+    assert_eq!(lines[6]["text"], answer["result"]["text"], "{lines:?}");
+    assert_eq!(lines[0]["token"], steps[0]["token"]);
+    let script = format!(
+        "import sys; sys.path.insert(0, {dir:?})\n\
+         from lens_client import LensClient\n\
+         with LensClient('127.0.0.1', {port}) as c:\n\
+         \x20   for i, step in enumerate(c.generate({prompt:?}, max_tokens=500)):\n\
+         \x20       if i == 1: break\n\
+         \x20   print(c.model_info()['n_layers'])\n",
+        dir = client.display().to_string(),
+        port = server.port(),
+    );
+    let py = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("run python3");
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "30");
+
     // Bad params are errors, not a stream.
     for params in [
         json!({"text": prompt, "maxTokens": 0}),
