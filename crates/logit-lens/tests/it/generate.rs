@@ -221,6 +221,36 @@ mod mistralrs {
             }
         }
     }
+
+    /// The daemon on the mistralrs backend streams the same steps as its CLI.
+    #[test]
+    fn the_daemon_streams_mistralrs_generation() {
+        use crate::serve::Server;
+        let server = Server::tcp(&["--backend", "mistralrs"]);
+        let mut conn = server.connect();
+        let prompt = "The capital of France is";
+        let answer = conn.ok(
+            "lens/generate",
+            serde_json::json!({"text": prompt, "maxTokens": 3}),
+        );
+        assert_eq!(answer["generated"], 3, "{answer}");
+        let cli = logit_lens(&[
+            "generate",
+            prompt,
+            "--backend",
+            "mistralrs",
+            "--max-tokens",
+            "3",
+            "--format",
+            "jsonl",
+        ]);
+        assert_eq!(cli.code, 0, "{}", cli.stderr);
+        let text: String = check_jsonl(&cli.stdout, 30, true)
+            .iter()
+            .map(|l| l["text"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(answer["text"], text.as_str(), "{answer}");
+    }
 }
 
 /// `lens/generate` over TCP: one `lens/generateStep` notification per token, each the same as
