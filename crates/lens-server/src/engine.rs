@@ -671,6 +671,25 @@ impl Engine {
             .collect())
     }
 
+    /// Finish a document's states in the background after an edit has been answered near the
+    /// cursor: the forward of all its tokens, so that a hover anywhere in it then reads cached
+    /// states (a hover's tokens are a prefix of them, which costs no computation). Only when
+    /// the whole document fits the hovers' `context_tokens` window (a longer one's hovers
+    /// start at different tokens and share no single prefix). Returns whether it ran.
+    pub fn warm(&self, text: &str, context_tokens: usize, stop: &Stop) -> Result<bool, RpcError> {
+        if text.is_empty() || text.len() > self.max_prompt_bytes {
+            return Ok(false);
+        }
+        let tokens = self.tokenize(text)?;
+        let window = context_tokens.clamp(1, self.backend.info().context_length.max(1));
+        if tokens.is_empty() || tokens.len() > window {
+            return Ok(false);
+        }
+        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+        self.states(&ids, stop)?;
+        Ok(true)
+    }
+
     /// The hover at byte `byte` of a document: the token there, with the text before it
     /// (at most `context_tokens` tokens, oldest dropped) as context. `None` for an empty
     /// document.

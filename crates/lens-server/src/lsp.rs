@@ -110,7 +110,7 @@ pub struct LensLsp {
     /// Per document, the byte range of the token its last hover showed (moved along by edits)
     /// and when it was shown.
     hovered: DashMap<Url, ((usize, usize), Instant)>,
-    preparing: Mutex<Option<Prepared>>,
+    preparing: Arc<Mutex<Option<Prepared>>>,
     /// The hovers being answered, per document: an edit stops them (their answer would be
     /// ContentModified anyway).
     answering: Mutex<Vec<(Url, Stop)>>,
@@ -125,7 +125,7 @@ pub fn service(engine: Arc<Engine>) -> (LspService<LensLsp>, tower_lsp::ClientSo
         engine,
         docs: DashMap::new(),
         hovered: DashMap::new(),
-        preparing: Mutex::new(None),
+        preparing: Arc::new(Mutex::new(None)),
         answering: Mutex::new(Vec::new()),
         encoding: RwLock::new(Encoding::Utf16),
         config: RwLock::new(Config::default()),
@@ -492,6 +492,7 @@ impl LensLsp {
         let previous = doc.previous.clone();
         let edited = doc.changed;
         let edit_first = edit.is_some();
+        let preparing = self.preparing.clone();
         tokio::spawn(async move {
             for (i, range) in ranges.into_iter().enumerate() {
                 // The byte whose token to prepare: the last one the edit wrote (or, for a
@@ -533,6 +534,33 @@ impl LensLsp {
                         return;
                     }
                 }
+            }
+            // Then the rest of the document (after an edit in the middle, the hovers above
+            // computed only up to their tokens), still speculative: the next edit or a
+            // request elsewhere stops it.
+            if !edit_first {
+                return;
+            }
+            // From here on no real request waits for it: it prepares no hover, so any hover
+            // stops it (see `hover_impl`).
+            match preparing.lock() {
+                Ok(mut p) => match p.as_mut().filter(|p| p.stop.same(&stop)) {
+                    Some(p) => p.ranges.clear(),
+                    None => return,
+                },
+                Err(_) => return,
+            }
+            let context_tokens = options.context_tokens;
+            let out = turns
+                .compute_until(stop, move |stop| engine.warm(&text, context_tokens, stop))
+                .await;
+            let done = edited.elapsed().as_secs_f64() * 1e3;
+            match out {
+                Ok(Ok(ran)) => tracing::debug!(ran, done_ms = done, "finished the document"),
+                Ok(Err(e)) => {
+                    tracing::debug!(done_ms = done, "finishing the document: {}", e.message)
+                }
+                Err(e) => tracing::debug!("finishing the document: {}", e.message),
             }
         });
     }

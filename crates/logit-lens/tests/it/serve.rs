@@ -1128,3 +1128,91 @@ fn the_same_cell_is_the_same_bytes_in_the_cli_the_daemon_and_the_plot() {
     }
     assert_eq!(cells, positions.len() * layers.len());
 }
+
+/// After an edit in the middle, the hover at the edit is answered from the tokens up to it;
+/// then the daemon finishes the rest of the document in the background, so that a hover at
+/// the end computes nothing, and its numbers are a fresh daemon's.
+#[test]
+fn after_a_middle_edit_the_rest_of_the_document_is_finished_in_the_background() {
+    let uri = "file:///tmp/middle.txt";
+    let lines: Vec<String> = (0..8)
+        .map(|i| format!("Fact {i}: the capital of France is Paris, not Rome."))
+        .collect();
+    let text = lines.join("\n");
+    let start = |lsp: &mut Lsp, text: &str| {
+        // Without the "before the edit" columns, which read the previous version's states:
+        // the counts below are the edited document's alone.
+        lsp.ok(
+            "initialize",
+            json!({ "processId": null, "rootUri": null, "capabilities": {},
+                    "initializationOptions": { "compare": false } }),
+        );
+        lsp.notify("initialized", json!({}));
+        lsp.notify("textDocument/didOpen", json!({ "textDocument": { "uri": uri, "languageId": "plaintext", "version": 1, "text": text } }));
+    };
+    let computed = |lsp: &mut Lsp| {
+        lsp.ok("lens/cacheStats", json!({}))["tokensComputed"]
+            .as_u64()
+            .expect("tokensComputed")
+    };
+    let mut lsp = Lsp::start();
+    start(&mut lsp, &text);
+    // A hover on the first line: the daemon computes the tokens up to it, no more.
+    let first = hover(&mut lsp, uri, 0, 7);
+    assert!(first["result"]["contents"]["value"].is_string(), "{first}");
+    let k = computed(&mut lsp);
+
+    // An edit in the middle (line 4), and the hover the editor asks for at once: at the edit.
+    lsp.notify(
+        "textDocument/didChange",
+        json!({ "textDocument": { "uri": uri, "version": 2 },
+                "contentChanges": [{ "range": { "start": { "line": 4, "character": 35 }, "end": { "line": 4, "character": 35 } }, "text": " still" }] }),
+    );
+    let mut edited_lines = lines.clone();
+    edited_lines[4].insert_str(35, " still");
+    let edited = edited_lines.join("\n");
+    let at_edit = hover(&mut lsp, uri, 4, 38);
+    assert!(
+        at_edit["result"]["contents"]["value"].is_string(),
+        "{at_edit}"
+    );
+    // The whole edited document is computed once in all: the tokens after the first hover's.
+    let n = lsp.ok("lens/tokenize", json!({ "text": edited }))["tokens"]
+        .as_array()
+        .expect("tokens")
+        .len() as u64;
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    while computed(&mut lsp) < n {
+        // Each round trip of `lens/cacheStats` paces the poll; the deadline bounds it.
+        assert!(
+            std::time::Instant::now() < until,
+            "the rest of the document was not finished: {} of {n} tokens (first hover {k})",
+            computed(&mut lsp)
+        );
+    }
+    assert_eq!(computed(&mut lsp), n, "no token computed twice");
+
+    // A hover at the end reads the finished states: nothing more is computed.
+    let last = edited_lines[7].find("Rome").expect("Rome") as u32 + 1;
+    let at_end = hover(&mut lsp, uri, 7, last);
+    assert_eq!(
+        computed(&mut lsp),
+        n,
+        "the hover at the end computed tokens"
+    );
+    let mut fresh = Lsp::start();
+    start(&mut fresh, &edited);
+    let want = hover(&mut fresh, uri, 7, last);
+    let now = |h: &Value| -> Vec<Vec<String>> {
+        rows(
+            h["result"]["contents"]["value"]
+                .as_str()
+                .unwrap_or_default(),
+        )
+        .into_iter()
+        .map(|r| r[..4].to_vec())
+        .collect()
+    };
+    assert_eq!(now(&at_end).len(), 31, "{at_end}");
+    assert_eq!(now(&at_end), now(&want));
+}
