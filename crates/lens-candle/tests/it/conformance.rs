@@ -161,16 +161,19 @@ fn smollm2_raw_lens_matches_hf_transformers() {
 }
 
 /// The bounds against `golden_gemma3.json`: [`suite::F32`]'s, with 5e-4 on probabilities and
-/// entropy and ranks above 10 within 1e-4 relative. The golden's own float32 arithmetic is that
+/// entropy and ranks above 10 within 2 or 1e-4 relative. The golden's own float32 arithmetic is that
 /// far from exact over a 262,144-token vocabulary (measured with the same transformers and
 /// torch): torch's float32 `log_softmax` leaves the log-sum-exp off by up to 7.7e-5 (the
 /// probabilities sum to 1 + 7.7e-5), which moves the golden's entropies by up to 2.7e-4 from
 /// those of its own logits normalised exactly, and its float32 readout puts its probabilities up
 /// to 5.2e-5 from an exact readout of its own hidden states. Layer 0 has logits up to 1.7e3
 /// (the final norm's weights reach 283), where one float32 rounding of a logit is 1.2e-4.
+/// Ranks above 10 may also be 2 off: the order of our f32 sums follows the SIMD width the CPU
+/// dispatches to (pulp, gemm), and on an AVX-512 machine one cell of the 1,178 (layer 10, the
+/// next token at rank 1,995 of 262,144) has two near-tied logits on the other side of it.
 const GEMMA3_F32: suite::Tolerance = suite::Tolerance {
     prob: 5e-4,
-    rank_abs: 1,
+    rank_abs: 2,
     rank_rel: 1e-4,
 };
 
