@@ -121,7 +121,7 @@ pub struct GenerateParams {
     /// Wrap the text in the model's chat template as one user turn.
     #[serde(default)]
     pub chat: bool,
-    /// Layers shown per step (a spec such as `"-4:"` or a list), all by default.
+    /// Layers shown per step (a spec such as `"-4.."` or a list), all by default.
     #[serde(default)]
     pub layers: Option<LayersParam>,
 }

@@ -96,7 +96,8 @@ pub async fn call(
 /// `lens/generate` (the socket doors only: it streams): each new token goes out at once as a
 /// `lens/generateStep` notification whose params are the step ([`wire::GenerateStepJson`])
 /// and the request's `id`; the answer ([`crate::engine::GenerateOut`]) comes when generation
-/// ends. `$/cancelRequest` stops it within a token, and no step is sent after it.
+/// ends. `$/cancelRequest` stops it within a token: after its answer at most the step that
+/// was being sent follows.
 async fn generate(
     engine: Arc<Engine>,
     p: Value,
