@@ -100,23 +100,8 @@ impl Meta {
     }
 
     fn from_map(m: &HashMap<String, String>, path: &str) -> Result<Meta, Error> {
-        let bad = |message: String| Error::Format {
-            path: path.to_string(),
-            message,
-        };
-        let get = |k: &str| {
-            m.get(k)
-                .cloned()
-                .ok_or_else(|| bad(format!("the metadata has no `{k}`")))
-        };
-        let num = |k: &str| {
-            get(k)?
-                .parse::<usize>()
-                .map_err(|_| bad(format!("the metadata's `{k}` is not a count")))
-        };
-        if get("format")? != FORMAT {
-            return Err(bad(format!("not a {FORMAT} file")));
-        }
+        let fields = Fields::of(m, path, FORMAT)?;
+        let (get, num) = (|k| fields.get(k), |k| fields.count(k));
         Ok(Meta {
             model: get("model")?,
             architecture: get("architecture")?,
@@ -182,6 +167,43 @@ impl Meta {
             );
         }
         Ok(())
+    }
+}
+
+/// A safetensors file's metadata, read field by field; errors name the file.
+struct Fields<'a> {
+    map: &'a HashMap<String, String>,
+    path: &'a str,
+}
+
+impl<'a> Fields<'a> {
+    /// The metadata of a file that must declare `format`.
+    fn of(map: &'a HashMap<String, String>, path: &'a str, format: &str) -> Result<Self, Error> {
+        let fields = Fields { map, path };
+        if fields.get("format")? != format {
+            return Err(fields.bad(format!("not a {format} file")));
+        }
+        Ok(fields)
+    }
+
+    fn bad(&self, message: String) -> Error {
+        Error::Format {
+            path: self.path.to_string(),
+            message,
+        }
+    }
+
+    fn get(&self, k: &str) -> Result<String, Error> {
+        self.map
+            .get(k)
+            .cloned()
+            .ok_or_else(|| self.bad(format!("the metadata has no `{k}`")))
+    }
+
+    fn count(&self, k: &str) -> Result<usize, Error> {
+        self.get(k)?
+            .parse::<usize>()
+            .map_err(|_| self.bad(format!("the metadata's `{k}` is not a count")))
     }
 }
 
@@ -354,20 +376,9 @@ pub fn save_adam(path: &Path, state: &AdamState, steps: usize) -> Result<(), Err
 pub fn read_adam(path: &Path, hidden: usize, n_layers: usize) -> Result<(AdamState, usize), Error> {
     let bytes = std::fs::read(path).map_err(io(path))?;
     let (meta, st) = open_safetensors(path, &bytes)?;
-    let bad = |message: String| format_error(path, message);
-    let get = |k: &str| {
-        meta.get(k)
-            .cloned()
-            .ok_or_else(|| bad(format!("the metadata has no `{k}`")))
-    };
-    let num = |k: &str| {
-        get(k)?
-            .parse::<usize>()
-            .map_err(|_| bad(format!("the metadata's `{k}` is not a count")))
-    };
-    if get("format")? != ADAM_FORMAT {
-        return Err(bad(format!("not a {ADAM_FORMAT} file")));
-    }
+    let shown = path.display().to_string();
+    let fields = Fields::of(&meta, &shown, ADAM_FORMAT)?;
+    let (bad, num) = (|message| format_error(path, message), |k| fields.count(k));
     if num("layers")? != n_layers {
         return Err(bad(format!(
             "it holds {} layers' moments, the lens has {n_layers}",
