@@ -19,7 +19,10 @@ pub struct Generated {
 /// `backend` generates (it offers a generator); at temperature 0, up to `n` tokens after
 /// `prompt`:
 /// - each step's token is the most likely token of the step's final-layer logits, and those
-///   logits are the readout of the last layer at the last position of the step's states;
+///   logits are the readout of the last layer at the last position of the step's states (a
+///   backend that generates on an engine of its own, [`Backend::engine_logits`]: the most
+///   likely token of the engine's logits for the same tokens, and within twice the engine
+///   check's bound of the capture's most likely one);
 /// - each step's states cover the prompt and the tokens generated before it, and equal a
 ///   fresh forward of those tokens (within [`REUSE_BOUND`]): extending the cache one token at
 ///   a time is the same forward;
@@ -53,8 +56,7 @@ pub fn generation(backend: &dyn Backend, prompt: &[u32], n: usize) -> Generated 
                 .expect("the last position's last layer");
             let readout = backend.readout(last, LensKind::Norm).expect("readout");
             assert_eq!(readout, step.logits, "step {}: logits", step.index);
-            let argmax = math::top_k(step.logits, 1)[0].id;
-            assert_eq!(step.token, argmax, "step {}: greedy token", step.index);
+            greedy_token(backend, &tokens, step.token, step.logits, step.index);
             let fresh = backend
                 .forward(&tokens, CaptureOptions::default())
                 .expect("fresh forward");
@@ -99,4 +101,40 @@ pub fn generation(backend: &dyn Backend, prompt: &[u32], n: usize) -> Generated 
         finish,
         reuse,
     }
+}
+
+/// The greedy choice at a step: the argmax of the capture's final layer, or for a backend that
+/// generates on its own engine, of the engine's own logits for the same tokens (a fresh
+/// forward of them, where the engine drew from its incremental step: the two differ by its
+/// attention's rounding, as the capture does, so the drawn token must be the engine's argmax
+/// where that leads by more than twice the engine check's bound, and within that of it
+/// elsewhere), and the capture's logit for it within twice the bound of its own argmax.
+fn greedy_token(backend: &dyn Backend, tokens: &[u32], token: u32, logits: &[f32], step: usize) {
+    let argmax = math::top_k(logits, 1)[0];
+    let Some(engine) = backend.engine_logits(tokens) else {
+        assert_eq!(token, argmax.id, "step {step}: greedy token");
+        return;
+    };
+    let engine = engine.unwrap_or_else(|e| panic!("step {step}: the engine's logits: {e}"));
+    let vocab = backend.info().vocab_size;
+    let row = &engine.logits[engine.logits.len() - vocab..];
+    let top = math::top_k(row, 2);
+    let margin = 2.0 * engine.bound;
+    let chosen = row[token as usize];
+    if top[0].logit - top[1].logit > margin {
+        assert_eq!(token, top[0].id, "step {step}: the engine's clear argmax");
+    }
+    assert!(
+        chosen >= top[0].logit - margin,
+        "step {step}: the engine drew {token} ({chosen}), its argmax is {} ({})",
+        top[0].id,
+        top[0].logit
+    );
+    let ours = logits[token as usize];
+    assert!(
+        ours >= argmax.logit - margin,
+        "step {step}: the capture gives the drawn token {token} {ours}, its argmax {} {}",
+        argmax.id,
+        argmax.logit
+    );
 }

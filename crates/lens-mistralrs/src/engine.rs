@@ -8,14 +8,16 @@
 
 use std::num::NonZeroUsize;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use mistralrs::core::{AutoDeviceMapParams, MessageContent};
 use mistralrs::core::{
-    Constraint, DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder, GGUFSpecificConfig,
-    MistralRs, MistralRsBuilder, ModelDType, NormalRequest, Request, RequestMessage, Response,
-    SamplingParams, SchedulerConfig, TokenSource,
+    Constraint, CustomLogitsProcessor, DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder,
+    GGUFSpecificConfig, MistralRs, MistralRsBuilder, ModelDType, NormalRequest, Request,
+    RequestMessage, Response, SamplingParams, SchedulerConfig, StopTokens, TokenSource,
+    TERMINATE_ALL_NEXT_STEP,
 };
 
 use crate::{Error, Precision};
@@ -40,6 +42,26 @@ pub(crate) fn isolated<T: Send>(
                 Err(Error::Engine(format!("{what} failed: {msg}")))
             })
     })
+}
+
+/// What [`Engine::generate`] reports while the engine writes.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// The engine drew its `index`-th token (0-based among the generated ones).
+    Token { index: usize, id: u32 },
+    /// The request ended.
+    Done(Result<Ended, Error>),
+}
+
+/// How a generation request ended.
+#[derive(Debug)]
+pub(crate) struct Ended {
+    /// mistral.rs's finish reason: `length`, `stop`, `canceled`, …
+    pub reason: String,
+    /// Tokens it generated.
+    pub generated: usize,
+    /// The last generated token's text, special tokens written out.
+    pub last: Option<String>,
 }
 
 /// A model loaded by mistral.rs, and its engine.
@@ -127,18 +149,22 @@ impl Engine {
         })
     }
 
+    fn send(&self, request: Request) -> Result<(), Error> {
+        self.runner
+            .get_sender(None)
+            .map_err(|e| Error::Engine(format!("{e:?}")))?
+            .blocking_send(request)
+            .map_err(|_| Error::Engine("the engine is gone".into()))
+    }
+
     fn request(
         &self,
         messages: RequestMessage,
         what: &str,
     ) -> Result<(Vec<Tensor>, Vec<u32>), Error> {
         isolated(what, || {
-            let sender = self
-                .runner
-                .get_sender(None)
-                .map_err(|e| Error::Engine(format!("{e:?}")))?;
             let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-            let request = Request::Normal(Box::new(NormalRequest {
+            self.send(Request::Normal(Box::new(NormalRequest {
                 id: 0,
                 messages,
                 sampling_params: SamplingParams::deterministic(),
@@ -154,10 +180,7 @@ impl Engine {
                 web_search_options: None,
                 model_id: None,
                 truncate_sequence: false,
-            }));
-            sender
-                .blocking_send(request)
-                .map_err(|_| Error::Engine("the engine is gone".into()))?;
+            })))?;
             match rx.blocking_recv() {
                 Some(Response::Raw {
                     logits_chunks,
@@ -187,6 +210,118 @@ impl Engine {
             out.extend(c.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         }
         Ok(out)
+    }
+
+    /// Generate after `prompt` on mistral.rs's engine (its sampler, stop tokens and KV cache),
+    /// reporting each drawn token on `events` as soon as the engine moves on to the next, and
+    /// [`Event::Done`] last. Blocks until the request ends; [`Engine::cancel`] ends it early.
+    ///
+    /// mistral.rs 0.8.1 answers a generation with text, not token ids. The ids come from the
+    /// context the engine hands its logits processors before each draw (the prompt and every
+    /// token drawn so far): the processor here reports the newest one and changes nothing. The
+    /// last token of a request is drawn after the last call, so its text (special tokens
+    /// written out) comes with the answer, in [`Ended::last`].
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        sampling: SamplingParams,
+        events: std::sync::mpsc::Sender<Event>,
+    ) {
+        let prompt_len = prompt.len();
+        let done = events.clone();
+        let result =
+            isolated("mistral.rs's generation", move || {
+                let seen = move |logits: &Tensor, context: &[u32]| {
+                    if let Some(index) = context.len().checked_sub(prompt_len + 1) {
+                        let id = context[context.len() - 1];
+                        // The receiver may be gone (the lens stopped); the engine then finishes
+                        // or is cancelled on its own.
+                        let _ = events.send(Event::Token { index, id });
+                    }
+                    Ok(logits.clone())
+                };
+                let processor: Arc<dyn CustomLogitsProcessor> = Arc::new(seen);
+                let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+                self.send(Request::Normal(Box::new(NormalRequest {
+                    id: 0,
+                    messages: RequestMessage::CompletionTokens(prompt.to_vec()),
+                    sampling_params: sampling,
+                    response: tx,
+                    return_logprobs: true,
+                    is_streaming: false,
+                    constraint: Constraint::None,
+                    suffix: None,
+                    tool_choice: None,
+                    tools: None,
+                    logits_processors: Some(vec![processor]),
+                    return_raw_logits: false,
+                    web_search_options: None,
+                    model_id: None,
+                    truncate_sequence: false,
+                })))?;
+                match rx.blocking_recv() {
+                    Some(Response::CompletionDone(done)) => {
+                        let choice =
+                            done.choices.into_iter().next().ok_or_else(|| {
+                                Error::Engine("an answer without a choice".into())
+                            })?;
+                        let last = choice
+                            .logprobs
+                            .and_then(|l| l.content)
+                            .and_then(|c| c.into_iter().last())
+                            .map(|l| l.token);
+                        Ok(Ended {
+                            reason: choice.finish_reason,
+                            generated: done.usage.completion_tokens,
+                            last,
+                        })
+                    }
+                    Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => {
+                        Err(Error::Engine(e.to_string()))
+                    }
+                    Some(Response::ModelError(e, _))
+                    | Some(Response::CompletionModelError(e, _)) => Err(Error::Engine(e)),
+                    Some(_) => Err(Error::Engine("an unexpected response".into())),
+                    None => Err(Error::Engine("the engine dropped the request".into())),
+                }
+            });
+        let _ = done.send(Event::Done(result));
+    }
+
+    /// End the running generation at the engine's next step (it answers as usual, with the
+    /// reason `canceled`). mistral.rs's flag for this is global; the lens runs one request at a
+    /// time, so "all" is that one. [`Engine::cancelled`] lowers it once the answer is in.
+    pub fn cancel(&self) {
+        TERMINATE_ALL_NEXT_STEP.store(true, Ordering::SeqCst);
+    }
+
+    /// Lower the flag [`Engine::cancel`] raised, after the request's answer (the engine
+    /// lowers it only when it found a sequence to end; a request that had just finished
+    /// would otherwise leave it up for the next one).
+    pub fn cancelled(&self) {
+        TERMINATE_ALL_NEXT_STEP.store(false, Ordering::SeqCst);
+    }
+
+    /// The sampling parameters of mistral.rs for the lens's: greedy at temperature 0, else
+    /// softmax at `temperature` within the top-p nucleus; at most `max_len` tokens, ending at
+    /// any of `stop`.
+    pub fn sampling(
+        sampling: &lens_core::Sampling,
+        max_len: usize,
+        stop: &[u32],
+    ) -> SamplingParams {
+        let mut params = if sampling.temperature > 0.0 {
+            SamplingParams {
+                temperature: Some(f64::from(sampling.temperature)),
+                top_p: (sampling.top_p < 1.0).then_some(f64::from(sampling.top_p)),
+                ..SamplingParams::neutral()
+            }
+        } else {
+            SamplingParams::deterministic()
+        };
+        params.max_len = Some(max_len);
+        params.stop_toks = Some(StopTokens::Ids(stop.to_vec()));
+        params
     }
 
     /// `text` as one user turn in the model's chat template (mistral.rs renders and tokenizes

@@ -380,7 +380,213 @@ impl Generator for MistralRsBackend {
         stop: &Stop,
         on_step: &mut dyn FnMut(Step<'_>) -> Result<(), lens_core::Error>,
     ) -> Result<lens_core::Finish, lens_core::Error> {
-        lens_core::host_generate(self, request, &self.stop_tokens(), stop, on_step)
+        request.sampling.validate()?;
+        if request.max_tokens == 0 {
+            return Ok(lens_core::Finish::Length);
+        }
+        let context = self.info.context_length;
+        if request.prompt.is_empty() || request.prompt.len() > context {
+            return Err(lens_core::Error::Unsupported(format!(
+                "a prompt of {} tokens (this model's context holds 1 to {context})",
+                request.prompt.len()
+            )));
+        }
+        // One token more than asked: the engine reveals a token's id when it draws the next
+        // (see `Engine::generate`), so the last one asked for is seen for sure; the extra one
+        // is not reported. The model's context caps it (the token drawn when it is full is
+        // the last, fed back to nothing).
+        let max_len = (request.max_tokens + 1).min(context - request.prompt.len() + 1);
+        let stop_tokens = self.stop_tokens();
+        let sampling = Engine::sampling(&request.sampling, max_len, &stop_tokens);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let engine = &self.engine;
+            let prompt = request.prompt;
+            s.spawn(move || engine.generate(prompt, sampling, tx));
+            let mut follow = Follow {
+                backend: self,
+                request,
+                stop_tokens: &stop_tokens,
+                tokens: request.prompt.to_vec(),
+                states: None,
+                answered: false,
+            };
+            let result = follow.run(&rx, stop, on_step);
+            // Stopped or failed: end the request. After the steps asked for, the engine ends
+            // on its own at the extra token. Either way its answer is awaited before the
+            // engine is used again.
+            let cancel = result.is_err();
+            if cancel {
+                self.engine.cancel();
+            }
+            let ended = match follow.answered {
+                true => None,
+                false => rx.iter().find_map(|e| match e {
+                    engine::Event::Done(d) => Some(d),
+                    engine::Event::Token { .. } => None,
+                }),
+            };
+            if cancel {
+                self.engine.cancelled();
+            }
+            match (result, ended) {
+                (Err(e), _) => Err(e),
+                (Ok(Some(finish)), _) => Ok(finish),
+                (Ok(None), Some(Err(e))) => Err(e.into()),
+                (Ok(None), _) => Ok(lens_core::Finish::Length),
+            }
+        })
+    }
+}
+
+/// The lens's side of a generation on mistral.rs's engine: each token the engine draws gets
+/// the lens of the states that chose it, computed by the capture forward one token at a time.
+struct Follow<'a> {
+    backend: &'a MistralRsBackend,
+    request: &'a GenerateRequest<'a>,
+    stop_tokens: &'a [u32],
+    /// The prompt and the tokens reported so far.
+    tokens: Vec<u32>,
+    /// Their states (all but the newest token's once a step was reported).
+    states: Option<HiddenStates>,
+    /// The engine's answer (the request's end) was received.
+    answered: bool,
+}
+
+impl Follow<'_> {
+    /// Follow the engine's events until `max_tokens` steps were reported (`Ok(None)`: the
+    /// engine still draws one more, to be cancelled) or the request ended (`Ok(Some)`).
+    fn run(
+        &mut self,
+        events: &std::sync::mpsc::Receiver<engine::Event>,
+        stop: &Stop,
+        on_step: &mut dyn FnMut(Step<'_>) -> Result<(), lens_core::Error>,
+    ) -> Result<Option<lens_core::Finish>, lens_core::Error> {
+        use lens_core::Finish;
+        let n = self.request.max_tokens;
+        let prompt_len = self.request.prompt.len();
+        // The prompt's forward runs while the engine computes its own.
+        self.states = Some(self.backend.forward_until(
+            None,
+            &self.tokens,
+            CaptureOptions::default(),
+            stop,
+        )?);
+        loop {
+            let event = events
+                .recv()
+                .map_err(|_| lens_core::Error::Backend("mistral.rs's generation ended".into()))?;
+            let index = self.tokens.len() - prompt_len;
+            match event {
+                engine::Event::Token { index: i, id } => {
+                    if i != index {
+                        return Err(lens_core::Error::Backend(format!(
+                            "mistral.rs reported token {i} where {index} was due"
+                        )));
+                    }
+                    self.step(index, id, stop, on_step)?;
+                    if index + 1 == n {
+                        return Ok(None);
+                    }
+                }
+                engine::Event::Done(ended) => {
+                    self.answered = true;
+                    let ended = ended?;
+                    if ended.reason == "canceled" {
+                        return Err(lens_core::Error::Stopped);
+                    }
+                    if ended.generated <= index {
+                        return Err(lens_core::Error::Backend(format!(
+                            "mistral.rs ended ({}) after {} tokens, {index} reported",
+                            ended.reason, ended.generated
+                        )));
+                    }
+                    // The last token drawn, which no later draw revealed.
+                    let stop_token = ended.reason == "stop";
+                    let id = self.identify(ended.last.as_deref(), stop_token)?;
+                    self.step(index, id, stop, on_step)?;
+                    return Ok(Some(if stop_token {
+                        Finish::StopToken(id)
+                    } else if index + 1 == n {
+                        Finish::Length
+                    } else {
+                        Finish::Context
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Report step `index` (the lens of the current states' last position, which chose `id`),
+    /// then extend the states by `id`.
+    fn step(
+        &mut self,
+        index: usize,
+        id: u32,
+        stop: &Stop,
+        on_step: &mut dyn FnMut(Step<'_>) -> Result<(), lens_core::Error>,
+    ) -> Result<(), lens_core::Error> {
+        let info = &self.backend.info;
+        let states = self
+            .states
+            .take()
+            .ok_or_else(|| lens_core::Error::Backend("a step before the prompt's states".into()))?;
+        let last = self.tokens.len() - 1;
+        let row = states
+            .row(lens_core::Site::Layer(info.n_layers), last)
+            .ok_or(lens_core::Error::PositionOutOfRange {
+                position: last,
+                len: self.tokens.len(),
+            })?;
+        let logits = self.backend.readout_until(row, LensKind::Norm, stop)?;
+        on_step(Step {
+            index,
+            token: id,
+            states: &states,
+            logits: &logits,
+        })?;
+        self.tokens.push(id);
+        let more = index + 1 < self.request.max_tokens
+            && !self.stop_tokens.contains(&id)
+            && self.tokens.len() <= info.context_length;
+        if more {
+            stop.check()?;
+            self.states = Some(self.backend.forward_until(
+                Some(&states),
+                &self.tokens,
+                CaptureOptions::default(),
+                stop,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// The id of the request's last token from its text: among the stop tokens when it ended
+    /// on one, else the one token of the vocabulary with that text.
+    fn identify(&self, text: Option<&str>, stop_token: bool) -> Result<u32, lens_core::Error> {
+        let tokenizer = &self.backend.tokenizer;
+        let text = text.ok_or_else(|| {
+            lens_core::Error::Backend("mistral.rs's answer has no text for its last token".into())
+        })?;
+        let spelled = |id: u32| tokenizer.decode(&[id], false).is_ok_and(|t| t == text);
+        let found: Vec<u32> = if stop_token {
+            self.stop_tokens
+                .iter()
+                .copied()
+                .filter(|&t| spelled(t))
+                .collect()
+        } else {
+            (0..tokenizer.get_vocab_size(true) as u32)
+                .filter(|&t| spelled(t))
+                .collect()
+        };
+        match found[..] {
+            [id] => Ok(id),
+            _ => Err(lens_core::Error::Backend(format!(
+                "mistral.rs's last token {text:?} is {} tokens of the vocabulary",
+                found.len()
+            ))),
+        }
     }
 }
 

@@ -44,6 +44,8 @@ pub struct GenerateArgs {
         allow_hyphen_values = true
     )]
     pub top_p: f32,
+    /// The sampler's seed (the candle backend; mistral.rs 0.8.1's engine seeds its sampler
+    /// once, with its own fixed seed).
     #[arg(long, default_value_t = 0, value_name = "S")]
     pub seed: u64,
     /// Wrap the prompt in the model's chat template as one user turn.

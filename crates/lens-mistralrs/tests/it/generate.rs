@@ -1,6 +1,7 @@
-//! Generation through the mistralrs backend: greedy steps are the final layer's argmax, each a
-//! one-token forward equal to a fresh forward (the suite's check); the chat template is
-//! mistral.rs's.
+//! Generation through the mistralrs backend: mistral.rs's engine draws the tokens; greedy steps
+//! are the argmax of its own logits and the capture's final layer agrees, each step a
+//! one-token forward equal to a fresh forward (the suite's check); the chat template and the
+//! stop tokens are mistral.rs's.
 
 use std::time::Instant;
 
@@ -10,7 +11,7 @@ use lens_core::{GenerateRequest, Sampling, Stop};
 use crate::{backend, smollm2, F32, FAST};
 
 #[test]
-fn greedy_generation_is_the_final_layers_argmax() {
+fn greedy_generation_is_the_engines_argmax_and_the_captures() {
     for options in [F32, FAST] {
         let b = backend(&smollm2(), options);
         let prompt = suite::ids(&*b, "The capital of France is");
@@ -22,6 +23,25 @@ fn greedy_generation_is_the_final_layers_argmax() {
         );
         assert!(text.contains("Paris"), "{text:?}");
     }
+}
+
+#[test]
+fn a_chat_reply_ends_at_the_end_of_turn_token() {
+    let b = backend(&smollm2(), F32);
+    let prompt = b
+        .generator()
+        .unwrap()
+        .chat_prompt("What is the capital of France? Answer in one word.")
+        .unwrap();
+    let out = suite::generation(&*b, &prompt, 24);
+    let text: String = out.tokens.iter().map(|&t| b.decode(t)).collect();
+    eprintln!("{text:?} ({:?})", out.finish);
+    // The engine stopped on a stop token: its id is read back from the answer's text.
+    let lens_core::Finish::StopToken(end) = out.finish else {
+        panic!("{:?}: {text:?}", out.finish)
+    };
+    assert_eq!(b.decode(end), "<|im_end|>");
+    assert!(text.contains("Paris"), "{text:?}");
 }
 
 #[test]
