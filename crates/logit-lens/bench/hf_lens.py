@@ -3,8 +3,10 @@
 Reads {"model": GGUF path, "prompts": [[ids...]...], "repeats": n} on stdin and prints, per
 prompt, the median seconds of: a forward pass capturing every hidden state; the full logit
 lens (every layer x every position: final norm, lm_head, log-softmax, top-5, entropy, KL to
-the final layer, next-token rank); the lens of the last position only. This is how a
-researcher would write the lens with transformers, batched per layer.
+the final layer, next-token rank); the lens of the last position only; and one greedy
+generation step after the prompt (a token's forward on the KV cache with every hidden state,
+then the final layer's argmax; the median of 8 steps). This is how a researcher would write
+the lens with transformers, batched per layer.
 """
 import json, os, sys, time
 import torch
@@ -48,6 +50,19 @@ def med(f, n):
     return ts[len(ts) // 2], r
 
 
+def steps(ids, n=8):
+    out = model(torch.tensor([ids]), use_cache=True)
+    past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True, output_hidden_states=True)
+        past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
 results = []
 with torch.inference_mode():
     for ids in req["prompts"]:
@@ -55,5 +70,6 @@ with torch.inference_mode():
         fwd, hs = med(lambda: forward(ids), n)
         full, _ = med(lambda: lens(hs, ids, torch.arange(len(ids))), n)
         one, _ = med(lambda: lens(hs, ids, torch.tensor([len(ids) - 1])), max(n, 5))
-        results.append({"n": len(ids), "forward_s": fwd, "full_lens_s": full, "one_position_s": one})
+        step = steps(ids)
+        results.append({"n": len(ids), "forward_s": fwd, "full_lens_s": full, "one_position_s": one, "step_s": step})
 print(json.dumps(results))

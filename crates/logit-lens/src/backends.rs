@@ -80,6 +80,13 @@ pub fn load(path: &Path, backend: &str, options: &LoadOptions) -> Result<Box<dyn
         .with_context(|| format!("cannot load the model {}", path.display()))
 }
 
+/// The name of the backend [`load`] would use for these arguments.
+pub fn picked(path: &Path, backend: &str, options: &LoadOptions) -> Result<&'static str> {
+    Ok(registry()
+        .pick(Some(backend), &source(path)?, options)?
+        .name())
+}
+
 #[derive(clap::Args)]
 pub struct BackendsArgs {
     #[arg(long, value_enum, default_value = "text")]

@@ -37,6 +37,84 @@ struct HfResult {
     forward_s: f64,
     full_lens_s: f64,
     one_position_s: f64,
+    /// One greedy generation step after the prompt: a token's forward on the KV cache with
+    /// every hidden state, and the final layer's argmax.
+    step_s: f64,
+}
+
+/// What one backend measured on one prompt length.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    n: usize,
+    forward: f64,
+    full: f64,
+    one: f64,
+    /// The median generation step (`NaN` where the backend cannot generate).
+    step: f64,
+    peak_mib: f64,
+}
+
+/// Tokens generated to time a step (the first step, which includes the prompt, is not
+/// counted).
+const STEPS: usize = 8;
+
+/// The median time of a greedy generation step after `ids` (the prompt's own forward, in the
+/// first step, not counted); `NaN` when `backend` does not generate.
+fn step_time(backend: &dyn Backend, ids: &[u32]) -> Result<f64> {
+    let Some(generator) = backend.generator() else {
+        return Ok(f64::NAN);
+    };
+    let request = lens_core::GenerateRequest {
+        prompt: ids,
+        max_tokens: STEPS + 1,
+        sampling: lens_core::Sampling::default(),
+    };
+    let mut times = Vec::new();
+    let mut last = Instant::now();
+    generator.generate(&request, &lens_core::Stop::never(), &mut |_| {
+        times.push(last.elapsed());
+        last = Instant::now();
+        Ok(())
+    })?;
+    // A stop token may end it early; the first step holds the prompt's forward.
+    Ok(median(times.into_iter().skip(1).collect()))
+}
+
+/// Forward, full lens, one position, its readout alone and a generation step of `backend` on
+/// the first `n` of `all`.
+fn measure(
+    backend: &dyn Backend,
+    all: &[u32],
+    n: usize,
+    repeats: usize,
+) -> Result<(Row, f64, usize)> {
+    let ids = &all[..n.min(all.len())];
+    let (forward, states) = time(repeats, || {
+        Ok(backend.forward(ids, CaptureOptions::default())?)
+    })?;
+    let lens = Lens::new(backend, &states, LensKind::Norm, 5);
+    let sites = lens.all_layers();
+    let (full, _) = time(repeats, || Ok(lens.grid(&sites)?))?;
+    let (one, _) = time(repeats.max(5), || Ok(lens.position(ids.len() - 1, &sites)?))?;
+    // The one position's readout alone (its logits, no reductions): the product the floor
+    // bounds.
+    let last: Vec<f32> = sites
+        .iter()
+        .flat_map(|&s| states.row(s, ids.len() - 1).unwrap_or(&[]).to_vec())
+        .collect();
+    let (readout, _) = time(repeats.max(5), || {
+        Ok(backend.readout(&last, LensKind::Norm)?)
+    })?;
+    let step = step_time(backend, ids)?;
+    let row = Row {
+        n: ids.len(),
+        forward,
+        full,
+        one,
+        step,
+        peak_mib: peak_rss_mib().unwrap_or(f64::NAN),
+    };
+    Ok((row, readout, sites.len()))
 }
 
 const TEXT: &str = "We train GPT-3, an autoregressive language model with 175 billion parameters, \
@@ -88,37 +166,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         rayon_threads(),
         t.elapsed().as_secs_f64()
     )?;
-    let all = backend.tokenize(&TEXT.repeat(8))?;
+    let all: Vec<u32> = backend
+        .tokenize(&TEXT.repeat(8))?
+        .iter()
+        .map(|t| t.id)
+        .collect();
     let mut rows = Vec::new();
     let mut readouts = Vec::new();
     for &n in &args.sizes {
-        let ids: Vec<u32> = all.iter().take(n).map(|t| t.id).collect();
-        let (fwd, states) = time(args.repeats, || {
-            Ok(backend.forward(&ids, CaptureOptions::default())?)
-        })?;
-        let lens = Lens::new(&*backend, &states, LensKind::Norm, 5);
-        let sites = lens.all_layers();
-        let (full, _) = time(args.repeats, || Ok(lens.grid(&sites)?))?;
-        let (one, _) = time(args.repeats.max(5), || {
-            Ok(lens.position(ids.len() - 1, &sites)?)
-        })?;
-        // The one position's readout alone (its logits, no reductions): the product the floor
-        // below bounds.
-        let last: Vec<f32> = sites
-            .iter()
-            .flat_map(|&s| states.row(s, ids.len() - 1).unwrap_or(&[]).to_vec())
-            .collect();
-        let (readout, _) = time(args.repeats.max(5), || {
-            Ok(backend.readout(&last, LensKind::Norm)?)
-        })?;
-        rows.push((
-            ids.len(),
-            fwd,
-            full,
-            one,
-            peak_rss_mib().unwrap_or(f64::NAN),
-        ));
-        readouts.push((readout, sites.len()));
+        let (row, readout, sites) = measure(&*backend, &all, n, args.repeats)?;
+        rows.push(row);
+        readouts.push((readout, sites));
     }
 
     let hf = match &args.python {
@@ -138,39 +196,145 @@ pub fn run(args: BenchArgs) -> Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "{:>6} {:>11} {:>11} {:>11} {:>9} | {:>11} {:>11} {:>11} | {:>8} {:>8}",
+        "{:>6} {:>11} {:>11} {:>11} {:>9} {:>9} | {:>11} {:>11} {:>11} {:>11} | {:>8} {:>8} {:>8}",
         "tokens",
         "forward ms",
         "full ms",
         "1-pos ms",
+        "step ms",
         "peak MiB",
         "HF fwd ms",
         "HF full ms",
         "HF 1-pos ms",
+        "HF step ms",
         "full ×",
-        "1-pos ×"
+        "1-pos ×",
+        "step ×"
     )?;
-    for (n, fwd, full, one, mem) in &rows {
-        let h = hf.as_ref().and_then(|v| v.iter().find(|r| r.n == *n));
-        let ms = |x: f64| format!("{:.1}", x * 1e3);
-        let (hf_fwd, hf_full, hf_one, r_full, r_one) = match h {
+    let ms = |x: f64| match x.is_nan() {
+        true => "—".to_string(),
+        false => format!("{:.1}", x * 1e3),
+    };
+    let ratio = |a: f64, b: f64| match (a / b).is_nan() {
+        true => "—".to_string(),
+        false => format!("{:.2}", a / b),
+    };
+    for r in &rows {
+        let h = hf.as_ref().and_then(|v| v.iter().find(|h| h.n == r.n));
+        let (hf_fwd, hf_full, hf_one, hf_step, r_full, r_one, r_step) = match h {
             Some(h) => (
                 ms(h.forward_s),
                 ms(h.full_lens_s),
                 ms(h.one_position_s),
-                format!("{:.2}", h.full_lens_s / full),
-                format!("{:.2}", h.one_position_s / one),
+                ms(h.step_s),
+                ratio(h.full_lens_s, r.full),
+                ratio(h.one_position_s, r.one),
+                ratio(h.step_s, r.step),
             ),
-            None => ("—".into(), "—".into(), "—".into(), "—".into(), "—".into()),
+            None => Default::default(),
         };
-        writeln!(out, "{n:>6} {:>11} {:>11} {:>11} {:>9.0} | {hf_fwd:>11} {hf_full:>11} {hf_one:>11} | {r_full:>8} {r_one:>8}", ms(*fwd), ms(*full), ms(*one), mem)?;
+        writeln!(
+            out,
+            "{:>6} {:>11} {:>11} {:>11} {:>9} {:>9.0} | {hf_fwd:>11} {hf_full:>11} {hf_one:>11} {hf_step:>11} | {r_full:>8} {r_one:>8} {r_step:>8}",
+            r.n,
+            ms(r.forward),
+            ms(r.full),
+            ms(r.one),
+            ms(r.step),
+            r.peak_mib
+        )?;
     }
-    writeln!(out, "× = HF time / logit-lens time (higher is better for logit-lens; target for the full lens ≥ 3)")?;
+    writeln!(out, "× = HF time / logit-lens time (higher is better for logit-lens; target for the full lens ≥ 3); step = one greedy generation step after the prompt ({STEPS} steps, median)")?;
     floor(&info, &rows, &readouts, args.repeats, &mut out)?;
+    #[cfg(feature = "mistralrs")]
+    {
+        let name = crate::backends::picked(&path, &args.model.backend, &args.model.options())?;
+        if name != "mistralrs" {
+            beside(&args, &path, name, &rows, hf.as_deref(), &mut out)?;
+        }
+    }
     #[cfg(feature = "mpi")]
     if args.model.backend != "mpi" {
         pipeline(&args, &path, &rows, &mut out)?;
     }
+    Ok(())
+}
+
+/// The same measures on the mistralrs backend (mistral.rs's engine generates; the lens follows
+/// it with its capture forward), beside the backend above and HF transformers, in the same run.
+#[cfg(feature = "mistralrs")]
+fn beside(
+    args: &BenchArgs,
+    path: &std::path::Path,
+    name: &str,
+    first: &[Row],
+    hf: Option<&[HfResult]>,
+    out: &mut impl Write,
+) -> Result<()> {
+    writeln!(out)?;
+    let backend = match crate::backends::load(path, "mistralrs", &args.model.options()) {
+        Ok(b) => b,
+        Err(e) => {
+            writeln!(out, "mistralrs backend not measured: {e:#}")?;
+            return Ok(());
+        }
+    };
+    let all: Vec<u32> = backend
+        .tokenize(&TEXT.repeat(8))?
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    writeln!(
+        out,
+        "{:>6} | {:>22} | {:>22} | {:>22} | {:>22}",
+        "tokens", "forward ms", "full lens ms", "generation step ms", "step ×"
+    )?;
+    writeln!(
+        out,
+        "{:>6} | {:>6} {:>9} {:>5} | {:>6} {:>9} {:>5} | {:>6} {:>9} {:>5} | {:>10} {:>11}",
+        "",
+        name,
+        "mistralrs",
+        "HF",
+        name,
+        "mistralrs",
+        "HF",
+        name,
+        "mistralrs",
+        "HF",
+        "mistralrs/",
+        "HF/mistralrs"
+    )?;
+    let ms = |x: Option<f64>| match x.filter(|x| !x.is_nan()) {
+        Some(x) => format!("{:.0}", x * 1e3),
+        None => "—".to_string(),
+    };
+    for f in first {
+        let (r, _, _) = measure(&*backend, &all, f.n, args.repeats)?;
+        let h = hf.and_then(|v| v.iter().find(|h| h.n == f.n));
+        writeln!(
+            out,
+            "{:>6} | {:>6} {:>9} {:>5} | {:>6} {:>9} {:>5} | {:>6} {:>9} {:>5} | {:>10.2} {:>11.2}",
+            f.n,
+            ms(Some(f.forward)),
+            ms(Some(r.forward)),
+            ms(h.map(|h| h.forward_s)),
+            ms(Some(f.full)),
+            ms(Some(r.full)),
+            ms(h.map(|h| h.full_lens_s)),
+            ms(Some(f.step)),
+            ms(Some(r.step)),
+            ms(h.map(|h| h.step_s)),
+            r.step / f.step,
+            h.map_or(f64::NAN, |h| h.step_s / r.step),
+        )?;
+    }
+    writeln!(
+        out,
+        "mistralrs: its capture forward for the lens; a generation step = mistral.rs's engine \
+         drawing the token and the capture extending its cache by it, at the same time; \
+         step × = mistralrs's step over the first backend's, and HF's over mistralrs's"
+    )?;
     Ok(())
 }
 
@@ -181,7 +345,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 fn pipeline(
     args: &BenchArgs,
     path: &std::path::Path,
-    one: &[(usize, f64, f64, f64, f64)],
+    one: &[Row],
     out: &mut impl Write,
 ) -> Result<()> {
     let ranks = std::env::var("LOGIT_LENS_MPI_RANKS").unwrap_or_else(|_| "2".into());
@@ -204,7 +368,13 @@ fn pipeline(
         "full ×"
     )?;
     let all = backend.tokenize(&TEXT.repeat(8))?;
-    for &(n, fwd, full, _, _) in one {
+    for &Row {
+        n,
+        forward: fwd,
+        full,
+        ..
+    } in one
+    {
         let ids: Vec<u32> = all.iter().take(n).map(|t| t.id).collect();
         let (p_fwd, states) = time(args.repeats, || {
             Ok(backend.forward(&ids, CaptureOptions::default())?)
@@ -236,7 +406,7 @@ fn pipeline(
 /// reaches here on a large product of the readout's shape.
 fn floor(
     info: &lens_core::ModelInfo,
-    rows: &[(usize, f64, f64, f64, f64)],
+    rows: &[Row],
     readouts: &[(f64, usize)],
     repeats: usize,
     out: &mut impl Write,
@@ -273,8 +443,8 @@ fn floor(
         "full/fl"
     )?;
     let product = |r: usize| 2.0 * (r * info.hidden_size * info.vocab_size) as f64 / rate;
-    for ((n, _, full, one, _), (readout, sites)) in rows.iter().zip(readouts) {
-        let (one_floor, full_floor) = (product(*sites), product(*sites * n));
+    for (&Row { n, full, one, .. }, &(readout, sites)) in rows.iter().zip(readouts) {
+        let (one_floor, full_floor) = (product(sites), product(sites * n));
         writeln!(
             out,
             "{n:>6} {:>11.1} {:>14.1} {:>13.1} {:>9.2} | {:>11.1} {:>13.1} {:>9.2}",
