@@ -116,3 +116,56 @@ fn what_a_build_cannot_do_is_one_clear_error() {
         bad.stderr
     );
 }
+
+/// `bench` prints every measure of the first backend (with a generation step) and, in a build
+/// with mistralrs, the same on mistralrs beside it; without a Python it says why HF is absent.
+#[test]
+fn bench_prints_each_measure_and_the_backends_side_by_side() {
+    let run = crate::logit_lens_env(
+        &["bench", "--sizes", "8", "--repeats", "1"],
+        &[("LOGIT_LENS_MPI_RANKS", "1")],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out = &run.stdout;
+    assert!(out.contains("HF transformers reference not run"), "{out}");
+    let header = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("tokens  forward ms"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(header.contains("step ms"), "{header}");
+    // One row for 8 tokens: forward, full lens, one position and a step, all measured.
+    let row: Vec<&str> = out
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("8"))
+        .unwrap_or_else(|| panic!("{out}"))
+        .split_whitespace()
+        .collect();
+    for (i, what) in ["forward", "full", "one position", "step"]
+        .iter()
+        .enumerate()
+    {
+        let v: f64 = row[i + 1]
+            .parse()
+            .unwrap_or_else(|_| panic!("{what}: {row:?}"));
+        assert!(v > 0.0, "{what}: {row:?}");
+    }
+    assert!(out.contains("GFLOP/s"), "{out}");
+    if cfg!(feature = "mistralrs") {
+        assert!(out.contains("candle mistralrs"), "{out}");
+        let side = out
+            .lines()
+            .rfind(|l| l.trim_start().starts_with("8 |"))
+            .unwrap_or_else(|| panic!("{out}"));
+        // forward, full lens and step on both backends are numbers; HF's are absent.
+        let cells: Vec<&str> = side.split('|').collect();
+        for cell in &cells[1..4] {
+            let v: Vec<&str> = cell.split_whitespace().collect();
+            assert_eq!(v.len(), 3, "{side}");
+            assert!(
+                v[0].parse::<f64>().is_ok() && v[1].parse::<f64>().is_ok(),
+                "{side}"
+            );
+            assert_eq!(v[2], "—", "{side}");
+        }
+    }
+}

@@ -58,6 +58,7 @@ fn logit_lens_with(args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &str)]) ->
         .env("NO_COLOR", "1")
         .envs(env.iter().copied())
         .env_remove("LOGIT_LENS_MODEL")
+        .env_remove("LOGIT_LENS_BENCH_PYTHON")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
