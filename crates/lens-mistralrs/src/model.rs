@@ -1,4 +1,4 @@
-//! The capture forward: the Llama family (llama, mistral, qwen2) built from mistral.rs's public
+//! The capture forward: the Llama family (llama, mistral, qwen2, qwen3) built from mistral.rs's public
 //! blocks (`QRmsNorm`, `RotaryEmbedding`, `CausalMasker`, `repeat_kv`, `MatMul` over
 //! `mistralrs_quant` linear layers), reading the weights from the GGUF file, and recording the
 //! residual stream at every block boundary. mistral.rs 0.8.1 keeps its models' hidden states
@@ -19,7 +19,7 @@ use mistralrs_quant::{GgufMatMul, QuantMethod, QuantMethodConfig};
 use crate::{Error, Precision};
 
 /// Architectures as GGUF files name them (`general.architecture`).
-pub(crate) const ARCHITECTURES: [&str; 3] = ["llama", "mistral", "qwen2"];
+pub(crate) const ARCHITECTURES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -36,6 +36,8 @@ pub(crate) struct Config {
     /// GGUF's llama stores q/k rows permuted so that RoPE rotates adjacent pairs; qwen2 rotates
     /// the two halves of a head (GPT-NeoX style).
     pub neox_rope: bool,
+    /// Qwen3: an RMSNorm over each query and key head before RoPE.
+    pub qk_norm: bool,
 }
 
 /// A linear layer as mistral.rs runs it: the file's blocks through `GgufMatMul` (fast), or the
@@ -73,6 +75,9 @@ struct Block {
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// Qwen3's per-head norms of the queries and keys.
+    q_norm: Option<QRmsNorm>,
+    k_norm: Option<QRmsNorm>,
 }
 
 /// Keys and values of every block for the positions of one prompt (after RoPE), each
@@ -155,7 +160,7 @@ pub(crate) fn read_config(path: &Path) -> Result<(Content, Config), Error> {
         .ok_or_else(|| Error::Format("the GGUF file has no general.architecture".into()))?;
     let neox_rope = match arch.as_str() {
         "llama" | "mistral" => false,
-        "qwen2" => true,
+        "qwen2" | "qwen3" => true,
         other => return Err(Error::UnsupportedArchitecture(other.to_string())),
     };
     let get = |key: &str| md.get(&format!("{arch}.{key}"));
@@ -188,19 +193,24 @@ pub(crate) fn read_config(path: &Path) -> Result<(Content, Config), Error> {
         hidden,
         n_heads,
         n_kv_heads,
-        head_dim: get_usize("rope.dimension_count").unwrap_or(head_dim),
+        // Qwen3 has a head dimension of its own (not hidden / heads): `attention.key_length`.
+        head_dim: get_usize("attention.key_length")
+            .or_else(|_| get_usize("rope.dimension_count"))
+            .unwrap_or(head_dim),
         vocab,
         rms_eps: get_f32("attention.layer_norm_rms_epsilon", 1e-5),
         rope_theta: get_f32("rope.freq_base", 10_000.0),
         context: get_usize("context_length").unwrap_or(4096),
         neox_rope,
+        qk_norm: arch == "qwen3",
     };
     let valid = cfg.n_layers > 0
         && cfg.hidden > 0
         && cfg.n_heads > 0
         && cfg.n_kv_heads > 0
         && cfg.n_heads.is_multiple_of(cfg.n_kv_heads)
-        && cfg.head_dim * cfg.n_heads == cfg.hidden
+        && (cfg.qk_norm || cfg.head_dim * cfg.n_heads == cfg.hidden)
+        && cfg.head_dim > 0
         && cfg.head_dim.is_multiple_of(2)
         && cfg.vocab > 0
         && cfg.context > 0;
@@ -272,6 +282,13 @@ impl Model {
                 lin("attn_output")?,
             );
             let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
+            let (q_norm, k_norm) = match cfg.qk_norm {
+                true => (
+                    Some(r.norm(&format!("{p}.attn_q_norm.weight"), eps)?),
+                    Some(r.norm(&format!("{p}.attn_k_norm.weight"), eps)?),
+                ),
+                false => (None, None),
+            };
             blocks.push(Block {
                 attn_norm: r.norm(&format!("{p}.attn_norm.weight"), eps)?,
                 q,
@@ -282,6 +299,8 @@ impl Model {
                 gate,
                 up,
                 down,
+                q_norm,
+                k_norm,
             });
         }
         let final_norm = r.norm("output_norm.weight", eps)?;
@@ -357,9 +376,13 @@ impl Model {
                         .transpose(1, 2)?
                         .contiguous()?)
                 };
-                let q = heads(q, cfg.n_heads)?;
-                let k = heads(k, cfg.n_kv_heads)?;
+                let mut q = heads(q, cfg.n_heads)?;
+                let mut k = heads(k, cfg.n_kv_heads)?;
                 let v = heads(v, cfg.n_kv_heads)?;
+                if let (Some(qn), Some(kn)) = (&block.q_norm, &block.k_norm) {
+                    q = qn.forward(&q)?;
+                    k = kn.forward(&k)?;
+                }
                 let (q, k) = self.rope.forward(&q, &k, &[past])?;
                 let (k, v) = match prefix {
                     Some(kv) => {
@@ -379,7 +402,10 @@ impl Model {
                 }
                 let att = att.broadcast_sub(&att.max_keepdim(D::Minus1)?)?.exp()?;
                 let att = att.broadcast_div(&att.sum_keepdim(D::Minus1)?)?;
-                let y = att.matmul(&v)?.transpose(1, 2)?.reshape((1, n, hidden))?;
+                let y =
+                    att.matmul(&v)?
+                        .transpose(1, 2)?
+                        .reshape((1, n, cfg.n_heads * cfg.head_dim))?;
                 x = (block.o.forward(&y)? + &x)?;
                 if let Some(mid) = mid.as_mut() {
                     record(mid, &x)?;

@@ -53,6 +53,41 @@ fn smollm2_quantized_agrees_with_hf_transformers_on_clear_cells() {
     assert!(dev.top1_agreement() >= 0.99, "{dev:?}");
 }
 
+/// A tiny family member as an f32 GGUF, loaded by mistral.rs (the self-check against its own
+/// logits runs in `backend`), against its HF transformers golden with the f32 bounds.
+#[track_caller]
+fn check_tiny(gguf: &str, golden: &str, n_layers: usize, cells: usize) {
+    let data = crate::data_dir();
+    let b = backend(&Source::Gguf(data.join(gguf)), F32);
+    assert_eq!(b.info().n_layers, n_layers);
+    let dev = suite::check_golden(&*b, &data.join(golden), LensKind::Norm, suite::F32);
+    eprintln!("{gguf}: {dev:?}");
+    assert_eq!(dev.cells, cells);
+}
+
+/// Llama: the tiny oracle fixture (no biases, grouped-query attention, GGUF's permuted q/k).
+#[test]
+fn tiny_llama_gguf_matches_hf_transformers() {
+    check_tiny(
+        "oracle/tiny-llama/tiny-llama.f32.gguf",
+        "oracle/tiny-llama/golden.json",
+        4,
+        5 * (8 + 26),
+    );
+}
+
+/// Qwen3: an RMSNorm over each query and key head, a head dimension of its own (24, where
+/// hidden / heads is 16), NeoX RoPE (fixture: tests/data/fixtures/make_tiny_qwen3_gguf.py).
+#[test]
+fn tiny_qwen3_gguf_matches_hf_transformers() {
+    check_tiny(
+        "fixtures/tiny-qwen3/tiny-qwen3.f32.gguf",
+        "fixtures/tiny-qwen3/golden.json",
+        3,
+        4 * (8 + 26),
+    );
+}
+
 #[test]
 fn tokenization_matches_the_goldens() {
     let b = backend(&smollm2(), F32);
