@@ -75,8 +75,8 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
-    /// Load the GGUF file at `path` offline (no hub, no token) on the CPU.
-    pub fn load_gguf(path: &Path, precision: Precision) -> Result<Engine, Error> {
+    /// Load the GGUF file at `path` offline (no hub, no token) on `device`.
+    pub fn load_gguf(path: &Path, precision: Precision, device: &Device) -> Result<Engine, Error> {
         let (dir, file) = match (path.parent(), path.file_name()) {
             (Some(dir), Some(file)) => (dir.to_path_buf(), file.to_string_lossy().into_owned()),
             _ => {
@@ -112,7 +112,7 @@ impl Engine {
                     None,
                     TokenSource::None,
                     &dtype,
-                    &Device::Cpu,
+                    device,
                     true,
                     DeviceMapSetting::Auto(AutoDeviceMapParams::default_text()),
                     None,

@@ -53,8 +53,22 @@ pub struct MistralRsBackend {
 }
 
 impl MistralRsBackend {
-    /// Load a GGUF file: mistral.rs's pipeline and engine, and the capture forward's weights.
+    /// Load a GGUF file on the CPU: mistral.rs's pipeline and engine, and the capture
+    /// forward's weights.
     pub fn load(path: &Path, precision: Precision) -> Result<Self, Error> {
+        Self::load_on(path, precision, LensDevice::Cpu)
+    }
+
+    /// [`MistralRsBackend::load`] on `device`: a GPU needs a build with the crate's `cuda` or
+    /// `metal` feature (mistral.rs's and candle's kernels for it).
+    pub fn load_on(path: &Path, precision: Precision, device: LensDevice) -> Result<Self, Error> {
+        let device = match device {
+            LensDevice::Cpu => candle_core::Device::Cpu,
+            LensDevice::Cuda(n) => candle_core::Device::new_cuda(n)
+                .map_err(|e| Error::Option(format!("cuda:{n}: {e}")))?,
+            LensDevice::Metal(n) => candle_core::Device::new_metal(n)
+                .map_err(|e| Error::Option(format!("metal:{n}: {e}")))?,
+        };
         if let Some(why) = refuse_precision(precision) {
             return Err(Error::Option(why));
         }
@@ -104,11 +118,11 @@ impl MistralRsBackend {
                 .cloned()
         };
         let (tok_model, tok_pre) = (md_str("tokenizer.ggml.model"), md_str("tokenizer.ggml.pre"));
-        let engine = Engine::load_gguf(path, precision)?;
+        let engine = Engine::load_gguf(path, precision, &device)?;
         let tokenizer =
             tokenizer::for_lens(&engine.tokenizer, tok_model.as_deref(), tok_pre.as_deref())?;
         let model = engine::isolated("reading the weights", || {
-            Model::load(path, &content, cfg, precision)
+            Model::load(path, &content, cfg, precision, &device)
         })?;
         let cfg = &model.cfg;
         let info = ModelInfo {
@@ -614,7 +628,7 @@ impl Loader for MistralRsLoader {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             sources: vec![SourceKind::Gguf],
-            devices: vec![LensDevice::Cpu],
+            devices: devices(),
             precisions: vec![Precision::F32, Precision::Fast],
             architectures: model::ARCHITECTURES.to_vec(),
         }
@@ -634,12 +648,26 @@ impl Loader for MistralRsLoader {
                 "the mistralrs backend cannot load {source}"
             )));
         };
-        let backend = MistralRsBackend::load(path, options.precision).map_err(|e| match e {
+        let backend = MistralRsBackend::load_on(path, options.precision, options.device);
+        let backend = backend.map_err(|e| match e {
             Error::Option(why) => lens_core::Error::Unsupported(why),
             e => lens_core::Error::Load(e.to_string()),
         })?;
         Ok(Box::new(backend))
     }
+}
+
+/// The devices this build can run on: the CPU, and a GPU with the `cuda` or `metal` feature
+/// (any ordinal; one that is absent is an error at load).
+fn devices() -> Vec<LensDevice> {
+    let mut devices = vec![LensDevice::Cpu];
+    if cfg!(feature = "cuda") {
+        devices.push(LensDevice::Cuda(0));
+    }
+    if cfg!(feature = "metal") {
+        devices.push(LensDevice::Metal(0));
+    }
+    devices
 }
 
 /// Size rayon's global pool (candle's kernels and the lens share it) to `n` threads: once per

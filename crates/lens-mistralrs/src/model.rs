@@ -45,10 +45,15 @@ pub(crate) struct Config {
 struct Linear(Arc<dyn QuantMethod>);
 
 impl Linear {
-    fn new(q: QTensor, bias: Option<Tensor>, precision: Precision) -> Result<Self, Error> {
+    fn new(
+        q: QTensor,
+        bias: Option<Tensor>,
+        precision: Precision,
+        device: &Device,
+    ) -> Result<Self, Error> {
         let q = match precision {
             Precision::F32 => {
-                let dense = q.dequantize(&Device::Cpu)?;
+                let dense = q.dequantize(device)?;
                 QTensor::quantize(&dense, GgmlDType::F32)?
             }
             _ => q,
@@ -120,6 +125,9 @@ pub(crate) struct Capture {
 }
 
 pub(crate) struct Model {
+    /// Where the weights live and the forward runs (the CPU, or a GPU in a build with the
+    /// `cuda`/`metal` feature); captured rows come back to the host.
+    device: Device,
     pub cfg: Config,
     embed: Tensor,
     blocks: Vec<Block>,
@@ -223,6 +231,7 @@ pub(crate) fn read_config(path: &Path) -> Result<(Content, Config), Error> {
 struct Reader<'a, R> {
     content: &'a Content,
     reader: R,
+    device: &'a Device,
 }
 
 impl<R: Read + Seek> Reader<'_, R> {
@@ -230,12 +239,15 @@ impl<R: Read + Seek> Reader<'_, R> {
         if !self.content.tensor_infos.contains_key(name) {
             return Err(Error::Format(format!("missing tensor `{name}`")));
         }
-        Ok(self.content.tensor(&mut self.reader, name, &Device::Cpu)?)
+        Ok(self.content.tensor(&mut self.reader, name, self.device)?)
     }
 
     fn optional_dense(&mut self, name: &str) -> Result<Option<Tensor>, Error> {
         match self.content.tensor_infos.contains_key(name) {
-            true => Ok(Some(self.qtensor(name)?.dequantize(&Device::Cpu)?)),
+            true => {
+                let device = self.device;
+                Ok(Some(self.qtensor(name)?.dequantize(device)?))
+            }
             false => Ok(None),
         }
     }
@@ -251,6 +263,7 @@ impl Model {
         content: &Content,
         cfg: Config,
         precision: Precision,
+        device: &Device,
     ) -> Result<Model, Error> {
         let file = File::open(path).map_err(|source| Error::Io {
             path: path.display().to_string(),
@@ -259,21 +272,23 @@ impl Model {
         let mut r = Reader {
             content,
             reader: BufReader::new(file),
+            device,
         };
         let embed_q = r.qtensor("token_embd.weight")?;
-        let embed = embed_q.dequantize(&Device::Cpu)?;
+        let embed = embed_q.dequantize(device)?;
         let unembed_q = match content.tensor_infos.contains_key("output.weight") {
             true => r.qtensor("output.weight")?,
             false => embed_q,
         };
-        let unembed = Linear::new(unembed_q, None, precision)?;
+        let unembed = Linear::new(unembed_q, None, precision, device)?;
         let eps = cfg.rms_eps;
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("blk.{i}");
             let mut lin = |n: &str| -> Result<Linear, Error> {
                 let bias = r.optional_dense(&format!("{p}.{n}.bias"))?;
-                Linear::new(r.qtensor(&format!("{p}.{n}.weight"))?, bias, precision)
+                let weight = r.qtensor(&format!("{p}.{n}.weight"))?;
+                Linear::new(weight, bias, precision, device)
             };
             let (q, k, v, o) = (
                 lin("attn_q")?,
@@ -308,11 +323,12 @@ impl Model {
             cfg.rope_theta,
             cfg.head_dim,
             cfg.context,
-            &Device::Cpu,
+            device,
             cfg.neox_rope,
             DType::F32,
         )?;
         Ok(Model {
+            device: device.clone(),
             cfg,
             embed,
             blocks,
@@ -335,7 +351,7 @@ impl Model {
         let new = &tokens[past..];
         let (n, hidden) = (new.len(), self.cfg.hidden);
         let cfg = &self.cfg;
-        let ids = Tensor::new(new, &Device::Cpu)?;
+        let ids = Tensor::new(new, &self.device)?;
         {
             let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
             let mut resid: Vec<Vec<f32>> = (0..n)
@@ -431,7 +447,7 @@ impl Model {
     /// the unembedding.
     pub fn readout(&self, rows: &[f32], norm: bool) -> Result<Vec<f32>, Error> {
         let n = rows.len() / self.cfg.hidden;
-        let x = Tensor::from_slice(rows, (1, n, self.cfg.hidden), &Device::Cpu)?;
+        let x = Tensor::from_slice(rows, (1, n, self.cfg.hidden), &self.device)?;
         let x = match norm {
             true => self.final_norm.forward(&x)?,
             false => x,
