@@ -357,6 +357,7 @@ impl Loader for CandleLoader {
             devices: vec![LensDevice::Cpu],
             precisions: vec![Precision::F32, Precision::Fast],
             architectures: model::ARCHITECTURES.to_vec(),
+            isq: false,
         }
     }
 

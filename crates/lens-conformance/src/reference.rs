@@ -620,6 +620,7 @@ impl Loader for ReferenceLoader {
             devices: vec![Device::Cpu],
             precisions: vec![Precision::F32],
             architectures: vec!["reference"],
+            isq: false,
         }
     }
 

@@ -22,6 +22,7 @@ const SUBJECT: Subject = Subject {
         precision: Precision::F32,
         device: Device::Cpu,
         threads: None,
+        isq: None,
     },
 };
 

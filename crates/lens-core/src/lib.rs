@@ -35,7 +35,8 @@ pub use lens::{
     decided_at, host_lens, Cell, Lens, LensRequest, NextToken, PositionView, Prediction, SiteLogits,
 };
 pub use loader::{
-    Capabilities, Device, LoadOptions, Loader, Precision, Registry, Source, SourceKind, ONE_PROCESS,
+    Capabilities, Device, Isq, LoadOptions, Loader, Precision, Registry, Source, SourceKind,
+    ONE_PROCESS,
 };
 pub use query::{Answer, Query};
 pub use spec::IndexSpec;

@@ -58,6 +58,74 @@ impl FromStr for Precision {
     }
 }
 
+/// In-situ quantization: an unquantized model's linear layers quantized to a GGML block type
+/// as it loads (mistral.rs's ISQ), so that safetensors run on the quantized kernels a GGUF
+/// file would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isq {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl Isq {
+    pub const ALL: [Isq; 10] = [
+        Isq::Q4_0,
+        Isq::Q4_1,
+        Isq::Q5_0,
+        Isq::Q5_1,
+        Isq::Q8_0,
+        Isq::Q2K,
+        Isq::Q3K,
+        Isq::Q4K,
+        Isq::Q5K,
+        Isq::Q6K,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isq::Q4_0 => "q4_0",
+            Isq::Q4_1 => "q4_1",
+            Isq::Q5_0 => "q5_0",
+            Isq::Q5_1 => "q5_1",
+            Isq::Q8_0 => "q8_0",
+            Isq::Q2K => "q2k",
+            Isq::Q3K => "q3k",
+            Isq::Q4K => "q4k",
+            Isq::Q5K => "q5k",
+            Isq::Q6K => "q6k",
+        }
+    }
+}
+
+impl fmt::Display for Isq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Isq {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.to_ascii_lowercase().replace("_k", "k");
+        Isq::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| {
+                let all: Vec<&str> = Isq::ALL.iter().map(|t| t.as_str()).collect();
+                format!("unknown ISQ type `{s}`: use {}", all.join(", "))
+            })
+    }
+}
+
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Device {
@@ -120,6 +188,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// Worker threads for the backend's parallel work; `None` = one per core.
     pub threads: Option<usize>,
+    /// Quantize an unquantized model's linear layers as it loads (where a backend can).
+    pub isq: Option<Isq>,
 }
 
 /// The kinds of model source a loader may accept.
@@ -181,6 +251,8 @@ pub struct Capabilities {
     pub precisions: Vec<Precision>,
     /// Architectures as model files name them (`llama`, `qwen2`, ...).
     pub architectures: Vec<&'static str>,
+    /// Whether it quantizes unquantized models as they load ([`LoadOptions::isq`]).
+    pub isq: bool,
 }
 
 impl Capabilities {
@@ -206,6 +278,17 @@ impl Capabilities {
                     Device::Cpu => "",
                     _ => " (rebuild with that device's cargo feature)",
                 }
+            ));
+        }
+        if let (Some(isq), false) = (options.isq, self.isq) {
+            return Some(format!(
+                "the {name} backend has no in-situ quantization (--isq {isq})"
+            ));
+        }
+        if options.isq.is_some() && source.kind() != SourceKind::HfFolder {
+            return Some(format!(
+                "--isq quantizes an HF folder as it loads; {source} is not one (a GGUF file is \
+                 quantized already)"
             ));
         }
         if !self.precisions.contains(&options.precision) {
@@ -361,6 +444,12 @@ mod tests {
         for d in ["cpu", "cuda:0", "metal:2"] {
             assert_eq!(d.parse::<Device>().map(|d| d.to_string()), Ok(d.into()));
         }
+        check::<Isq>("q8_0", "Q8_0");
+        check::<Isq>("Q4_K", "Q4K");
+        check::<Isq>(
+            "q9",
+            "error: unknown ISQ type `q9`: use q4_0, q4_1, q5_0, q5_1, q8_0, q2k, q3k, q4k, q5k, q6k",
+        );
     }
 
     #[test]
@@ -370,18 +459,27 @@ mod tests {
             devices: vec![Device::Cpu],
             precisions: vec![Precision::F32, Precision::Fast],
             architectures: vec!["llama"],
+            isq: false,
         };
         let gguf = Source::Gguf("m.gguf".into());
         let opts = |precision, device| LoadOptions {
             precision,
             device,
-            threads: None,
+            ..LoadOptions::default()
         };
         let check = |source: &Source, o: LoadOptions, expect: Option<&str>| {
             assert_eq!(caps.refuse("x", source, &o).as_deref(), expect);
         };
         check(&gguf, opts(Precision::F32, Device::Cpu), None);
         check(&gguf, opts(Precision::Fast, Device::Cpu), None);
+        check(
+            &gguf,
+            LoadOptions {
+                isq: Some(Isq::Q8_0),
+                ..LoadOptions::default()
+            },
+            Some("the x backend has no in-situ quantization (--isq q8_0)"),
+        );
         check(
             &Source::HfFolder("dir".into()),
             opts(Precision::F32, Device::Cpu),

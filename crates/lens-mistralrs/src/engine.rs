@@ -12,7 +12,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use mistralrs::core::{AutoDeviceMapParams, MessageContent};
+use mistralrs::core::{
+    AutoDeviceMapParams, IsqType, Loader, MessageContent, NormalLoaderBuilder, NormalLoaderType,
+    NormalSpecificConfig,
+};
 use mistralrs::core::{
     Constraint, CustomLogitsProcessor, DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder,
     GGUFSpecificConfig, MistralRs, MistralRsBuilder, ModelDType, NormalRequest, Request,
@@ -90,14 +93,8 @@ impl Engine {
             true => std::path::PathBuf::from("."),
             false => dir,
         };
-        // On the CPU mistral.rs's automatic dtype is f16 activations; the reference path is f32.
-        let dtype = match precision {
-            Precision::F32 | Precision::Fast => ModelDType::F32,
-            Precision::Bf16 => ModelDType::BF16,
-            Precision::F16 => ModelDType::F16,
-        };
-        isolated("loading the model", move || {
-            let loader = GGUFLoaderBuilder::new(
+        let loader = move || {
+            Ok(GGUFLoaderBuilder::new(
                 None,
                 None,
                 dir.to_string_lossy().into_owned(),
@@ -106,8 +103,57 @@ impl Engine {
                 false,
                 None,
             )
-            .build();
-            let pipeline = loader
+            .build())
+        };
+        Engine::load(loader, precision, device, None)
+    }
+
+    /// Load the HF folder `dir` (config.json, safetensors, tokenizer.json) offline on
+    /// `device`, its linear layers quantized to `isq` as they load when given.
+    pub fn load_folder(
+        dir: &Path,
+        architecture: &str,
+        precision: Precision,
+        isq: Option<IsqType>,
+        device: &Device,
+    ) -> Result<Engine, Error> {
+        let kind = match architecture {
+            "llama" => NormalLoaderType::Llama,
+            "mistral" => NormalLoaderType::Mistral,
+            "qwen2" => NormalLoaderType::Qwen2,
+            "qwen3" => NormalLoaderType::Qwen3,
+            other => return Err(Error::UnsupportedArchitecture(other.to_string())),
+        };
+        let id = dir.to_string_lossy().into_owned();
+        let loader = move || {
+            NormalLoaderBuilder::new(
+                NormalSpecificConfig::default(),
+                None,
+                None,
+                Some(id),
+                false,
+                None,
+            )
+            .build(Some(kind))
+            .map_err(|e| Error::Engine(format!("{e:#}")))
+        };
+        Engine::load(loader, precision, device, isq)
+    }
+
+    fn load(
+        loader: impl FnOnce() -> Result<Box<dyn Loader>, Error> + Send,
+        precision: Precision,
+        device: &Device,
+        isq: Option<IsqType>,
+    ) -> Result<Engine, Error> {
+        // On the CPU mistral.rs's automatic dtype is f16 activations; the reference path is f32.
+        let dtype = match precision {
+            Precision::F32 | Precision::Fast => ModelDType::F32,
+            Precision::Bf16 => ModelDType::BF16,
+            Precision::F16 => ModelDType::F16,
+        };
+        isolated("loading the model", move || {
+            let pipeline = loader()?
                 .load_model_from_hf(
                     None,
                     TokenSource::None,
@@ -115,7 +161,7 @@ impl Engine {
                     device,
                     true,
                     DeviceMapSetting::Auto(AutoDeviceMapParams::default_text()),
-                    None,
+                    isq,
                     None,
                 )
                 .map_err(|e| Error::Engine(format!("{e:#}")))?;

@@ -62,13 +62,7 @@ impl MistralRsBackend {
     /// [`MistralRsBackend::load`] on `device`: a GPU needs a build with the crate's `cuda` or
     /// `metal` feature (mistral.rs's and candle's kernels for it).
     pub fn load_on(path: &Path, precision: Precision, device: LensDevice) -> Result<Self, Error> {
-        let device = match device {
-            LensDevice::Cpu => candle_core::Device::Cpu,
-            LensDevice::Cuda(n) => candle_core::Device::new_cuda(n)
-                .map_err(|e| Error::Option(format!("cuda:{n}: {e}")))?,
-            LensDevice::Metal(n) => candle_core::Device::new_metal(n)
-                .map_err(|e| Error::Option(format!("metal:{n}: {e}")))?,
-        };
+        let device = candle_device(device)?;
         if let Some(why) = refuse_precision(precision) {
             return Err(Error::Option(why));
         }
@@ -148,6 +142,56 @@ impl MistralRsBackend {
             engine,
             tokenizer,
             bos,
+        })
+    }
+
+    /// Load an HF folder (`config.json`, safetensors, `tokenizer.json`) on `device`: mistral.rs's
+    /// pipeline, with its linear layers quantized to `isq` as they load when given (its
+    /// in-situ quantization), and the capture forward's weights (with [`Precision::Fast`] and
+    /// `isq`, quantized the same way; otherwise f32 as stored).
+    pub fn load_folder(
+        dir: &Path,
+        precision: Precision,
+        isq: Option<lens_core::Isq>,
+        device: LensDevice,
+    ) -> Result<Self, Error> {
+        if let Some(why) = refuse_precision(precision) {
+            return Err(Error::Option(why));
+        }
+        let device = candle_device(device)?;
+        let (cfg, tied) = model::read_folder_config(dir)?;
+        let isq = isq.map(isq_type);
+        let engine = Engine::load_folder(dir, &cfg.architecture, precision, isq, &device)?;
+        let tokenizer = engine.tokenizer.as_ref().clone();
+        let name = dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let model = engine::isolated("reading the weights", || {
+            Model::load_folder(dir, cfg, tied, precision, isq, &device)
+        })?;
+        let cfg = &model.cfg;
+        let info = ModelInfo {
+            name,
+            architecture: cfg.architecture.clone(),
+            n_layers: cfg.n_layers,
+            hidden_size: cfg.hidden,
+            vocab_size: cfg.vocab,
+            context_length: cfg.context,
+            precision: match (precision, isq) {
+                (Precision::Fast, Some(t)) => format!("in-situ quantized ({t:?}), f32 activations"),
+                _ => "f32 (safetensors as stored)".to_string(),
+            },
+        };
+        tracing::info!(?info, "model loaded through mistral.rs");
+        Ok(MistralRsBackend {
+            info,
+            precision,
+            model,
+            engine,
+            tokenizer,
+            // tokenizer.json's own post-processor adds BOS where the model wants it.
+            bos: None,
         })
     }
 
@@ -627,10 +671,11 @@ impl Loader for MistralRsLoader {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            sources: vec![SourceKind::Gguf],
+            sources: vec![SourceKind::Gguf, SourceKind::HfFolder],
             devices: devices(),
             precisions: vec![Precision::F32, Precision::Fast],
             architectures: model::ARCHITECTURES.to_vec(),
+            isq: true,
         }
     }
 
@@ -643,17 +688,55 @@ impl Loader for MistralRsLoader {
         if let Some(n) = options.threads {
             threads(n)?;
         }
-        let Source::Gguf(path) = source else {
-            return Err(lens_core::Error::Unsupported(format!(
-                "the mistralrs backend cannot load {source}"
-            )));
+        let backend = match source {
+            Source::Gguf(path) => {
+                MistralRsBackend::load_on(path, options.precision, options.device)
+            }
+            Source::HfFolder(dir) => {
+                MistralRsBackend::load_folder(dir, options.precision, options.isq, options.device)
+            }
+            _ => {
+                return Err(lens_core::Error::Unsupported(format!(
+                    "the mistralrs backend cannot load {source}"
+                )))
+            }
         };
-        let backend = MistralRsBackend::load_on(path, options.precision, options.device);
         let backend = backend.map_err(|e| match e {
             Error::Option(why) => lens_core::Error::Unsupported(why),
             e => lens_core::Error::Load(e.to_string()),
         })?;
         Ok(Box::new(backend))
+    }
+}
+
+/// The candle device of a lens device (a GPU needs the `cuda` or `metal` feature).
+fn candle_device(device: LensDevice) -> Result<candle_core::Device, Error> {
+    match device {
+        LensDevice::Cpu => Ok(candle_core::Device::Cpu),
+        LensDevice::Cuda(n) => {
+            candle_core::Device::new_cuda(n).map_err(|e| Error::Option(format!("cuda:{n}: {e}")))
+        }
+        LensDevice::Metal(n) => {
+            candle_core::Device::new_metal(n).map_err(|e| Error::Option(format!("metal:{n}: {e}")))
+        }
+    }
+}
+
+/// mistral.rs's name for an ISQ type.
+fn isq_type(isq: lens_core::Isq) -> mistralrs::core::IsqType {
+    use lens_core::Isq;
+    use mistralrs::core::IsqType;
+    match isq {
+        Isq::Q4_0 => IsqType::Q4_0,
+        Isq::Q4_1 => IsqType::Q4_1,
+        Isq::Q5_0 => IsqType::Q5_0,
+        Isq::Q5_1 => IsqType::Q5_1,
+        Isq::Q8_0 => IsqType::Q8_0,
+        Isq::Q2K => IsqType::Q2K,
+        Isq::Q3K => IsqType::Q3K,
+        Isq::Q4K => IsqType::Q4K,
+        Isq::Q5K => IsqType::Q5K,
+        Isq::Q6K => IsqType::Q6K,
     }
 }
 

@@ -14,7 +14,9 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, D};
 use lens_core::Stop;
 use mistralrs::core::layers::{repeat_kv, CausalMasker, MatMul, QRmsNorm, RotaryEmbedding};
-use mistralrs_quant::{GgufMatMul, QuantMethod, QuantMethodConfig};
+use mistralrs_quant::{
+    GgufMatMul, QuantMethod, QuantMethodConfig, QuantizeOntoGuard, UnquantLinear,
+};
 
 use crate::{Error, Precision};
 
@@ -212,6 +214,12 @@ pub(crate) fn read_config(path: &Path) -> Result<(Content, Config), Error> {
         neox_rope,
         qk_norm: arch == "qwen3",
     };
+    check_shape(&cfg)?;
+    Ok((content, cfg))
+}
+
+/// The dimensions agree with one another.
+fn check_shape(cfg: &Config) -> Result<(), Error> {
     let valid = cfg.n_layers > 0
         && cfg.hidden > 0
         && cfg.n_heads > 0
@@ -225,13 +233,85 @@ pub(crate) fn read_config(path: &Path) -> Result<(Content, Config), Error> {
     if !valid {
         return Err(Error::Format(format!("inconsistent model shape: {cfg:?}")));
     }
-    Ok((content, cfg))
+    Ok(())
+}
+
+/// An HF folder's `config.json` as the capture forward's config, and whether the embeddings
+/// are tied; what this forward cannot run is refused here, before mistral.rs reads the folder.
+pub(crate) fn read_folder_config(dir: &Path) -> Result<(Config, bool), Error> {
+    let path = dir.join("config.json");
+    let display = path.display().to_string();
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: display.clone(),
+        source,
+    })?;
+    let c: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Format(format!("{display}: {e}")))?;
+    let arch = c["model_type"]
+        .as_str()
+        .ok_or_else(|| Error::Format(format!("{display} has no model_type")))?
+        .to_string();
+    let neox_rope = match arch.as_str() {
+        // HF checkpoints keep q/k rows as trained: RoPE rotates the two halves of a head.
+        "llama" | "mistral" | "qwen2" | "qwen3" => true,
+        other => return Err(Error::UnsupportedArchitecture(other.to_string())),
+    };
+    let usize_of = |key: &str| -> Result<usize, Error> {
+        c[key]
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::Format(format!("{display}: `{key}` is not an integer")))
+    };
+    let scaling = c
+        .get("rope_scaling")
+        .filter(|v| !v.is_null())
+        .or_else(|| c["rope_parameters"].get("rope_type"))
+        .map(|v| v.get("rope_type").unwrap_or(v).clone());
+    if let Some(kind) = scaling.filter(|k| k.as_str() != Some("default")) {
+        return Err(Error::Format(format!(
+            "{display}: RoPE scaling ({kind}) is not implemented"
+        )));
+    }
+    let hidden = usize_of("hidden_size")?;
+    let n_heads = usize_of("num_attention_heads")?;
+    let cfg = Config {
+        n_layers: usize_of("num_hidden_layers")?,
+        hidden,
+        n_heads,
+        n_kv_heads: usize_of("num_key_value_heads").unwrap_or(n_heads),
+        head_dim: usize_of("head_dim").unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
+        vocab: usize_of("vocab_size")?,
+        rms_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
+        rope_theta: c["rope_theta"]
+            .as_f64()
+            .or_else(|| c["rope_parameters"]["rope_theta"].as_f64())
+            .unwrap_or(10_000.0) as f32,
+        context: usize_of("max_position_embeddings").unwrap_or(4096),
+        neox_rope,
+        qk_norm: arch == "qwen3",
+        architecture: arch,
+    };
+    check_shape(&cfg)?;
+    Ok((cfg, c["tie_word_embeddings"].as_bool().unwrap_or(false)))
+}
+
+/// Where the capture forward's weights come from, by their GGUF names (`blk.3.attn_q`,
+/// `output_norm`): a GGUF file's tensors, or an HF folder's safetensors under their HF names.
+trait Weights {
+    /// A matrix `[out, in]` (and its bias, if the model has one) as mistral.rs runs it.
+    fn linear(&mut self, name: &str) -> Result<Linear, Error>;
+    fn norm(&mut self, name: &str, eps: f32) -> Result<QRmsNorm, Error>;
+    /// The token embeddings, dense.
+    fn embed(&mut self) -> Result<Tensor, Error>;
+    /// The unembedding (the embeddings when tied).
+    fn unembed(&mut self) -> Result<Linear, Error>;
 }
 
 struct Reader<'a, R> {
     content: &'a Content,
     reader: R,
     device: &'a Device,
+    precision: Precision,
 }
 
 impl<R: Read + Seek> Reader<'_, R> {
@@ -251,13 +331,143 @@ impl<R: Read + Seek> Reader<'_, R> {
             false => Ok(None),
         }
     }
+}
+
+impl<R: Read + Seek> Weights for Reader<'_, R> {
+    fn linear(&mut self, name: &str) -> Result<Linear, Error> {
+        let bias = self.optional_dense(&format!("{name}.bias"))?;
+        let weight = self.qtensor(&format!("{name}.weight"))?;
+        Linear::new(weight, bias, self.precision, self.device)
+    }
 
     fn norm(&mut self, name: &str, eps: f32) -> Result<QRmsNorm, Error> {
-        Ok(QRmsNorm::new(self.qtensor(name)?, eps)?)
+        Ok(QRmsNorm::new(
+            self.qtensor(&format!("{name}.weight"))?,
+            eps,
+        )?)
+    }
+
+    fn embed(&mut self) -> Result<Tensor, Error> {
+        let device = self.device;
+        Ok(self.qtensor("token_embd.weight")?.dequantize(device)?)
+    }
+
+    fn unembed(&mut self) -> Result<Linear, Error> {
+        let name = match self.content.tensor_infos.contains_key("output.weight") {
+            true => "output.weight",
+            false => "token_embd.weight",
+        };
+        let q = self.qtensor(name)?;
+        Linear::new(q, None, self.precision, self.device)
+    }
+}
+
+/// An HF folder's weights (`model.safetensors` or its shards), under their HF names.
+struct Folder<'a> {
+    tensors: candle_core::safetensors::MmapedSafetensors,
+    device: &'a Device,
+    precision: Precision,
+    /// Quantize each linear layer as mistral.rs's in-situ quantization does.
+    isq: Option<mistralrs_quant::IsqType>,
+    tied: bool,
+}
+
+impl Folder<'_> {
+    /// The HF name of a GGUF-named tensor of the Llama family.
+    fn hf_name(name: &str) -> String {
+        let Some(rest) = name.strip_prefix("blk.") else {
+            return match name {
+                "output_norm" => "model.norm".into(),
+                other => other.into(),
+            };
+        };
+        let (block, part) = rest.split_once('.').unwrap_or((rest, ""));
+        let part = match part {
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "attn_q_norm" => "self_attn.q_norm",
+            "attn_k_norm" => "self_attn.k_norm",
+            "attn_norm" => "input_layernorm",
+            "ffn_norm" => "post_attention_layernorm",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            other => other,
+        };
+        format!("model.layers.{block}.{part}")
+    }
+
+    fn dense(&self, name: &str) -> Result<Tensor, Error> {
+        let t = self
+            .tensors
+            .load(name, self.device)
+            .map_err(|e| Error::Format(format!("tensor `{name}`: {e}")))?;
+        Ok(t.to_dtype(DType::F32)?)
+    }
+
+    fn optional(&self, name: &str) -> Result<Option<Tensor>, Error> {
+        match self.tensors.get(name) {
+            Ok(_) => Ok(Some(self.dense(name)?)),
+            Err(_) => Ok(None),
+        }
+    }
+
+    fn linear_of(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Linear, Error> {
+        match (self.precision, self.isq) {
+            (Precision::Fast, Some(isq)) => {
+                let dense = UnquantLinear::new(QuantMethodConfig::Unquantized(
+                    candle_nn::Linear::new(weight, bias),
+                ))?;
+                let quantized = Arc::new(dense).apply_isq(
+                    Some(isq),
+                    self.device.clone(),
+                    &std::sync::atomic::AtomicUsize::new(0),
+                    None,
+                    QuantizeOntoGuard::new(),
+                )?;
+                Ok(Linear(quantized))
+            }
+            _ => Linear::new(
+                QTensor::quantize(&weight, GgmlDType::F32)?,
+                bias,
+                Precision::F32,
+                self.device,
+            ),
+        }
+    }
+}
+
+impl Weights for Folder<'_> {
+    fn linear(&mut self, name: &str) -> Result<Linear, Error> {
+        let name = Self::hf_name(name);
+        let weight = self.dense(&format!("{name}.weight"))?;
+        let bias = self.optional(&format!("{name}.bias"))?;
+        self.linear_of(weight, bias)
+    }
+
+    fn norm(&mut self, name: &str, eps: f32) -> Result<QRmsNorm, Error> {
+        let w = self.dense(&format!("{}.weight", Self::hf_name(name)))?;
+        Ok(QRmsNorm::new(QTensor::quantize(&w, GgmlDType::F32)?, eps)?)
+    }
+
+    fn embed(&mut self) -> Result<Tensor, Error> {
+        self.dense("model.embed_tokens.weight")
+    }
+
+    fn unembed(&mut self) -> Result<Linear, Error> {
+        let name = match self.tied {
+            true => "model.embed_tokens.weight",
+            false => "lm_head.weight",
+        };
+        let weight = self.dense(name)?;
+        self.linear_of(weight, None)
     }
 }
 
 impl Model {
+    /// The capture forward over a GGUF file's tensors.
     pub fn load(
         path: &Path,
         content: &Content,
@@ -273,44 +483,83 @@ impl Model {
             content,
             reader: BufReader::new(file),
             device,
+            precision,
         };
-        let embed_q = r.qtensor("token_embd.weight")?;
-        let embed = embed_q.dequantize(device)?;
-        let unembed_q = match content.tensor_infos.contains_key("output.weight") {
-            true => r.qtensor("output.weight")?,
-            false => embed_q,
+        Model::build(cfg, &mut r, device)
+    }
+
+    /// The capture forward over an HF folder's safetensors: f32 (or `fast` without ISQ) as
+    /// they are, `fast` with `isq` quantized as mistral.rs's ISQ quantizes its own copy.
+    pub fn load_folder(
+        dir: &Path,
+        cfg: Config,
+        tied: bool,
+        precision: Precision,
+        isq: Option<mistralrs_quant::IsqType>,
+        device: &Device,
+    ) -> Result<Model, Error> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|source| Error::Io {
+                path: dir.display().to_string(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::Format(format!(
+                "{} has no *.safetensors",
+                dir.display()
+            )));
+        }
+        // SAFETY: the files are mapped read-only and not written while the model lives (the
+        // same contract as candle's and mistral.rs's own loaders).
+        #[allow(unsafe_code)]
+        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
+        let mut folder = Folder {
+            tensors,
+            device,
+            precision,
+            isq,
+            tied,
         };
-        let unembed = Linear::new(unembed_q, None, precision, device)?;
+        Model::build(cfg, &mut folder, device)
+    }
+
+    fn build(cfg: Config, w: &mut dyn Weights, device: &Device) -> Result<Model, Error> {
+        let embed = w.embed()?;
+        let unembed = w.unembed()?;
         let eps = cfg.rms_eps;
+        let norm = |w: &mut dyn Weights, name: &str| w.norm(name, eps);
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
-            let p = format!("blk.{i}");
-            let mut lin = |n: &str| -> Result<Linear, Error> {
-                let bias = r.optional_dense(&format!("{p}.{n}.bias"))?;
-                let weight = r.qtensor(&format!("{p}.{n}.weight"))?;
-                Linear::new(weight, bias, precision, device)
-            };
+            let p = |n: &str| format!("blk.{i}.{n}");
             let (q, k, v, o) = (
-                lin("attn_q")?,
-                lin("attn_k")?,
-                lin("attn_v")?,
-                lin("attn_output")?,
+                w.linear(&p("attn_q"))?,
+                w.linear(&p("attn_k"))?,
+                w.linear(&p("attn_v"))?,
+                w.linear(&p("attn_output"))?,
             );
-            let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
+            let (gate, up, down) = (
+                w.linear(&p("ffn_gate"))?,
+                w.linear(&p("ffn_up"))?,
+                w.linear(&p("ffn_down"))?,
+            );
             let (q_norm, k_norm) = match cfg.qk_norm {
                 true => (
-                    Some(r.norm(&format!("{p}.attn_q_norm.weight"), eps)?),
-                    Some(r.norm(&format!("{p}.attn_k_norm.weight"), eps)?),
+                    Some(norm(w, &p("attn_q_norm"))?),
+                    Some(norm(w, &p("attn_k_norm"))?),
                 ),
                 false => (None, None),
             };
             blocks.push(Block {
-                attn_norm: r.norm(&format!("{p}.attn_norm.weight"), eps)?,
+                attn_norm: norm(w, &p("attn_norm"))?,
                 q,
                 k,
                 v,
                 o,
-                ffn_norm: r.norm(&format!("{p}.ffn_norm.weight"), eps)?,
+                ffn_norm: norm(w, &p("ffn_norm"))?,
                 gate,
                 up,
                 down,
@@ -318,7 +567,7 @@ impl Model {
                 k_norm,
             });
         }
-        let final_norm = r.norm("output_norm.weight", eps)?;
+        let final_norm = norm(w, "output_norm")?;
         let rope = RotaryEmbedding::new(
             cfg.rope_theta,
             cfg.head_dim,

@@ -94,6 +94,10 @@ pub struct ModelArgs {
     /// Worker threads (default: one per core).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Quantize an HF folder's linear layers as it loads (mistral.rs's in-situ quantization:
+    /// q4_0, q4_1, q5_0, q5_1, q8_0, q2k … q6k); the mistralrs backend.
+    #[arg(long, value_name = "TYPE")]
+    pub isq: Option<lens_core::Isq>,
 }
 
 impl ModelArgs {
@@ -102,6 +106,7 @@ impl ModelArgs {
             precision: self.precision,
             device: self.device,
             threads: self.threads,
+            isq: self.isq,
         }
     }
 }

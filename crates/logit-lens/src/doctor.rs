@@ -33,6 +33,9 @@ pub struct DoctorArgs {
     pub device: lens_core::Device,
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Quantize an HF folder as it loads (backends that can: mistralrs).
+    #[arg(long, value_name = "TYPE")]
+    pub isq: Option<lens_core::Isq>,
     /// A golden file (the `tests/data/oracle` format: prompts with token ids and each layer's
     /// top-5 ids and probabilities) to check every backend against.
     #[arg(long, value_name = "FILE")]
@@ -161,6 +164,7 @@ pub fn run(a: DoctorArgs) -> Result<()> {
         precision: a.precision,
         device: a.device,
         threads: a.threads,
+        isq: a.isq,
     };
     let path = model_path(&model)?;
     let options = model.options();

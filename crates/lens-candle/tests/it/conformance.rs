@@ -14,6 +14,7 @@ const F32: LoadOptions = LoadOptions {
     precision: Precision::F32,
     device: Device::Cpu,
     threads: None,
+    isq: None,
 };
 
 const SUBJECT: Subject = Subject {

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use lens_conformance::{self as suite, oracle, Deviations};
-use lens_core::{Device, Error, LensKind, LoadOptions, Loader, Precision, Registry, Source};
+use lens_core::{Device, Error, Isq, LensKind, LoadOptions, Loader, Precision, Registry, Source};
 
 use crate::{backend, smollm2, F32, FAST, PROMPT};
 
@@ -63,6 +63,71 @@ fn check_tiny(gguf: &str, golden: &str, n_layers: usize, cells: usize) {
     let dev = suite::check_golden(&*b, &data.join(golden), LensKind::Norm, suite::F32);
     eprintln!("{gguf}: {dev:?}");
     assert_eq!(dev.cells, cells);
+}
+
+/// An HF folder loaded by mistral.rs (its normal loader, offline) and read by the capture
+/// forward from the same safetensors, self-checked against mistral.rs's logits in `backend`,
+/// against its HF transformers golden with the f32 bounds.
+#[track_caller]
+fn check_folder(folder: &str, golden: &str, n_layers: usize, cells: usize) {
+    let data = crate::data_dir();
+    let b = backend(&Source::HfFolder(data.join(folder)), F32);
+    assert_eq!(b.info().n_layers, n_layers);
+    let dev = suite::check_golden(&*b, &data.join(golden), LensKind::Norm, suite::F32);
+    eprintln!("{folder}: {dev:?}");
+    assert_eq!(dev.cells, cells);
+}
+
+#[test]
+fn hf_folders_match_hf_transformers() {
+    check_folder(
+        "oracle/tiny-llama",
+        "oracle/tiny-llama/golden.json",
+        4,
+        5 * (8 + 26),
+    );
+    // mistral.rs 0.8.1 reads `rope_theta` at the top of config.json only; transformers 5 writes
+    // it under `rope_parameters` (the tiny Qwen fixtures): a clear error, not a panic.
+    for folder in ["fixtures/tiny-qwen2", "fixtures/tiny-qwen3"] {
+        let source = Source::HfFolder(crate::data_dir().join(folder));
+        let r = lens_mistralrs::LOADER.load(&source, &F32).map(drop);
+        assert!(
+            matches!(&r, Err(Error::Load(m)) if m.contains("rope_theta")),
+            "{folder}: {r:?}"
+        );
+    }
+}
+
+/// In-situ quantization: mistral.rs quantizes the folder's linear layers as it loads, and the
+/// `fast` capture quantizes its own copy the same way, so the two agree to within the engine's
+/// attention (the self-check in `backend`); against the f32 golden, measured.
+#[test]
+fn an_hf_folder_quantized_in_situ_agrees_with_mistral_rs() {
+    let folder = Source::HfFolder(crate::data_dir().join("oracle/tiny-llama"));
+    for isq in [Isq::Q8_0, Isq::Q4_0] {
+        let options = LoadOptions {
+            isq: Some(isq),
+            ..FAST
+        };
+        let b = backend(&folder, options);
+        assert!(
+            b.info().precision.contains("in-situ"),
+            "{}",
+            b.info().precision
+        );
+        let golden = oracle::load_json(&crate::oracle("tiny-llama/golden.json"));
+        let mut dev = Deviations::default();
+        for prompt in golden["prompts"].as_array().unwrap() {
+            oracle::compare_prompt(&*b, prompt, LensKind::Norm, None, &mut dev);
+        }
+        eprintln!(
+            "{isq} vs HF: top-1 {}/{} clear cells, max |Δp| {:.3e}",
+            dev.clear_agree, dev.clear_cells, dev.prob
+        );
+        assert_eq!(dev.cells, 5 * (8 + 26));
+        // The quantized weights move the numbers (so the f32 bounds would fail) ...
+        assert!(dev.prob > 1e-4, "{isq}: {dev:?}");
+    }
 }
 
 /// Llama: the tiny oracle fixture (no biases, grouped-query attention, GGUF's permuted q/k).
@@ -146,8 +211,11 @@ fn bad_inputs_are_errors() {
 
 #[test]
 fn the_registry_picks_mistralrs_and_refuses_what_it_cannot_do() {
-    let folder = Source::HfFolder(crate::oracle("tiny-llama"));
-    let refused = [(folder, F32, "tiny-llama")];
+    let isq = LoadOptions {
+        isq: Some(Isq::Q8_0),
+        ..F32
+    };
+    let refused = [(smollm2(), isq, "--isq")];
     for options in [F32, FAST] {
         suite::registry(&lens_mistralrs::LOADER, &smollm2(), &options, &refused);
     }

@@ -19,6 +19,7 @@ pub const F32: LoadOptions = LoadOptions {
     precision: Precision::F32,
     device: Device::Cpu,
     threads: None,
+    isq: None,
 };
 
 pub const FAST: LoadOptions = LoadOptions {

@@ -164,6 +164,49 @@ mod mistralrs {
         );
     }
 
+    /// An HF folder quantized in situ by mistral.rs (`--isq`), from the command line; the
+    /// candle backend says it cannot.
+    #[test]
+    fn mistralrs_runs_an_hf_folder_with_isq() {
+        let folder = data_dir().join("oracle/tiny-llama");
+        let folder = folder.to_str().unwrap();
+        let run = logit_lens(&[
+            "run",
+            "Hello world",
+            "--model",
+            folder,
+            "--backend",
+            "mistralrs",
+            "--precision",
+            "fast",
+            "--isq",
+            "q8_0",
+            "--format",
+            "json",
+        ]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        let v: Value = serde_json::from_str(&run.stdout).unwrap();
+        assert_eq!(v["model"]["n_layers"], 4, "{}", run.stdout);
+        let precision = v["model"]["precision"].as_str().unwrap_or_default();
+        assert!(precision.contains("in-situ"), "{precision}");
+        let refused = logit_lens(&[
+            "run",
+            "Hi",
+            "--model",
+            folder,
+            "--backend",
+            "candle",
+            "--isq",
+            "q8_0",
+        ]);
+        assert_eq!(refused.code, 2, "{}", refused.stderr);
+        assert!(
+            refused.stderr.contains("no in-situ quantization"),
+            "{}",
+            refused.stderr
+        );
+    }
+
     #[test]
     fn mistralrs_is_listed_and_its_run_matches_the_oracle() {
         let run = logit_lens(&["backends", "--format", "json"]);
