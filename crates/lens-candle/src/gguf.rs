@@ -62,10 +62,12 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         .and_then(|v| v.to_string().ok())
         .cloned()
         .ok_or_else(|| Error::Format("the GGUF file has no general.architecture".into()))?;
+    let gpt2 = arch == "gpt2";
     let rope = match arch.as_str() {
         "llama" | "mistral" => RopeLayout::Interleaved,
         // Gemma's q/k rows are not permuted (llama.cpp's NEOX rope).
         "qwen2" | "qwen3" | "gemma3" => RopeLayout::Halves,
+        "gpt2" => RopeLayout::Learned,
         other => return Err(Error::UnsupportedArchitecture(other.to_string())),
     };
     let get = |key: &str| -> Result<&Value, Error> {
@@ -107,18 +109,24 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
             .or_else(|_| get_usize("attention.key_length"))
             .unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
         vocab,
-        rms_eps: f64::from(get_f32("attention.layer_norm_rms_epsilon", 1e-5)),
+        rms_eps: f64::from(match gpt2 {
+            true => get_f32("attention.layer_norm_epsilon", 1e-5),
+            false => get_f32("attention.layer_norm_rms_epsilon", 1e-5),
+        }),
         rope_theta: get_f32("rope.freq_base", 10_000.0),
         context: get_usize("context_length").unwrap_or(2048),
         rope,
         // Gemma 3 (as llama.cpp and transformers define it): embeddings scaled by √hidden,
         // GELU, and five sliding-window blocks (RoPE base 10k) before each global one.
         embed_scale: gemma.then(|| (hidden as f32).sqrt()),
-        activation: match gemma {
+        activation: match gemma || gpt2 {
             true => Activation::GeluTanh,
             false => Activation::Silu,
         },
-        norm: NormKind::Rms,
+        norm: match gpt2 {
+            true => NormKind::Layer,
+            false => NormKind::Rms,
+        },
         sliding: match gemma {
             true => Some(SlidingWindow {
                 window: get_usize("attention.sliding_window")?,
@@ -162,6 +170,27 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         }
         false => (QMatMul::Tensor(embed.clone()), small_matrix(&embed_q)),
     };
+    let name = md
+        .get("general.name")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let types = weight_types(&content);
+    let precision = match precision {
+        Precision::F32 => format!("f32 (dequantized from {types})"),
+        // `CandleBackend::load` admits only f32 and fast.
+        _ => format!("quantized matmuls ({types})"),
+    };
+    if gpt2 {
+        let model = gpt2_blocks(cfg, &mut r, embed, unembed, dense, device)?;
+        return Ok(Loaded {
+            model: model.with_small_unembed(unembed_small),
+            tokenizer,
+            name,
+            precision,
+        });
+    }
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
         let p = format!("blk.{i}");
@@ -211,19 +240,6 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         });
     }
     let final_norm = r.dense("output_norm.weight")?;
-
-    let name = md
-        .get("general.name")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
-        .unwrap_or_default();
-    let types = weight_types(&content);
-    let precision = match precision {
-        Precision::F32 => format!("f32 (dequantized from {types})"),
-        // `CandleBackend::load` admits only f32 and fast.
-        _ => format!("quantized matmuls ({types})"),
-    };
     Ok(Loaded {
         model: Model::new(cfg, embed, blocks, final_norm, unembed, device.clone())?
             .with_small_unembed(unembed_small),
@@ -231,6 +247,80 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         name,
         precision,
     })
+}
+
+/// GPT-2 in llama.cpp's layout: LayerNorms with biases (`attn_norm`, `ffn_norm`,
+/// `output_norm`), the fused `attn_qkv` `[3·hidden, hidden]` split into q, k, v by rows (dense:
+/// a quantized block may straddle the split), a plain MLP `ffn_up` / `ffn_down` with biases,
+/// learned positions `position_embd`.
+fn gpt2_blocks<R: Read + Seek>(
+    cfg: Config,
+    r: &mut TensorReader<'_, R>,
+    embed: Tensor,
+    unembed: QMatMul,
+    dense: bool,
+    device: &Device,
+) -> Result<Model, Error> {
+    let h = cfg.hidden;
+    let expect = |t: &Tensor, dims: &[usize], what: &str| -> Result<(), Error> {
+        match t.dims() == dims {
+            true => Ok(()),
+            false => Err(Error::Format(format!(
+                "`{what}` has shape {:?}, expected {dims:?}",
+                t.dims()
+            ))),
+        }
+    };
+    let positions = r.dense("position_embd.weight")?;
+    expect(&positions, &[cfg.context, h], "position_embd.weight")?;
+    let lin = |r: &mut TensorReader<'_, R>, name: &str| -> Result<Linear, Error> {
+        let bias = r.optional(&format!("{name}.bias"))?;
+        let q = r.qtensor(&format!("{name}.weight"))?;
+        let small = if dense { small_matrix(&q) } else { None };
+        let w = matmul_from(Arc::new(q), dense)?;
+        let small = match (&w, small) {
+            (QMatMul::Tensor(t), None) => Matrix::from_f32(t),
+            (_, small) => small,
+        };
+        Ok(Linear::new(w, bias).with_small(small))
+    };
+    let mut blocks = Vec::with_capacity(cfg.n_layers);
+    for i in 0..cfg.n_layers {
+        let p = format!("blk.{i}");
+        let qkv = r.dense(&format!("{p}.attn_qkv.weight"))?;
+        expect(&qkv, &[3 * h, h], "attn_qkv.weight")?;
+        let qkv_b = r.dense(&format!("{p}.attn_qkv.bias"))?;
+        expect(&qkv_b, &[3 * h], "attn_qkv.bias")?;
+        let part = |j: usize| -> Result<Linear, Error> {
+            let w = qkv.narrow(0, j * h, h)?.contiguous()?;
+            let small = Matrix::from_f32(&w);
+            let b = qkv_b.narrow(0, j * h, h)?.contiguous()?;
+            Ok(Linear::new(QMatMul::Tensor(w), Some(b)).with_small(small))
+        };
+        blocks.push(Block {
+            attn_norm: r.dense(&format!("{p}.attn_norm.weight"))?,
+            attn_norm_bias: Some(r.dense(&format!("{p}.attn_norm.bias"))?),
+            q: part(0)?,
+            k: part(1)?,
+            v: part(2)?,
+            o: lin(r, &format!("{p}.attn_output"))?,
+            ffn_norm: r.dense(&format!("{p}.ffn_norm.weight"))?,
+            ffn_norm_bias: Some(r.dense(&format!("{p}.ffn_norm.bias"))?),
+            gate: None,
+            up: lin(r, &format!("{p}.ffn_up"))?,
+            down: lin(r, &format!("{p}.ffn_down"))?,
+            q_norm: None,
+            k_norm: None,
+            post_attn_norm: None,
+            post_ffn_norm: None,
+        });
+    }
+    let final_norm = r.dense("output_norm.weight")?;
+    let final_bias = r.dense("output_norm.bias")?;
+    Ok(
+        Model::new(cfg, embed, blocks, final_norm, unembed, device.clone())?
+            .with_gpt2_parts(final_bias, positions),
+    )
 }
 
 fn weight_types(content: &Content) -> String {

@@ -111,6 +111,19 @@ fn tiny_qwen2_folder_matches_hf() {
     check_tiny(tiny_qwen2(), tiny_qwen2_golden(), 3, 4 * (8 + 26));
 }
 
+/// The same GPT-2 weights as an f32 GGUF of architecture `gpt2` in llama.cpp's layout (fused
+/// `attn_qkv` `[out, in]`, `position_embd`, LayerNorm biases, `output` = `wte`; made by
+/// tests/data/fixtures/make_tiny_gpt2_gguf.py).
+#[test]
+fn tiny_gpt2_f32_gguf_matches_hf() {
+    check_tiny(
+        Source::Gguf(crate::data_dir().join("fixtures/tiny-gpt2/tiny-gpt2.f32.gguf")),
+        oracle("tiny-gpt2/golden.json"),
+        3,
+        4 * (8 + 26),
+    );
+}
+
 /// GPT-2: LayerNorm with biases, learned positions, gelu_new, fused Conv1D `c_attn`, tied
 /// `wte` (keys prefixed `transformer.`).
 #[test]
