@@ -231,7 +231,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 ratio(h.one_position_s, r.one),
                 ratio(h.step_s, r.step),
             ),
-            None => Default::default(),
+            None => {
+                let none = || "—".to_string();
+                (none(), none(), none(), none(), none(), none(), none())
+            }
         };
         writeln!(
             out,

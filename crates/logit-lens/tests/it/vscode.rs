@@ -194,12 +194,12 @@ fn vscode_end_to_end_in_code_server() {
     assert_eq!(result["hoverRows"], 31, "{last}");
     assert_eq!(
         result["typingToHoverMs"].as_array().map(Vec::len),
-        Some(9),
+        Some(20),
         "{last}"
     );
     assert_eq!(
         result["cachedHoverMs"].as_array().map(Vec::len),
-        Some(9),
+        Some(20),
         "{last}"
     );
     for shot in [
