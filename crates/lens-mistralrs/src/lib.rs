@@ -679,6 +679,23 @@ impl Loader for MistralRsLoader {
         }
     }
 
+    fn supports(&self, source: &Source, options: &LoadOptions) -> Result<(), lens_core::Error> {
+        let caps = self.capabilities();
+        let why = caps.refuse(self.name(), source, options).or_else(|| {
+            // `fast` means quantized kernels; an HF folder has them only once quantized.
+            let dense = source.kind() == SourceKind::HfFolder && options.isq.is_none();
+            (dense && options.precision == Precision::Fast).then(|| {
+                "--precision fast on an HF folder needs --isq TYPE (q8_0, q4k, …) to quantize \
+                 it as it loads; or use --precision f32"
+                    .to_string()
+            })
+        });
+        match why {
+            Some(why) => Err(lens_core::Error::Unsupported(why)),
+            None => Ok(()),
+        }
+    }
+
     fn load(
         &self,
         source: &Source,

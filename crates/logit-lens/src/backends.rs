@@ -110,6 +110,7 @@ pub fn list(a: BackendsArgs) -> Result<()> {
                 "devices": strings(c.devices.iter().map(|d| d.family()).collect()),
                 "precisions": strings(c.precisions.iter().map(|p| p.as_str()).collect()),
                 "architectures": strings(c.architectures.clone()),
+                "isq": c.isq,
             })
         })
         .collect();
@@ -125,13 +126,20 @@ pub fn list(a: BackendsArgs) -> Result<()> {
         "precisions",
         "architectures",
     ];
-    let cell = |row: &serde_json::Value, field: &str| match &row[field] {
-        serde_json::Value::Array(v) => v
-            .iter()
-            .filter_map(|x| x.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
-        v => v.as_str().unwrap_or_default().to_string(),
+    let cell = |row: &serde_json::Value, field: &str| {
+        let mut text = match &row[field] {
+            serde_json::Value::Array(v) => v
+                .iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            v => v.as_str().unwrap_or_default().to_string(),
+        };
+        // In-situ quantization of HF folders (`--isq`) goes with the precisions.
+        if field == "precisions" && row["isq"] == true {
+            text.push_str(", --isq");
+        }
+        text
     };
     let table: Vec<Vec<String>> = std::iter::once(
         [

@@ -215,7 +215,8 @@ fn the_registry_picks_mistralrs_and_refuses_what_it_cannot_do() {
         isq: Some(Isq::Q8_0),
         ..F32
     };
-    let refused = [(smollm2(), isq, "--isq")];
+    let folder = Source::HfFolder(crate::oracle("tiny-llama"));
+    let refused = [(smollm2(), isq, "--isq"), (folder, FAST, "--isq TYPE")];
     for options in [F32, FAST] {
         suite::registry(&lens_mistralrs::LOADER, &smollm2(), &options, &refused);
     }

@@ -26,6 +26,7 @@ fn the_build_lists_its_backends() {
     assert_eq!(list("sources"), ["gguf", "hf-folder"]);
     assert_eq!(list("devices"), ["cpu"]);
     assert_eq!(list("precisions"), ["f32", "fast"]);
+    assert_eq!(candle["isq"], false, "{candle}");
     assert_eq!(
         list("architectures"),
         ["llama", "mistral", "qwen2", "qwen3", "gemma3", "gpt2"]

@@ -219,6 +219,18 @@ mod mistralrs {
             .filter_map(|b| b["name"].as_str())
             .collect();
         assert!(names.contains(&"mistralrs"), "{names:?}");
+        let m = v["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == "mistralrs")
+            .unwrap();
+        assert_eq!(m["isq"], true, "{m}");
+        assert_eq!(
+            m["sources"],
+            serde_json::json!(["gguf", "hf-folder"]),
+            "{m}"
+        );
 
         let golden: Value = serde_json::from_str(
             &std::fs::read_to_string(data_dir().join("oracle/golden_smollm2.json")).unwrap(),
