@@ -3,9 +3,12 @@ use rayon::prelude::*;
 use crate::math::{self, Reference, RowStats};
 use crate::{Backend, Error, HiddenStates, LensKind, Site, Stop, Translators};
 
-/// Rows read out in one call to the backend when scanning a whole prompt: large enough for
-/// an efficient matrix product, small enough that logits never take more than ~100 MB.
-const ROWS_PER_READOUT: usize = 512;
+/// Rows read out in one call to the backend when scanning a whole prompt. Small enough that
+/// a batch's logits (128 rows of SmolLM2's 49,152: 25 MB) stay in the last-level cache while
+/// they are reduced, and that a backend's small-batch kernel takes them (the candle backend's
+/// below 128 rows): measured on SmolLM2 f32, 256 tokens, 2 cores, alternating in one sitting,
+/// the full lens took 4.4–5.1 s against 5.4–5.9 s with 512 rows and 6.6–7.4 s with 160.
+const ROWS_PER_READOUT: usize = 128;
 
 /// One of the most likely next tokens at a cell.
 #[derive(Debug, Clone, PartialEq)]
