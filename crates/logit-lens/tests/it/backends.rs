@@ -170,3 +170,37 @@ fn bench_prints_each_measure_and_the_backends_side_by_side() {
         }
     }
 }
+
+/// `bench-server --lsp` drives a real `serve --stdio` through every case by name and finishes
+/// on a model other than SmolLM2 (the tiny Llama: 4 blocks, so the cold analyze cannot ask for
+/// SmolLM2's layer 30).
+#[test]
+fn bench_server_lsp_runs_every_case_on_any_model() {
+    let model = data_dir().join("oracle/tiny-llama/tiny-llama.f32.gguf");
+    let run = crate::logit_lens(&[
+        "bench-server",
+        "--lsp",
+        "--model",
+        model.to_str().expect("utf8"),
+        "--tokens",
+        "32",
+        "--edits",
+        "3",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for case in [
+        "end edit + hover at the typed token",
+        "end edit + hover elsewhere",
+        "middle edit + hover at the edit",
+        "middle edit + hover 16 tokens later",
+        "warm hover (no edit)",
+        "cold analyze (a new document)",
+    ] {
+        let line = run
+            .stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(case))
+            .unwrap_or_else(|| panic!("no {case:?} in {}", run.stdout));
+        assert!(line.contains("p50") && line.contains("runs)"), "{line}");
+    }
+}
