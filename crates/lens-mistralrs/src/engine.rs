@@ -1,5 +1,6 @@
-//! mistral.rs's own side: its GGUF pipeline (tokenizer, chat template, quantized model) and its
-//! engine, asked for raw final logits of given tokens.
+//! mistral.rs's own side: its pipeline (a GGUF file, or an HF folder quantized in situ; its
+//! tokenizer, chat template and model) and its engine, asked for raw final logits of given
+//! tokens, for a chat turn's tokens, and to generate.
 //!
 //! mistral.rs runs its engine on a thread of its own with a tokio runtime; requests go through
 //! a channel. Every call here runs on a fresh thread of ours (no runtime context, where

@@ -1,9 +1,10 @@
 //! A logit-lens backend on [mistral.rs](https://github.com/EricLBuehler/mistral.rs) 0.8.1.
 //!
-//! mistral.rs loads the model (a GGUF file, offline), and its tokenizer, chat template and
-//! engine are the ones the lens uses. mistral.rs keeps its models' hidden states private, so
+//! mistral.rs loads the model (a GGUF file, or an HF folder with optional in-situ quantization;
+//! offline), and its tokenizer, chat template and engine are the ones the lens uses (it
+//! generates, and the lens follows each token it draws). mistral.rs keeps its models' hidden states private, so
 //! the per-layer capture is a forward pass of our own built from its public blocks
-//! (`mistralrs::core::layers`, `mistralrs_quant`'s `GgufMatMul`) over the same file's weights;
+//! (`mistralrs::core::layers`, `mistralrs_quant`'s linear layers) over the same weights;
 //! [`MistralRsBackend::self_check`] compares its last layer with mistral.rs's own final logits
 //! for the same tokens, so the two cannot drift apart unnoticed.
 

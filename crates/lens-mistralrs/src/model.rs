@@ -1,6 +1,7 @@
 //! The capture forward: the Llama family (llama, mistral, qwen2, qwen3) built from mistral.rs's public
 //! blocks (`QRmsNorm`, `RotaryEmbedding`, `CausalMasker`, `repeat_kv`, `MatMul` over
-//! `mistralrs_quant` linear layers), reading the weights from the GGUF file, and recording the
+//! `mistralrs_quant` linear layers), reading the weights from the GGUF file or the HF folder's
+//! safetensors (through [`Weights`], by their GGUF names), and recording the
 //! residual stream at every block boundary. mistral.rs 0.8.1 keeps its models' hidden states
 //! private, so this is the per-layer view of the same arithmetic its quantized Llama runs.
 
