@@ -119,6 +119,29 @@ impl MistralRsBackend {
         let model = engine::isolated("reading the weights", || {
             Model::load(path, &content, cfg, precision, &device)
         })?;
+        let described = match precision {
+            Precision::F32 => format!("f32 (dequantized from {types})"),
+            _ => format!(
+                "quantized matmuls ({types}), {:?} activations",
+                engine.dtype
+            ),
+        };
+        Ok(Self::assemble(
+            name, described, precision, model, engine, tokenizer, bos,
+        ))
+    }
+
+    /// The backend over a loaded engine and capture forward; its [`ModelInfo`] from the
+    /// capture's config.
+    fn assemble(
+        name: String,
+        described: String,
+        precision: Precision,
+        model: Model,
+        engine: Engine,
+        tokenizer: tokenizers_mistralrs::Tokenizer,
+        bos: Option<u32>,
+    ) -> Self {
         let cfg = &model.cfg;
         let info = ModelInfo {
             name,
@@ -127,23 +150,17 @@ impl MistralRsBackend {
             hidden_size: cfg.hidden,
             vocab_size: cfg.vocab,
             context_length: cfg.context,
-            precision: match precision {
-                Precision::F32 => format!("f32 (dequantized from {types})"),
-                _ => format!(
-                    "quantized matmuls ({types}), {:?} activations",
-                    engine.dtype
-                ),
-            },
+            precision: described,
         };
         tracing::info!(?info, "model loaded through mistral.rs");
-        Ok(MistralRsBackend {
+        MistralRsBackend {
             info,
             precision,
             model,
             engine,
             tokenizer,
             bos,
-        })
+        }
     }
 
     /// Load an HF folder (`config.json`, safetensors, `tokenizer.json`) on `device`: mistral.rs's
@@ -171,29 +188,14 @@ impl MistralRsBackend {
         let model = engine::isolated("reading the weights", || {
             Model::load_folder(dir, cfg, tied, precision, isq, &device)
         })?;
-        let cfg = &model.cfg;
-        let info = ModelInfo {
-            name,
-            architecture: cfg.architecture.clone(),
-            n_layers: cfg.n_layers,
-            hidden_size: cfg.hidden,
-            vocab_size: cfg.vocab,
-            context_length: cfg.context,
-            precision: match (precision, isq) {
-                (Precision::Fast, Some(t)) => format!("in-situ quantized ({t:?}), f32 activations"),
-                _ => "f32 (safetensors as stored)".to_string(),
-            },
+        let described = match (precision, isq) {
+            (Precision::Fast, Some(t)) => format!("in-situ quantized ({t:?}), f32 activations"),
+            _ => "f32 (safetensors as stored)".to_string(),
         };
-        tracing::info!(?info, "model loaded through mistral.rs");
-        Ok(MistralRsBackend {
-            info,
-            precision,
-            model,
-            engine,
-            tokenizer,
-            // tokenizer.json's own post-processor adds BOS where the model wants it.
-            bos: None,
-        })
+        // tokenizer.json's own post-processor adds BOS where the model wants it.
+        Ok(Self::assemble(
+            name, described, precision, model, engine, tokenizer, None,
+        ))
     }
 
     pub fn precision(&self) -> Precision {
