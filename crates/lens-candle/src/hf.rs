@@ -8,50 +8,19 @@ use candle_core::quantized::QMatMul;
 
 use crate::kernels::Matrix;
 use candle_core::{DType, Device, Tensor};
-use serde::Deserialize;
+use lens_models::hf::{safetensors_files, HfConfig, HfError};
 
 use crate::gguf::Loaded;
 use crate::model::{Activation, Block, Config, Linear, Model, NormKind, RopeLayout};
 use crate::tokenizer::ModelTokenizer;
 use crate::Error;
 
-#[derive(Deserialize)]
-struct HfConfig {
-    model_type: Option<String>,
-    #[serde(alias = "n_embd")]
-    hidden_size: usize,
-    #[serde(alias = "n_layer")]
-    num_hidden_layers: usize,
-    #[serde(alias = "n_head")]
-    num_attention_heads: usize,
-    num_key_value_heads: Option<usize>,
-    head_dim: Option<usize>,
-    vocab_size: usize,
-    rms_norm_eps: Option<f64>,
-    /// GPT-2's LayerNorm epsilon.
-    layer_norm_epsilon: Option<f64>,
-    rope_theta: Option<f32>,
-    #[serde(alias = "n_positions")]
-    max_position_embeddings: Option<usize>,
-    #[serde(default)]
-    tie_word_embeddings: bool,
-    rope_scaling: Option<serde_json::Value>,
-    /// transformers ≥ 5: `{ "rope_theta": …, "rope_type": "default" | "llama3" | … }`.
-    rope_parameters: Option<RopeParameters>,
-    #[serde(alias = "activation_function")]
-    hidden_act: Option<String>,
-    sliding_window: Option<usize>,
-    use_sliding_window: Option<bool>,
-    #[serde(default)]
-    name_or_path: Option<String>,
-    /// One id or a list: the tokens that end generation.
-    eos_token_id: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-struct RopeParameters {
-    rope_theta: Option<f32>,
-    rope_type: Option<String>,
+/// The shared folder reader's errors as this crate's (the same messages).
+fn hf_error(e: HfError) -> Error {
+    match e {
+        HfError::Io { path, source } => Error::Io { path, source },
+        HfError::Format(message) => Error::Format(message),
+    }
 }
 
 pub(crate) fn is_hf_folder(path: &Path) -> bool {
@@ -59,27 +28,14 @@ pub(crate) fn is_hf_folder(path: &Path) -> bool {
 }
 
 pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
-    let read = |name: &str| -> Result<String, Error> {
-        let p = dir.join(name);
-        std::fs::read_to_string(&p).map_err(|source| Error::Io {
-            path: p.display().to_string(),
-            source,
-        })
-    };
-    let hf: HfConfig = serde_json::from_str(&read("config.json")?)
-        .map_err(|e| Error::Format(format!("{}: {e}", dir.join("config.json").display())))?;
+    let hf = HfConfig::read(dir).map_err(hf_error)?;
     let arch = hf.model_type.clone().unwrap_or_else(|| "llama".into());
     let gpt2 = match arch.as_str() {
         "llama" | "mistral" | "qwen2" | "qwen3" => false,
         "gpt2" => true,
         _ => return Err(Error::UnsupportedArchitecture(arch)),
     };
-    let rope_type = hf
-        .rope_parameters
-        .as_ref()
-        .and_then(|r| r.rope_type.as_deref())
-        .unwrap_or("default");
-    if hf.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) || rope_type != "default" {
+    if let Some(rope_type) = hf.rope_scaling() {
         return Err(Error::Unsupported(format!(
             "RoPE scaling (`{rope_type}`) is not implemented"
         )));
@@ -94,10 +50,7 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
             )))
         }
     };
-    let rope_theta = hf
-        .rope_theta
-        .or(hf.rope_parameters.as_ref().and_then(|r| r.rope_theta))
-        .unwrap_or(10_000.0);
+    let rope_theta = hf.rope_theta();
     // Sliding-window attention equals full attention up to the window: cap the context there
     // rather than compute longer prompts wrongly.
     let max_pos = hf.max_position_embeddings.unwrap_or(2048);
@@ -154,15 +107,7 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
         None => Vec::new(),
     };
 
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|source| Error::Io {
-            path: dir.display().to_string(),
-            source,
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    files.sort();
+    let files = safetensors_files(dir).map_err(hf_error)?;
     if files.is_empty() {
         return Err(Error::NotAModel {
             path: dir.display().to_string(),

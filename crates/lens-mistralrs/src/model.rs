@@ -14,6 +14,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, D};
 use lens_core::Stop;
+use lens_models::hf::{safetensors_files, HfConfig, HfError};
 use mistralrs::core::layers::{repeat_kv, CausalMasker, MatMul, QRmsNorm, RotaryEmbedding};
 use mistralrs_quant::{
     GgufMatMul, QuantMethod, QuantMethodConfig, QuantizeOntoGuard, UnquantLinear,
@@ -240,60 +241,49 @@ fn check_shape(cfg: &Config) -> Result<(), Error> {
 /// An HF folder's `config.json` as the capture forward's config, and whether the embeddings
 /// are tied; what this forward cannot run is refused here, before mistral.rs reads the folder.
 pub(crate) fn read_folder_config(dir: &Path) -> Result<(Config, bool), Error> {
-    let path = dir.join("config.json");
-    let display = path.display().to_string();
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-        path: display.clone(),
-        source,
-    })?;
-    let c: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::Format(format!("{display}: {e}")))?;
-    let arch = c["model_type"]
-        .as_str()
-        .ok_or_else(|| Error::Format(format!("{display} has no model_type")))?
-        .to_string();
+    let display = dir.join("config.json").display().to_string();
+    let c = HfConfig::read(dir).map_err(hf_error)?;
+    let arch = c
+        .model_type
+        .clone()
+        .ok_or_else(|| Error::Format(format!("{display} has no model_type")))?;
     let neox_rope = match arch.as_str() {
         // HF checkpoints keep q/k rows as trained: RoPE rotates the two halves of a head.
         "llama" | "mistral" | "qwen2" | "qwen3" => true,
         other => return Err(Error::UnsupportedArchitecture(other.to_string())),
     };
-    let usize_of = |key: &str| -> Result<usize, Error> {
-        c[key]
-            .as_u64()
-            .map(|v| v as usize)
-            .ok_or_else(|| Error::Format(format!("{display}: `{key}` is not an integer")))
-    };
-    let scaling = c
-        .get("rope_scaling")
-        .filter(|v| !v.is_null())
-        .or_else(|| c["rope_parameters"].get("rope_type"))
-        .map(|v| v.get("rope_type").unwrap_or(v).clone());
-    if let Some(kind) = scaling.filter(|k| k.as_str() != Some("default")) {
+    if let Some(kind) = c.rope_scaling() {
         return Err(Error::Format(format!(
             "{display}: RoPE scaling ({kind}) is not implemented"
         )));
     }
-    let hidden = usize_of("hidden_size")?;
-    let n_heads = usize_of("num_attention_heads")?;
+    let (hidden, n_heads) = (c.hidden_size, c.num_attention_heads);
     let cfg = Config {
-        n_layers: usize_of("num_hidden_layers")?,
+        n_layers: c.num_hidden_layers,
         hidden,
         n_heads,
-        n_kv_heads: usize_of("num_key_value_heads").unwrap_or(n_heads),
-        head_dim: usize_of("head_dim").unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
-        vocab: usize_of("vocab_size")?,
-        rms_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
-        rope_theta: c["rope_theta"]
-            .as_f64()
-            .or_else(|| c["rope_parameters"]["rope_theta"].as_f64())
-            .unwrap_or(10_000.0) as f32,
-        context: usize_of("max_position_embeddings").unwrap_or(4096),
+        n_kv_heads: c.num_key_value_heads.unwrap_or(n_heads),
+        head_dim: c
+            .head_dim
+            .unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
+        vocab: c.vocab_size,
+        rms_eps: c.rms_norm_eps.unwrap_or(1e-6) as f32,
+        rope_theta: c.rope_theta(),
+        context: c.max_position_embeddings.unwrap_or(4096),
         neox_rope,
         qk_norm: arch == "qwen3",
         architecture: arch,
     };
     check_shape(&cfg)?;
-    Ok((cfg, c["tie_word_embeddings"].as_bool().unwrap_or(false)))
+    Ok((cfg, c.tie_word_embeddings))
+}
+
+/// The shared folder reader's errors as this crate's.
+fn hf_error(e: HfError) -> Error {
+    match e {
+        HfError::Io { path, source } => Error::Io { path, source },
+        HfError::Format(message) => Error::Format(message),
+    }
 }
 
 /// Where the capture forward's weights come from, by their GGUF names (`blk.3.attn_q`,
@@ -499,15 +489,7 @@ impl Model {
         isq: Option<mistralrs_quant::IsqType>,
         device: &Device,
     ) -> Result<Model, Error> {
-        let mut files: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|source| Error::Io {
-                path: dir.display().to_string(),
-                source,
-            })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
+        let files = safetensors_files(dir).map_err(hf_error)?;
         if files.is_empty() {
             return Err(Error::Format(format!(
                 "{} has no *.safetensors",

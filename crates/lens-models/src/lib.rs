@@ -29,6 +29,8 @@
 //! and the modification time is only seen by a full check: [`verify_default_model`]
 //! (`logit-lens fetch --verify`) always hashes the file.
 
+pub mod hf;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
