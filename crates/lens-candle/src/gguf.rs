@@ -10,6 +10,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 
+use crate::hf::expect_dims;
 use crate::kernels::{BlockKind, Matrix};
 use crate::model::{Activation, Block, Config, Linear, Model, NormKind, RopeLayout, SlidingWindow};
 use crate::tokenizer::ModelTokenizer;
@@ -208,19 +209,7 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
             norm_if(gemma, "post_attention_norm")?,
             norm_if(gemma, "post_ffw_norm")?,
         );
-        let lin = |r: &mut TensorReader<'_, _>, n: &str| -> Result<Linear, Error> {
-            let bias = r.optional(&format!("{p}.{n}.bias"))?;
-            let q = r.qtensor(&format!("{p}.{n}.weight"))?;
-            // The f32 path multiplies the few rows of an edit straight from the blocks.
-            let small = if dense { small_matrix(&q) } else { None };
-            let w = matmul_from(Arc::new(q), dense)?;
-            // Other types (f32, f16, Q4_0, Q5_1, Q2_K…) are read from their dense f32 copy.
-            let small = match (&w, small) {
-                (QMatMul::Tensor(t), None) => Matrix::from_f32(t),
-                (_, small) => small,
-            };
-            Ok(Linear::new(w, bias).with_small(small))
-        };
+        let lin = |r: &mut TensorReader<'_, _>, n: &str| r.linear(&format!("{p}.{n}"), dense);
         blocks.push(Block {
             attn_norm: r.dense(&format!("{p}.attn_norm.weight"))?,
             q: lin(&mut r, "attn_q")?,
@@ -262,40 +251,19 @@ fn gpt2_blocks<R: Read + Seek>(
     device: &Device,
 ) -> Result<Model, Error> {
     let h = cfg.hidden;
-    let expect = |t: &Tensor, dims: &[usize], what: &str| -> Result<(), Error> {
-        match t.dims() == dims {
-            true => Ok(()),
-            false => Err(Error::Format(format!(
-                "`{what}` has shape {:?}, expected {dims:?}",
-                t.dims()
-            ))),
-        }
-    };
     let positions = r.dense("position_embd.weight")?;
-    expect(&positions, &[cfg.context, h], "position_embd.weight")?;
-    let lin = |r: &mut TensorReader<'_, R>, name: &str| -> Result<Linear, Error> {
-        let bias = r.optional(&format!("{name}.bias"))?;
-        let q = r.qtensor(&format!("{name}.weight"))?;
-        let small = if dense { small_matrix(&q) } else { None };
-        let w = matmul_from(Arc::new(q), dense)?;
-        let small = match (&w, small) {
-            (QMatMul::Tensor(t), None) => Matrix::from_f32(t),
-            (_, small) => small,
-        };
-        Ok(Linear::new(w, bias).with_small(small))
-    };
+    expect_dims(&positions, &[cfg.context, h], "position_embd.weight")?;
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
         let p = format!("blk.{i}");
         let qkv = r.dense(&format!("{p}.attn_qkv.weight"))?;
-        expect(&qkv, &[3 * h, h], "attn_qkv.weight")?;
+        expect_dims(&qkv, &[3 * h, h], "attn_qkv.weight")?;
         let qkv_b = r.dense(&format!("{p}.attn_qkv.bias"))?;
-        expect(&qkv_b, &[3 * h], "attn_qkv.bias")?;
+        expect_dims(&qkv_b, &[3 * h], "attn_qkv.bias")?;
         let part = |j: usize| -> Result<Linear, Error> {
             let w = qkv.narrow(0, j * h, h)?.contiguous()?;
-            let small = Matrix::from_f32(&w);
             let b = qkv_b.narrow(0, j * h, h)?.contiguous()?;
-            Ok(Linear::new(QMatMul::Tensor(w), Some(b)).with_small(small))
+            Ok(Linear::dense(w, Some(b)))
         };
         blocks.push(Block {
             attn_norm: r.dense(&format!("{p}.attn_norm.weight"))?,
@@ -303,12 +271,12 @@ fn gpt2_blocks<R: Read + Seek>(
             q: part(0)?,
             k: part(1)?,
             v: part(2)?,
-            o: lin(r, &format!("{p}.attn_output"))?,
+            o: r.linear(&format!("{p}.attn_output"), dense)?,
             ffn_norm: r.dense(&format!("{p}.ffn_norm.weight"))?,
             ffn_norm_bias: Some(r.dense(&format!("{p}.ffn_norm.bias"))?),
             gate: None,
-            up: lin(r, &format!("{p}.ffn_up"))?,
-            down: lin(r, &format!("{p}.ffn_down"))?,
+            up: r.linear(&format!("{p}.ffn_up"), dense)?,
+            down: r.linear(&format!("{p}.ffn_down"), dense)?,
             q_norm: None,
             k_norm: None,
             post_attn_norm: None,
@@ -394,5 +362,20 @@ impl<R: Read + Seek> TensorReader<'_, R> {
             true => self.dense(name).map(Some),
             false => Ok(None),
         }
+    }
+
+    /// The linear layer `name` (`name.weight`, and `name.bias` if the file has one).
+    fn linear(&mut self, name: &str, dense: bool) -> Result<Linear, Error> {
+        let bias = self.optional(&format!("{name}.bias"))?;
+        let q = self.qtensor(&format!("{name}.weight"))?;
+        // The f32 path multiplies the few rows of an edit straight from the blocks.
+        let small = if dense { small_matrix(&q) } else { None };
+        let w = matmul_from(Arc::new(q), dense)?;
+        // Other types (f32, f16, Q4_0, Q5_1, Q2_K…) are read from their dense f32 copy.
+        let small = match (&w, small) {
+            (QMatMul::Tensor(t), None) => Matrix::from_f32(t),
+            (_, small) => small,
+        };
+        Ok(Linear::new(w, bias).with_small(small))
     }
 }

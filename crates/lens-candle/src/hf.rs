@@ -6,7 +6,6 @@ use std::path::Path;
 
 use candle_core::quantized::QMatMul;
 
-use crate::kernels::Matrix;
 use candle_core::{DType, Device, Tensor};
 use lens_models::hf::{safetensors_files, HfConfig, HfError};
 
@@ -14,6 +13,17 @@ use crate::gguf::Loaded;
 use crate::model::{Activation, Block, Config, Linear, Model, NormKind, RopeLayout};
 use crate::tokenizer::ModelTokenizer;
 use crate::Error;
+
+/// `t`'s shape is `dims`, or an error naming the tensor `what`.
+pub(crate) fn expect_dims(t: &Tensor, dims: &[usize], what: &str) -> Result<(), Error> {
+    match t.dims() == dims {
+        true => Ok(()),
+        false => Err(Error::Format(format!(
+            "`{what}` has shape {:?}, expected {dims:?}",
+            t.dims()
+        ))),
+    }
+}
 
 /// The shared folder reader's errors as this crate's (the same messages).
 fn hf_error(e: HfError) -> Error {
@@ -148,9 +158,7 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Loaded, Error> {
         let mut lin = |n: &str| -> Result<Linear, Error> {
             let w = take(&format!("{p}.{n}.weight"))?;
             let bias = take(&format!("{p}.{n}.bias")).ok();
-            // The small-batch kernel reads the dense weights in place.
-            let small = Matrix::from_f32(&w);
-            Ok(Linear::new(QMatMul::Tensor(w), bias).with_small(small))
+            Ok(Linear::dense(w, bias))
         };
         let (q, k, v, o) = (
             lin("self_attn.q_proj")?,
@@ -225,32 +233,21 @@ fn load_gpt2(
         Ok(t.to_dtype(DType::F32)?)
     };
     let (h, n_layers, vocab) = (cfg.hidden, cfg.n_layers, cfg.vocab);
-    let expect = |t: &Tensor, dims: &[usize], what: &str| -> Result<(), Error> {
-        match t.dims() == dims {
-            true => Ok(()),
-            false => Err(Error::Format(format!(
-                "`{what}` has shape {:?}, expected {dims:?}",
-                t.dims()
-            ))),
-        }
-    };
     let embed = take("wte.weight")?;
-    expect(&embed, &[vocab, h], "wte.weight")?;
+    expect_dims(&embed, &[vocab, h], "wte.weight")?;
     let positions = take("wpe.weight")?;
-    expect(&positions, &[cfg.context, h], "wpe.weight")?;
+    expect_dims(&positions, &[cfg.context, h], "wpe.weight")?;
     // A Conv1D `[in, out]` as a linear map `[out, in]`, with its bias.
     let linear = |w: Tensor, b: Tensor| -> Result<Linear, Error> {
-        let w = w.t()?.contiguous()?;
-        let small = Matrix::from_f32(&w);
-        Ok(Linear::new(QMatMul::Tensor(w), Some(b)).with_small(small))
+        Ok(Linear::dense(w.t()?.contiguous()?, Some(b)))
     };
     let mut blocks = Vec::with_capacity(n_layers);
     for i in 0..n_layers {
         let p = format!("h.{i}");
         let attn = take(&format!("{p}.attn.c_attn.weight"))?;
-        expect(&attn, &[h, 3 * h], "c_attn.weight")?;
+        expect_dims(&attn, &[h, 3 * h], "c_attn.weight")?;
         let attn_b = take(&format!("{p}.attn.c_attn.bias"))?;
-        expect(&attn_b, &[3 * h], "c_attn.bias")?;
+        expect_dims(&attn_b, &[3 * h], "c_attn.bias")?;
         let part = |j: usize| -> Result<Linear, Error> {
             linear(
                 attn.narrow(1, j * h, h)?,

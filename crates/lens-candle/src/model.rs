@@ -134,6 +134,12 @@ impl Linear {
         }
     }
 
+    /// A dense f32 `[out, in]` map; the small-batch kernel reads the weights in place.
+    pub(crate) fn dense(w: Tensor, bias: Option<Tensor>) -> Self {
+        let small = Matrix::from_f32(&w);
+        Linear::new(QMatMul::Tensor(w), bias).with_small(small)
+    }
+
     /// `x · Wᵀ + b` for a few rows, without candle. `None` without a small-batch matrix.
     fn apply_small(&self, x: &[f32]) -> Option<Vec<f32>> {
         let mut y = self.small.as_ref()?.matmul_nt(x)?;
@@ -1137,11 +1143,7 @@ mod tests {
         };
         let rand = |shape: &[usize]| Tensor::randn(0f32, 0.5, shape, &dev).expect("randn");
         let norm = |n: usize| (rand(&[n]) + 1.0).expect("norm");
-        let lin = |out: usize, inp: usize| {
-            let w = rand(&[out, inp]);
-            let small = Matrix::from_f32(&w);
-            Linear::new(QMatMul::Tensor(w), None).with_small(small)
-        };
+        let lin = |out: usize, inp: usize| Linear::dense(rand(&[out, inp]), None);
         let blocks = (0..n_layers)
             .map(|_| Block {
                 attn_norm: norm(hidden),
