@@ -52,6 +52,9 @@ struct Row {
     /// The median generation step (`NaN` where the backend cannot generate).
     step: f64,
     peak_mib: f64,
+    /// The one position's readout alone (its logits, no reductions), and its rows (sites).
+    readout: f64,
+    sites: usize,
 }
 
 /// Tokens generated to time a step (the first step, which includes the prompt, is not
@@ -82,12 +85,7 @@ fn step_time(backend: &dyn Backend, ids: &[u32]) -> Result<f64> {
 
 /// Forward, full lens, one position, its readout alone and a generation step of `backend` on
 /// the first `n` of `all`.
-fn measure(
-    backend: &dyn Backend,
-    all: &[u32],
-    n: usize,
-    repeats: usize,
-) -> Result<(Row, f64, usize)> {
+fn measure(backend: &dyn Backend, all: &[u32], n: usize, repeats: usize) -> Result<Row> {
     let ids = &all[..n.min(all.len())];
     let (forward, states) = time(repeats, || {
         Ok(backend.forward(ids, CaptureOptions::default())?)
@@ -106,15 +104,16 @@ fn measure(
         Ok(backend.readout(&last, LensKind::Norm)?)
     })?;
     let step = step_time(backend, ids)?;
-    let row = Row {
+    Ok(Row {
         n: ids.len(),
         forward,
         full,
         one,
         step,
         peak_mib: peak_rss_mib().unwrap_or(f64::NAN),
-    };
-    Ok((row, readout, sites.len()))
+        readout,
+        sites: sites.len(),
+    })
 }
 
 const TEXT: &str = "We train GPT-3, an autoregressive language model with 175 billion parameters, \
@@ -172,11 +171,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .map(|t| t.id)
         .collect();
     let mut rows = Vec::new();
-    let mut readouts = Vec::new();
     for &n in &args.sizes {
-        let (row, readout, sites) = measure(&*backend, &all, n, args.repeats)?;
-        rows.push(row);
-        readouts.push((readout, sites));
+        rows.push(measure(&*backend, &all, n, args.repeats)?);
     }
 
     let hf = match &args.python {
@@ -248,7 +244,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         )?;
     }
     writeln!(out, "× = HF time / logit-lens time (higher is better for logit-lens; target for the full lens ≥ 3); step = one greedy generation step after the prompt ({STEPS} steps, median)")?;
-    floor(&info, &rows, &readouts, args.repeats, &mut out)?;
+    floor(&info, &rows, args.repeats, &mut out)?;
     #[cfg(feature = "mistralrs")]
     {
         let name = crate::backends::picked(&path, &args.model.backend, &args.model.options())?;
@@ -313,7 +309,7 @@ fn beside(
         None => "—".to_string(),
     };
     for f in first {
-        let (r, _, _) = measure(&*backend, &all, f.n, args.repeats)?;
+        let r = measure(&*backend, &all, f.n, args.repeats)?;
         let h = hf.and_then(|v| v.iter().find(|h| h.n == f.n));
         writeln!(
             out,
@@ -410,7 +406,6 @@ fn pipeline(
 fn floor(
     info: &lens_core::ModelInfo,
     rows: &[Row],
-    readouts: &[(f64, usize)],
     repeats: usize,
     out: &mut impl Write,
 ) -> Result<()> {
@@ -418,7 +413,7 @@ fn floor(
     let rate = lens_candle::gemm_rate(512, info.hidden_size, info.vocab_size, repeats)?;
     #[cfg(not(feature = "candle"))]
     let rate = {
-        let _ = (info, rows, readouts, repeats);
+        let _ = (info, rows, repeats);
         return Ok(writeln!(
             out,
             "GEMM floor not measured: a build without candle"
@@ -446,7 +441,15 @@ fn floor(
         "full/fl"
     )?;
     let product = |r: usize| 2.0 * (r * info.hidden_size * info.vocab_size) as f64 / rate;
-    for (&Row { n, full, one, .. }, &(readout, sites)) in rows.iter().zip(readouts) {
+    for &Row {
+        n,
+        full,
+        one,
+        readout,
+        sites,
+        ..
+    } in rows
+    {
         let (one_floor, full_floor) = (product(sites), product(sites * n));
         writeln!(
             out,
