@@ -80,7 +80,9 @@ pub fn load(path: &Path, backend: &str, options: &LoadOptions) -> Result<Box<dyn
         .with_context(|| format!("cannot load the model {}", path.display()))
 }
 
-/// The name of the backend [`load`] would use for these arguments.
+/// The name of the backend [`load`] would use for these arguments (the bench names the one
+/// it compares mistralrs with).
+#[cfg(feature = "mistralrs")]
 pub fn picked(path: &Path, backend: &str, options: &LoadOptions) -> Result<&'static str> {
     Ok(registry()
         .pick(Some(backend), &source(path)?, options)?
