@@ -267,9 +267,12 @@ pub(crate) struct Model {
     pub positions: Option<Tensor>,
     /// The unembedding `W_U`, `[vocab, hidden]`.
     pub unembed: QMatMul,
-    /// `W_Uᵀ`, `[hidden, vocab]` contiguous, when the unembedding is dense.
-    pub unembed_t: Option<Tensor>,
-    /// The unembedding for the small-batch kernel (readouts of fewer than 128 rows).
+    /// `W_Uᵀ`, `[hidden, vocab]` contiguous, made by the first readout of 128 rows or more
+    /// that goes through candle with a dense unembedding (Gemma 3's is 671 MB; with Q8_0
+    /// panels it is never made).
+    unembed_t: std::sync::OnceLock<Tensor>,
+    /// The unembedding for the small-batch kernel (readouts of fewer than 128 rows, or every
+    /// readout when [`Matrix::fast_for_batches`]).
     pub unembed_small: Option<Matrix>,
     /// Per block, when every weight has a small-batch matrix: the norms as plain values.
     small_norms: Option<Vec<Norms>>,
@@ -350,10 +353,6 @@ impl Model {
         unembed: QMatMul,
         device: Device,
     ) -> Result<Self, Error> {
-        let unembed_t = match &unembed {
-            QMatMul::Tensor(w) => Some(w.t()?.contiguous()?),
-            _ => None,
-        };
         // Dense weights are read in place by the small-batch kernel (no copy).
         let unembed_small = match &unembed {
             QMatMul::Tensor(w) => Matrix::from_f32(w),
@@ -392,7 +391,7 @@ impl Model {
             final_norm_bias: None,
             positions: None,
             unembed,
-            unembed_t,
+            unembed_t: std::sync::OnceLock::new(),
             unembed_small,
             small_norms,
             device,
@@ -955,12 +954,13 @@ impl Model {
         } else {
             x
         };
-        if n < 128 {
-            if let Some(y) = self
-                .unembed_small
-                .as_ref()
-                .and_then(|m| m.matmul_nt_until(&rows_of(&x)?, stop))
-            {
+        // The small-batch kernels below 128 rows; Q8_0 panels (AVX-512) at every size.
+        let small = self
+            .unembed_small
+            .as_ref()
+            .filter(|m| n < 128 || m.fast_for_batches());
+        if let Some(m) = small {
+            if let Some(y) = rows_of(&x).and_then(|rows| m.matmul_nt_until(&rows, stop)) {
                 return match stop.is_stopped() {
                     true => Err(Error::Stopped),
                     false => Ok(y),
@@ -971,10 +971,16 @@ impl Model {
             // Dense: multiply by the pre-transposed copy `[hidden, vocab]`, which the gemm
             // kernels stream through faster for large batches (measured: 4.4 s instead of
             // 4.9 s for the full lens of 256 tokens); small batches are faster on the view.
-            QMatMul::Tensor(_) if n >= 128 => match &self.unembed_t {
-                Some(wt) => x.matmul(wt)?,
-                None => self.unembed.forward(&x)?,
-            },
+            QMatMul::Tensor(w) if n >= 128 => {
+                let wt = match self.unembed_t.get() {
+                    Some(wt) => wt,
+                    None => {
+                        let wt = w.t()?.contiguous()?;
+                        self.unembed_t.get_or_init(|| wt)
+                    }
+                };
+                x.matmul(wt)?
+            }
             _ => self.unembed.forward(&x)?,
         };
         Ok(logits

@@ -91,41 +91,54 @@ pub fn max(logits: &[f32]) -> f32 {
 
 /// `Σ exp(x - max)` and `Σ exp(x - max)·(x - max)`, in f64.
 fn exp_sums(logits: &[f32], max: f32) -> (f64, f64) {
-    const BLOCK: usize = 256;
-    const W: usize = 8;
-    let mut e = [0f32; BLOCK];
-    let mut d = [0f32; BLOCK];
+    // Sixteen independent f32 lanes over blocks of 256 terms, then f64 across blocks. The
+    // fixed-size arrays vectorise whole (exp included): 0.15 ms for Gemma 3's 262,144
+    // logits, against 0.35 ms for the same sums through temporary arrays.
+    const W: usize = 16;
+    const CHUNKS_PER_BLOCK: usize = 16;
+    let (chunks, rest) = logits.as_chunks::<W>();
     let (mut s, mut t) = (0f64, 0f64);
-    for block in logits.chunks(BLOCK) {
-        let n = block.len();
-        // A plain map: the loop vectoriser turns it into SIMD exp.
-        for ((di, ei), &x) in d[..n].iter_mut().zip(e[..n].iter_mut()).zip(block) {
-            *di = x - max;
-            *ei = exp(*di);
-        }
-        // Lane-wise partial sums in f32 over one block (≤ 256 terms), then f64 across blocks.
+    for block in chunks.chunks(CHUNKS_PER_BLOCK) {
         let (mut ls, mut lt) = ([0f32; W], [0f32; W]);
-        let full = n / W * W;
-        for (ec, dc) in e[..full].chunks_exact(W).zip(d[..full].chunks_exact(W)) {
+        for c in block {
+            let d: [f32; W] = std::array::from_fn(|j| c[j] - max);
+            let e: [f32; W] = std::array::from_fn(|j| exp(d[j]));
             for j in 0..W {
-                ls[j] += ec[j];
-                lt[j] += ec[j] * dc[j];
+                ls[j] += e[j];
+                lt[j] = e[j].mul_add(d[j], lt[j]);
             }
-        }
-        for i in full..n {
-            ls[0] += e[i];
-            lt[0] += e[i] * d[i];
         }
         s += ls.iter().map(|&v| f64::from(v)).sum::<f64>();
         t += lt.iter().map(|&v| f64::from(v)).sum::<f64>();
+    }
+    for &x in rest {
+        let d = x - max;
+        let e = exp(d);
+        s += f64::from(e);
+        t += f64::from(e * d);
     }
     (s, t)
 }
 
 /// `Σ a·b` in f64 with independent lanes (vectorises).
 fn dot(a: &[f32], b: &[f32]) -> f64 {
+    // Over fixed-size chunks, which vectorise (an indexing closure does not).
+    const W: usize = 8;
     let n = a.len().min(b.len());
-    lanes_f64(n, |i| f64::from(a[i]) * f64::from(b[i]))
+    let (ac, ar) = a[..n].as_chunks::<W>();
+    let (bc, br) = b[..n].as_chunks::<W>();
+    let mut acc = [0f64; W];
+    for (x, y) in ac.iter().zip(bc) {
+        for j in 0..W {
+            acc[j] += f64::from(x[j]) * f64::from(y[j]);
+        }
+    }
+    let tail: f64 = ar
+        .iter()
+        .zip(br)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// `KL(p ‖ q)` in nats of two logit rows given with their `ln Σ exp` (`p_log_z`, `q_log_z`),
@@ -144,7 +157,8 @@ pub fn kl_rows(p: &[f32], p_log_z: f32, q: &[f32], q_log_z: f32) -> f64 {
 /// `exp(x)` for f32, accurate to about 1 ulp, written so that loops over it vectorise.
 ///
 /// Range reduction `x = n·ln2 + r` with `|r| ≤ ln2/2`, then a degree-7 Taylor polynomial
-/// (truncation error below 3e-9 relative) and `2ⁿ` built from the exponent bits. Inputs below
+/// (truncation error below 3e-9 relative) by fused multiply-adds and `2ⁿ` built from the
+/// exponent bits. Inputs below
 /// about -87.3 give 0 (subnormal results are flushed, as they are irrelevant to a softmax).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
@@ -156,15 +170,18 @@ pub fn exp(x: f32) -> f32 {
     // over this function vectorise (a float-to-int `as` cast would not).
     const SHIFTER: f32 = 12_582_912.0;
     let x_c = x.clamp(-87.3, 88.7);
-    let shifted = x_c * LOG2E + SHIFTER;
+    let shifted = x_c.mul_add(LOG2E, SHIFTER);
     let n = shifted - SHIFTER;
-    let r = x_c - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x_c));
+    // Horner's rule with fused multiply-adds (one rounding per step).
+    let mut p = 1.0f32 / 5040.0;
+    p = p.mul_add(r, 1.0 / 720.0);
+    p = p.mul_add(r, 1.0 / 120.0);
+    p = p.mul_add(r, 1.0 / 24.0);
+    p = p.mul_add(r, 1.0 / 6.0);
+    p = p.mul_add(r, 0.5);
+    p = p.mul_add(r, 1.0);
+    p = p.mul_add(r, 1.0);
     let scale = f32::from_bits(
         shifted
             .to_bits()
