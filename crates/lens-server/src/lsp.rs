@@ -109,7 +109,7 @@ pub struct LensLsp {
     docs: DashMap<Url, Doc>,
     /// Per document, the byte range of the token its last hover showed (moved along by edits)
     /// and when it was shown.
-    hovered: DashMap<Url, ((usize, usize), Instant)>,
+    hovered: Arc<DashMap<Url, ((usize, usize), Instant)>>,
     preparing: Arc<Mutex<Option<Prepared>>>,
     /// The hovers being answered, per document: an edit stops them (their answer would be
     /// ContentModified anyway).
@@ -124,7 +124,7 @@ pub fn service(engine: Arc<Engine>) -> (LspService<LensLsp>, tower_lsp::ClientSo
         client,
         engine,
         docs: DashMap::new(),
-        hovered: DashMap::new(),
+        hovered: Arc::new(DashMap::new()),
         preparing: Arc::new(Mutex::new(None)),
         answering: Mutex::new(Vec::new()),
         encoding: RwLock::new(Encoding::Utf16),
@@ -394,13 +394,16 @@ impl LensLsp {
         if let Ok(mut a) = self.answering.lock() {
             a.push((uri.clone(), stop.clone()));
         }
+        let (hovered, hover_uri) = (self.hovered.clone(), uri.clone());
         let out = turns
             .compute_until(stop.clone(), move |stop| {
                 let waited = arrived.elapsed();
-                (
-                    waited,
-                    engine.hover(&t, byte, &options, previous.as_deref(), stop),
-                )
+                let out = engine.hover(&t, byte, &options, previous.as_deref(), stop);
+                // Noted before the turn passes on, so that guesses waiting for it see it.
+                if let Ok(Some(h)) = &out {
+                    hovered.insert(hover_uri, ((h.start, h.end), Instant::now()));
+                }
+                (waited, out)
             })
             .await;
         if let Ok(mut a) = self.answering.lock() {
@@ -411,10 +414,6 @@ impl LensLsp {
         }
         let (waited, out) = out?;
         let out: Option<HoverOut> = out?;
-        if let Some(h) = &out {
-            self.hovered
-                .insert(uri.clone(), ((h.start, h.end), Instant::now()));
-        }
         tracing::debug!(
             since_edit_ms = since_edit.as_secs_f64() * 1e3,
             turn_wait_ms = waited.as_secs_f64() * 1e3,
@@ -493,8 +492,20 @@ impl LensLsp {
         let edited = doc.changed;
         let edit_first = edit.is_some();
         let preparing = self.preparing.clone();
+        let (hovered, uri) = (self.hovered.clone(), uri.clone());
         tokio::spawn(async move {
+            // Once the editor has asked for a hover since the edit (while typing, at once), its
+            // answer is what it shows: the guesses would only hold the model's turn when the
+            // next keystroke arrives. Checked again when the turn comes.
+            let answered = {
+                let hovered = hovered.clone();
+                move || hovered.get(&uri).is_some_and(|h| h.1 > edited)
+            };
             for (i, range) in ranges.into_iter().enumerate() {
+                if answered() {
+                    tracing::debug!("a hover was answered since the edit: no more guesses");
+                    break;
+                }
                 // The byte whose token to prepare: the last one the edit wrote (or, for a
                 // deletion, the one before it); the start of the hovered token.
                 let byte = match (i, edit_first) {
@@ -505,15 +516,26 @@ impl LensLsp {
                 let engine = engine.clone();
                 let text = text.clone();
                 let previous = previous.clone();
+                let answered = answered.clone();
                 let out = turns
                     .compute_until(stop.clone(), move |stop| {
                         let started = edited.elapsed();
-                        let out = engine.hover(&text, byte, &options, previous.as_deref(), stop);
+                        let out = (!answered()).then(|| {
+                            engine.hover(&text, byte, &options, previous.as_deref(), stop)
+                        });
                         (started, out)
                     })
                     .await;
                 let ms = |d: Duration| d.as_secs_f64() * 1e3;
                 let done = ms(edited.elapsed());
+                let out = match out {
+                    Ok((_, None)) => {
+                        tracing::debug!("a hover was answered since the edit: no more guesses");
+                        break;
+                    }
+                    Ok((started, Some(out))) => Ok((started, out)),
+                    Err(e) => Err(e),
+                };
                 match out {
                     Ok((started, Ok(_))) => tracing::debug!(
                         started_ms = ms(started),
