@@ -100,7 +100,19 @@ struct Prepared {
     /// Byte ranges in that generation of the document, in the order they are prepared: the
     /// text the edit wrote, then the token the last hover showed.
     ranges: Vec<(usize, usize)>,
+    /// The range being prepared now (an index into `ranges`).
+    current: usize,
     stop: Stop,
+}
+
+impl Prepared {
+    /// Whether the hover at `byte` is the one being prepared now (a request for a later
+    /// guess does not wait for the earlier ones: it stops them and computes its own).
+    fn preparing_now(&self, byte: usize) -> bool {
+        self.ranges
+            .get(self.current)
+            .is_some_and(|r| (r.0..r.1.max(r.0 + 1)).contains(&byte))
+    }
 }
 
 pub struct LensLsp {
@@ -378,12 +390,7 @@ impl LensLsp {
         // Speculative work never delays a real request: unless it is preparing this very
         // hover, it stops (within a layer) and gives up its turn.
         self.stop_preparing(|p| {
-            p.uri != uri
-                || p.generation != doc.generation
-                || !p
-                    .ranges
-                    .iter()
-                    .any(|r| (r.0..r.1.max(r.0 + 1)).contains(&byte))
+            p.uri != uri || p.generation != doc.generation || !p.preparing_now(byte)
         });
         let engine = self.engine.clone();
         let turns = engine.turns().clone();
@@ -450,12 +457,14 @@ impl LensLsp {
     }
 
     /// After an edit, prepare the hovers the editor is most likely to ask for next, while
-    /// the user is still lifting the finger: first the token the edit just wrote (while typing,
-    /// the hover asked for is on the character just typed), then the token the user last looked
-    /// at in this document (moved along with the edit), if that is another one. Each lands in
-    /// the hover cache, so the request that follows is a lookup. The work is speculative, so
-    /// anything newer stops it: a further edit, or a hover on another token. It starts at once,
-    /// with no settling delay: a keystroke stops stale work within a layer.
+    /// the user is still lifting the finger: the token the edit just wrote (while typing, the
+    /// hover asked for is on the character just typed) and the token the user last looked at
+    /// in this document (moved along with the edit), if that is another one; the latter first
+    /// when it comes after the edit (the mouse rests on it, and its forward pass covers the
+    /// edit's tokens). Each lands in the hover cache, so the request that follows is a lookup.
+    /// The work is speculative, so anything newer stops it: a further edit, or a hover on
+    /// another token than the one being prepared now (which a request then waits for). It
+    /// starts at once, with no settling delay: a keystroke stops stale work within a layer.
     fn prepare(&self, uri: &Url, doc: &Doc, edit: Option<(usize, usize)>) {
         self.stop_preparing(|_| true);
         let mut ranges = Vec::new();
@@ -469,7 +478,13 @@ impl LensLsp {
             .map(|h| h.0)
         {
             if !ranges.iter().any(|r| r.0 < h.1 && h.0 < r.1.max(r.0 + 1)) {
-                ranges.push(h);
+                // A hovered token after the edit goes first: the mouse is still on it (an
+                // editor asks again when it moves), and its forward pass runs through the
+                // edit's tokens, so the edit's own hover then costs only its readout.
+                match edit {
+                    Some((_, b)) if h.0 >= b => ranges.insert(0, h),
+                    _ => ranges.push(h),
+                }
             }
         }
         if ranges.is_empty() {
@@ -481,6 +496,7 @@ impl LensLsp {
                 uri: uri.clone(),
                 generation: doc.generation,
                 ranges: ranges.clone(),
+                current: 0,
                 stop: stop.clone(),
             });
         }
@@ -490,7 +506,7 @@ impl LensLsp {
         let text = doc.text.clone();
         let previous = doc.previous.clone();
         let edited = doc.changed;
-        let edit_first = edit.is_some();
+        let edit_range = edit;
         let preparing = self.preparing.clone();
         let (hovered, uri) = (self.hovered.clone(), uri.clone());
         tokio::spawn(async move {
@@ -506,12 +522,19 @@ impl LensLsp {
                     tracing::debug!("a hover was answered since the edit: no more guesses");
                     break;
                 }
+                match preparing.lock() {
+                    Ok(mut p) => match p.as_mut().filter(|p| p.stop.same(&stop)) {
+                        Some(p) => p.current = i,
+                        None => return,
+                    },
+                    Err(_) => return,
+                }
                 // The byte whose token to prepare: the last one the edit wrote (or, for a
                 // deletion, the one before it); the start of the hovered token.
-                let byte = match (i, edit_first) {
-                    (0, true) if range.1 > range.0 => range.1 - 1,
-                    (0, true) => range.0.saturating_sub(1),
-                    _ => range.0,
+                let byte = match edit_range == Some(range) {
+                    true if range.1 > range.0 => range.1 - 1,
+                    true => range.0.saturating_sub(1),
+                    false => range.0,
                 };
                 let engine = engine.clone();
                 let text = text.clone();
@@ -560,7 +583,7 @@ impl LensLsp {
             // Then the rest of the document (after an edit in the middle, the hovers above
             // computed only up to their tokens), still speculative: the next edit or a
             // request elsewhere stops it.
-            if !edit_first {
+            if edit_range.is_none() {
                 return;
             }
             // From here on no real request waits for it: it prepares no hover, so any hover
