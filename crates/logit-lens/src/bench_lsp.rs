@@ -140,6 +140,36 @@ fn line(out: &mut impl Write, name: &str, times: &mut [Duration]) -> Result<()> 
     Ok(())
 }
 
+/// The f32 GEMM rate candle reaches here, measured now, and the one-position lens's product
+/// (every layer's row times the unembedding) over it: the floor the line above is read against.
+fn floor(info: &Value, out: &mut impl Write) -> Result<()> {
+    let dim = |k: &str| info[k].as_u64().map(|v| v as usize);
+    let (Some(layers), Some(hidden), Some(vocab)) =
+        (dim("n_layers"), dim("hidden_size"), dim("vocab_size"))
+    else {
+        bail!("lens/modelInfo did not give the model's sizes: {info}");
+    };
+    #[cfg(feature = "candle")]
+    {
+        let rate = lens_candle::gemm_rate(512, hidden, vocab, 3)?;
+        let flop = 2.0 * ((layers + 1) * hidden * vocab) as f64;
+        writeln!(
+            out,
+            "f32 GEMM rate here ([512, {hidden}] · [{hidden}, {vocab}], candle, measured now): {:.1} GFLOP/s; \
+             the one-position product ({} rows × {hidden} × {vocab}) at that rate: {:.2} ms",
+            rate / 1e9,
+            layers + 1,
+            flop / rate * 1e3
+        )?;
+    }
+    #[cfg(not(feature = "candle"))]
+    {
+        let _ = (layers, hidden, vocab);
+        writeln!(out, "GEMM floor not measured: a build without candle")?;
+    }
+    Ok(())
+}
+
 pub fn run(model: &ModelArgs, tokens: usize, edits: usize) -> Result<()> {
     let mut out = anstream::stdout();
     let mut lsp = Lsp::start(model)?;
@@ -221,6 +251,20 @@ pub fn run(model: &ModelArgs, tokens: usize, edits: usize) -> Result<()> {
     }
     line(&mut out, "warm hover (no edit)", &mut times)?;
 
+    // The one-position lens on its own: every layer at the document's last position, whose
+    // states the daemon has cached (readout, reductions and the answer; no forward pass).
+    let info = lsp.call("lens/modelInfo", json!({}))?;
+    let mut times = Vec::new();
+    for _ in 0..edits {
+        let t = Instant::now();
+        lsp.call(
+            "lens/position",
+            json!({ "text": text, "position": -1, "topK": 5 }),
+        )?;
+        times.push(t.elapsed());
+    }
+    line(&mut out, "one-position lens, every layer", &mut times)?;
+
     let mut times = Vec::new();
     for i in 0..edits.min(5) {
         let fresh = format!("Document {i}. {doc}");
@@ -233,6 +277,7 @@ pub fn run(model: &ModelArgs, tokens: usize, edits: usize) -> Result<()> {
         times.push(t.elapsed());
     }
     line(&mut out, "cold analyze (a new document)", &mut times)?;
+    floor(&info, &mut out)?;
     let id = lsp.next_id;
     lsp.next_id += 1;
     lsp.send(&json!({ "jsonrpc": "2.0", "id": id, "method": "shutdown" }))?;

@@ -194,6 +194,7 @@ fn bench_server_lsp_runs_every_case_on_any_model() {
         "middle edit + hover at the edit",
         "middle edit + hover 16 tokens later",
         "warm hover (no edit)",
+        "one-position lens, every layer",
         "cold analyze (a new document)",
     ] {
         let line = run
@@ -203,4 +204,22 @@ fn bench_server_lsp_runs_every_case_on_any_model() {
             .unwrap_or_else(|| panic!("no {case:?} in {}", run.stdout));
         assert!(line.contains("p50") && line.contains("runs)"), "{line}");
     }
+    // The floor the one-position lens is read against, measured in the same run: a rate and
+    // the product's time at that rate, both positive numbers.
+    let floor = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("f32 GEMM rate here"))
+        .unwrap_or_else(|| panic!("no GEMM floor in {}", run.stdout));
+    let number_before = |unit: &str| -> f64 {
+        let head = &floor[..floor
+            .find(unit)
+            .unwrap_or_else(|| panic!("{unit} in {floor}"))];
+        head.rsplit(' ')
+            .find(|w| !w.is_empty())
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("a number before {unit} in {floor}"))
+    };
+    assert!(number_before(" GFLOP/s") > 0.0, "{floor}");
+    assert!(number_before(" ms") > 0.0, "{floor}");
 }
