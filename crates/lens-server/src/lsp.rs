@@ -98,7 +98,7 @@ struct Prepared {
     uri: Url,
     generation: u64,
     /// Byte ranges in that generation of the document, in the order they are prepared: the
-    /// text the edit wrote, then the token the last hover showed.
+    /// text the edit wrote and the token the last hover showed (see [`LensLsp::prepare`]).
     ranges: Vec<(usize, usize)>,
     /// The range being prepared now (an index into `ranges`).
     current: usize,
@@ -121,7 +121,10 @@ pub struct LensLsp {
     docs: DashMap<Url, Doc>,
     /// Per document, the byte range of the token its last hover showed (moved along by edits)
     /// and when it was shown.
-    hovered: Arc<DashMap<Url, ((usize, usize), Instant)>>,
+    hovered: DashMap<Url, ((usize, usize), Instant)>,
+    /// Per document, when a hover on it was last answered (noted before the model's turn
+    /// passes on, so that guesses waiting for the turn see it).
+    answered: Arc<DashMap<Url, Instant>>,
     preparing: Arc<Mutex<Option<Prepared>>>,
     /// The hovers being answered, per document: an edit stops them (their answer would be
     /// ContentModified anyway).
@@ -136,7 +139,8 @@ pub fn service(engine: Arc<Engine>) -> (LspService<LensLsp>, tower_lsp::ClientSo
         client,
         engine,
         docs: DashMap::new(),
-        hovered: Arc::new(DashMap::new()),
+        hovered: DashMap::new(),
+        answered: Arc::new(DashMap::new()),
         preparing: Arc::new(Mutex::new(None)),
         answering: Mutex::new(Vec::new()),
         encoding: RwLock::new(Encoding::Utf16),
@@ -401,14 +405,13 @@ impl LensLsp {
         if let Ok(mut a) = self.answering.lock() {
             a.push((uri.clone(), stop.clone()));
         }
-        let (hovered, hover_uri) = (self.hovered.clone(), uri.clone());
+        let (answered, answered_uri) = (self.answered.clone(), uri.clone());
         let out = turns
             .compute_until(stop.clone(), move |stop| {
                 let waited = arrived.elapsed();
                 let out = engine.hover(&t, byte, &options, previous.as_deref(), stop);
-                // Noted before the turn passes on, so that guesses waiting for it see it.
-                if let Ok(Some(h)) = &out {
-                    hovered.insert(hover_uri, ((h.start, h.end), Instant::now()));
+                if let Ok(Some(_)) = &out {
+                    answered.insert(answered_uri, Instant::now());
                 }
                 (waited, out)
             })
@@ -421,6 +424,10 @@ impl LensLsp {
         }
         let (waited, out) = out?;
         let out: Option<HoverOut> = out?;
+        if let Some(h) = &out {
+            self.hovered
+                .insert(uri.clone(), ((h.start, h.end), Instant::now()));
+        }
         tracing::debug!(
             since_edit_ms = since_edit.as_secs_f64() * 1e3,
             turn_wait_ms = waited.as_secs_f64() * 1e3,
@@ -508,15 +515,12 @@ impl LensLsp {
         let edited = doc.changed;
         let edit_range = edit;
         let preparing = self.preparing.clone();
-        let (hovered, uri) = (self.hovered.clone(), uri.clone());
+        let (answered_at, uri) = (self.answered.clone(), uri.clone());
         tokio::spawn(async move {
             // Once the editor has asked for a hover since the edit (while typing, at once), its
             // answer is what it shows: the guesses would only hold the model's turn when the
             // next keystroke arrives. Checked again when the turn comes.
-            let answered = {
-                let hovered = hovered.clone();
-                move || hovered.get(&uri).is_some_and(|h| h.1 > edited)
-            };
+            let answered = move || answered_at.get(&uri).is_some_and(|at| *at > edited);
             for (i, range) in ranges.into_iter().enumerate() {
                 if answered() {
                     tracing::debug!("a hover was answered since the edit: no more guesses");
@@ -811,6 +815,7 @@ impl LanguageServer for LensLsp {
         let uri = params.text_document.uri;
         self.stop_preparing(|p| p.uri == uri);
         self.hovered.remove(&uri);
+        self.answered.remove(&uri);
         self.docs.remove(&uri);
     }
 
