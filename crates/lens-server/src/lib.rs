@@ -438,9 +438,19 @@ impl Doors {
                 .await;
                 return;
             };
-            rpc::serve_connection(engine, tokio::io::BufReader::new(r), w, token, limits).await;
-            drop(slot);
-            tracing::info!("a client disconnected");
+            let closed = move || {
+                drop(slot);
+                tracing::info!("a client disconnected");
+            };
+            rpc::serve_connection(
+                engine,
+                tokio::io::BufReader::new(r),
+                w,
+                token,
+                limits,
+                closed,
+            )
+            .await;
         });
     }
 }

@@ -163,13 +163,16 @@ pub fn next_client() -> ClientId {
 
 /// Serve one connection until it closes, its framing breaks (answered, then closed: a socket
 /// client can reconnect), or it has been idle for `limits.idle_timeout` (no message arriving
-/// and no request in flight).
+/// and no request in flight). `closed` runs once the last answer is written, just before the
+/// write side is shut (and before the last moments spent reading what the client may still
+/// send): a client that has seen the connection close can count on its slot being free.
 pub async fn serve_connection<R, W>(
     engine: Arc<Engine>,
     reader: R,
     writer: W,
     token: Option<Arc<str>>,
     limits: Limits,
+    closed: impl FnOnce() + Send + 'static,
 ) where
     R: AsyncBufRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -182,6 +185,7 @@ pub async fn serve_connection<R, W>(
                 break;
             }
         }
+        closed();
         let _ = writer.shutdown().await;
     });
     let in_flight: InFlight = Arc::default();
