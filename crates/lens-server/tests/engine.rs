@@ -244,3 +244,74 @@ fn hovers_read_the_daemons_tuned_lens() {
     let shifted = lens_core::Translators::new("shift", 4, vec![shift; n]).expect("translators");
     assert_ne!(hover(Some(shifted)), norm);
 }
+
+/// The reference backend, counting its tokenizations.
+struct Counting {
+    inner: ReferenceBackend,
+    tokenized: std::sync::atomic::AtomicUsize,
+}
+
+impl Backend for Counting {
+    fn info(&self) -> &ModelInfo {
+        self.inner.info()
+    }
+    fn tokenize(&self, text: &str) -> Result<Vec<Token>, lens_core::Error> {
+        self.tokenized
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.tokenize(text)
+    }
+    fn decode(&self, id: u32) -> String {
+        self.inner.decode(id)
+    }
+    fn forward(
+        &self,
+        tokens: &[u32],
+        options: CaptureOptions,
+    ) -> Result<HiddenStates, lens_core::Error> {
+        self.inner.forward(tokens, options)
+    }
+    fn readout(&self, rows: &[f32], lens: LensKind) -> Result<Vec<f32>, lens_core::Error> {
+        self.inner.readout(rows, lens)
+    }
+    fn state_bytes(&self, states: &HiddenStates) -> usize {
+        self.inner.state_bytes(states)
+    }
+}
+
+/// The same hover asked again is answered without tokenizing the document (the most of a
+/// cached hover's time), with the same markdown; any difference in the request (the byte, the
+/// text before the last edit) is looked up anew.
+#[test]
+fn a_repeated_hover_is_answered_without_tokenizing() {
+    let backend = Arc::new(Counting {
+        inner: ReferenceBackend::new(),
+        tokenized: Default::default(),
+    });
+    let engine = Engine::new(backend.clone(), 64 << 20);
+    let tokenized = || backend.tokenized.load(std::sync::atomic::Ordering::SeqCst);
+    let options = lens_server::HoverOptions::default();
+    let hover = |text: &str, byte: usize, previous: Option<&str>| {
+        engine
+            .hover(text, byte, &options, previous, &Stop::never())
+            .expect("hover")
+            .expect("a token")
+    };
+    let text = "the cat sat on the mat";
+    let first = hover(text, 9, None);
+    let after_first = tokenized();
+    assert!(after_first > 0);
+    assert_eq!(hover(text, 9, None), first);
+    assert_eq!(
+        tokenized(),
+        after_first,
+        "the repeat tokenized the document"
+    );
+    // Another byte of the same token: looked up by its tokens, the same hover.
+    let other_byte = hover(text, 10, None);
+    assert!(tokenized() > after_first);
+    assert_eq!(other_byte.markdown, first.markdown);
+    // The same request with a text before an edit: the comparison, not the plain hover.
+    let compared = hover(text, 9, Some("the dog sat on the mat"));
+    assert_ne!(compared.markdown, first.markdown);
+    assert_eq!(hover(text, 9, None), first);
+}
