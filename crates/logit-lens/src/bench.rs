@@ -400,6 +400,27 @@ fn pipeline(
     Ok(())
 }
 
+/// The f32 GEMM rate (FLOP/s) candle reaches here on `[512, hidden] · [hidden, vocab]`, the
+/// floor's rate; `None`, said on `out`, in a build without candle.
+pub(crate) fn gemm_rate(
+    hidden: usize,
+    vocab: usize,
+    repeats: usize,
+    out: &mut impl Write,
+) -> Result<Option<f64>> {
+    #[cfg(feature = "candle")]
+    {
+        let _ = &out;
+        Ok(Some(lens_candle::gemm_rate(512, hidden, vocab, repeats)?))
+    }
+    #[cfg(not(feature = "candle"))]
+    {
+        let _ = (hidden, vocab, repeats);
+        writeln!(out, "GEMM floor not measured: a build without candle")?;
+        Ok(None)
+    }
+}
+
 /// The lens's products against the floor measured in this run: their FLOPs (`2 · rows ·
 /// hidden · vocab`, the readout; the forward is not counted) over the f32 GEMM rate candle
 /// reaches here on a large product of the readout's shape.
@@ -409,18 +430,7 @@ fn floor(
     repeats: usize,
     out: &mut impl Write,
 ) -> Result<()> {
-    #[cfg(feature = "candle")]
-    let rate = Some(lens_candle::gemm_rate(
-        512,
-        info.hidden_size,
-        info.vocab_size,
-        repeats,
-    )?);
-    #[cfg(not(feature = "candle"))]
-    let rate: Option<f64> = None;
-    let Some(rate) = rate else {
-        let _ = repeats;
-        writeln!(out, "GEMM floor not measured: a build without candle")?;
+    let Some(rate) = gemm_rate(info.hidden_size, info.vocab_size, repeats, out)? else {
         return Ok(());
     };
     writeln!(out)?;

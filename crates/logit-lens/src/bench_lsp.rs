@@ -149,9 +149,7 @@ fn floor(info: &Value, out: &mut impl Write) -> Result<()> {
     else {
         bail!("lens/modelInfo did not give the model's sizes: {info}");
     };
-    #[cfg(feature = "candle")]
-    {
-        let rate = lens_candle::gemm_rate(512, hidden, vocab, 3)?;
+    if let Some(rate) = crate::bench::gemm_rate(hidden, vocab, 3, out)? {
         let flop = 2.0 * ((layers + 1) * hidden * vocab) as f64;
         writeln!(
             out,
@@ -161,11 +159,6 @@ fn floor(info: &Value, out: &mut impl Write) -> Result<()> {
             layers + 1,
             flop / rate * 1e3
         )?;
-    }
-    #[cfg(not(feature = "candle"))]
-    {
-        let _ = (layers, hidden, vocab);
-        writeln!(out, "GEMM floor not measured: a build without candle")?;
     }
     Ok(())
 }
