@@ -722,45 +722,22 @@ impl Engine {
         if text.is_empty() {
             return Ok(None);
         }
-        if let Some(out) = self.recent_hover(text, byte, options, previous) {
+        let asked = |r: &RecentHover| {
+            r.byte == byte
+                && r.options == *options
+                && *r.text == *text
+                && r.previous.as_deref() == previous
+        };
+        if let Some(out) = self
+            .recent_hovers
+            .lock()
+            .ok()
+            .and_then(|recent| recent.iter().find(|r| asked(r)).map(|r| r.out.clone()))
+        {
             return Ok(Some(out));
         }
         let out = self.hover_computed(text, byte, options, previous, stop)?;
-        if let Some(out) = &out {
-            self.remember_recent_hover(text, byte, options, previous, out);
-        }
-        Ok(out)
-    }
-
-    /// The hover of exactly this request, if it is among the [`RECENT_HOVERS`].
-    fn recent_hover(
-        &self,
-        text: &str,
-        byte: usize,
-        options: &HoverOptions,
-        previous: Option<&str>,
-    ) -> Option<HoverOut> {
-        let recent = self.recent_hovers.lock().ok()?;
-        recent
-            .iter()
-            .find(|r| {
-                r.byte == byte
-                    && r.options == *options
-                    && *r.text == *text
-                    && r.previous.as_deref() == previous
-            })
-            .map(|r| r.out.clone())
-    }
-
-    fn remember_recent_hover(
-        &self,
-        text: &str,
-        byte: usize,
-        options: &HoverOptions,
-        previous: Option<&str>,
-        out: &HoverOut,
-    ) {
-        if let Ok(mut recent) = self.recent_hovers.lock() {
+        if let (Some(out), Ok(mut recent)) = (&out, self.recent_hovers.lock()) {
             recent.push_front(RecentHover {
                 text: text.into(),
                 byte,
@@ -770,6 +747,7 @@ impl Engine {
             });
             recent.truncate(RECENT_HOVERS);
         }
+        Ok(out)
     }
 
     /// [`Engine::hover`] through the hover cache (by token ids) or computed.
