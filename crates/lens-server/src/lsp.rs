@@ -513,7 +513,6 @@ impl LensLsp {
         let text = doc.text.clone();
         let previous = doc.previous.clone();
         let edited = doc.changed;
-        let edit_range = edit;
         let preparing = self.preparing.clone();
         let (answered_at, uri) = (self.answered.clone(), uri.clone());
         tokio::spawn(async move {
@@ -535,7 +534,7 @@ impl LensLsp {
                 }
                 // The byte whose token to prepare: the last one the edit wrote (or, for a
                 // deletion, the one before it); the start of the hovered token.
-                let byte = match edit_range == Some(range) {
+                let byte = match edit == Some(range) {
                     true if range.1 > range.0 => range.1 - 1,
                     true => range.0.saturating_sub(1),
                     false => range.0,
@@ -555,21 +554,17 @@ impl LensLsp {
                     .await;
                 let ms = |d: Duration| d.as_secs_f64() * 1e3;
                 let done = ms(edited.elapsed());
-                let out = match out {
+                match out {
                     Ok((_, None)) => {
                         tracing::debug!("a hover was answered since the edit: no more guesses");
                         break;
                     }
-                    Ok((started, Some(out))) => Ok((started, out)),
-                    Err(e) => Err(e),
-                };
-                match out {
-                    Ok((started, Ok(_))) => tracing::debug!(
+                    Ok((started, Some(Ok(_)))) => tracing::debug!(
                         started_ms = ms(started),
                         done_ms = done,
                         "prepared the hover at byte {byte} after an edit"
                     ),
-                    Ok((started, Err(e))) => {
+                    Ok((started, Some(Err(e)))) => {
                         tracing::debug!(
                             started_ms = ms(started),
                             done_ms = done,
@@ -587,7 +582,7 @@ impl LensLsp {
             // Then the rest of the document (after an edit in the middle, the hovers above
             // computed only up to their tokens), still speculative: the next edit or a
             // request elsewhere stops it.
-            if edit_range.is_none() {
+            if edit.is_none() {
                 return;
             }
             // From here on no real request waits for it: it prepares no hover, so any hover
