@@ -20,10 +20,11 @@ use rayon::prelude::*;
 /// Weight rows per parallel task.
 const TILE: usize = 64;
 
-/// Up to this many rows, Q4_1 blocks are dequantized in registers for each use; more rows
-/// share a dequantized copy of each group of weight rows. Measured on SmolLM2's forward pass of
-/// t new tokens after a cached prefix (2 cores), in registers vs shared: t = 1: 11 vs 19 ms,
-/// 3: 21 vs 25 ms, 4: 28 vs 28 ms, 8: 51 vs 35 ms.
+/// Up to this many rows, Q4_1 blocks by rows (CPUs without AVX-512, where Q4_1 is not in
+/// panels) are dequantized in registers for each use; more rows share a dequantized copy of
+/// each group of weight rows. Measured on SmolLM2's forward pass of t new tokens after a cached
+/// prefix (2 cores), in registers vs shared: t = 1: 11 vs 19 ms, 3: 21 vs 25 ms, 4: 28 vs
+/// 28 ms, 8: 51 vs 35 ms.
 const FUSED_ROWS: usize = 3;
 
 /// Below this many multiply-adds a product runs on the calling thread.
@@ -42,11 +43,16 @@ pub(crate) enum Weights {
     },
     /// ggml Q8_0, repacked: per block of 32 a scale and 32 signed bytes.
     Q8_0 { scale: Vec<f32>, qs: Vec<[i8; 32]> },
-    /// ggml Q8_0 in panels of [`panels::WIDTH`] weight rows, for the AVX-512 kernel (where the
-    /// CPU has it): per panel, `qs[k][WIDTH]` (weight `j` of input `i` at `i·WIDTH + j`) and
-    /// `scale[k / 32][WIDTH]`. A last partial panel is padded with zero rows.
+    /// ggml Q8_0 or Q4_1 in panels of [`panels::WIDTH`] weight rows, for the AVX-512 kernel
+    /// (where the CPU has it): per panel, `qs[k][WIDTH]` (weight `j` of input `i` at
+    /// `i·WIDTH + j`, one byte each), `scale[k / 32][WIDTH]` and, for Q4_1, `min` in the same
+    /// layout (empty for Q8_0). A last partial panel is padded with zero rows.
     #[cfg(target_arch = "x86_64")]
-    Q8Panels { scale: Vec<f32>, qs: Vec<i8> },
+    Panels {
+        scale: Vec<f32>,
+        min: Vec<f32>,
+        qs: Vec<i8>,
+    },
     /// Other ggml blocks as stored (each weight row a whole number of blocks), dequantized a
     /// few rows at a time.
     Blocks { kind: BlockKind, raw: Vec<u8> },
@@ -186,8 +192,24 @@ pub(crate) struct Matrix {
 const QK: usize = 32;
 
 impl Matrix {
-    /// Repack raw ggml Q4_1 blocks (`d: f16, m: f16, qs: [u8; 16]`) of an `[n, k]` matrix.
+    /// Repack raw ggml Q4_1 blocks (`d: f16, m: f16, qs: [u8; 16]`) of an `[n, k]` matrix:
+    /// into panels where the CPU has AVX-512, else by rows.
     pub(crate) fn from_q4_1(n: usize, k: usize, raw: &[u8]) -> Option<Matrix> {
+        #[cfg(target_arch = "x86_64")]
+        if panels::supported() {
+            let blocks: Vec<&[u8]> = blocks(n, k, raw, 20)?.collect();
+            let (scale, min, qs) = panels::pack(n, k, &blocks, panels::Block::Q4_1);
+            return Some(Matrix {
+                n,
+                k,
+                w: Weights::Panels { scale, min, qs },
+            });
+        }
+        Matrix::from_q4_1_rows(n, k, raw)
+    }
+
+    /// [`Matrix::from_q4_1`] by rows, on any CPU.
+    fn from_q4_1_rows(n: usize, k: usize, raw: &[u8]) -> Option<Matrix> {
         let blocks = blocks(n, k, raw, 20)?;
         let mut scale = Vec::with_capacity(blocks.len());
         let mut min = Vec::with_capacity(blocks.len());
@@ -210,11 +232,11 @@ impl Matrix {
         #[cfg(target_arch = "x86_64")]
         if panels::supported() {
             let blocks: Vec<&[u8]> = blocks(n, k, raw, 34)?.collect();
-            let (scale, qs) = panels::pack_q8_0(n, k, &blocks);
+            let (scale, min, qs) = panels::pack(n, k, &blocks, panels::Block::Q8_0);
             return Some(Matrix {
                 n,
                 k,
-                w: Weights::Q8Panels { scale, qs },
+                w: Weights::Panels { scale, min, qs },
             });
         }
         Matrix::from_q8_0_rows(n, k, raw)
@@ -303,49 +325,51 @@ impl Matrix {
             return Some(out);
         }
         let rows = Rows::new(x, k, self.panels());
-        let work = |(t, mut cols): (usize, Vec<&mut [f32]>)| {
+        let work = |(t, r0, mut cols): Task<'_>| {
             if !stop.is_stopped() {
-                self.tile(&rows, t, dense, &mut cols);
+                self.tile(&rows, t, r0, dense, &mut cols);
             }
         };
-        let pieces = pieces(&mut out, n, m);
+        let tasks = tasks(pieces(&mut out, n, m), self.panels());
         if m * n * k >= PARALLEL_MIN {
-            pieces.into_par_iter().enumerate().for_each(work);
+            tasks.into_par_iter().for_each(work);
         } else {
-            pieces.into_iter().enumerate().for_each(work);
+            tasks.into_iter().for_each(work);
         }
         Some(out)
     }
 
-    /// Whether the weights are in panels (the kernel then reads the rows transposed).
+    /// Whether the weights are in panels.
     fn panels(&self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if let Weights::Q8Panels { .. } = self.w {
+        if let Weights::Panels { .. } = self.w {
             return true;
         }
         false
     }
 
     /// Whether a product of many rows is faster here than through candle's GEMM (which packs
-    /// the weights on every call): true for panels (measured on SmolLM2's readout of 128 rows:
-    /// see `panels`).
+    /// the weights on every call): true for panels (measured on SmolLM2's readout of 128 rows
+    /// and its forward pass: see `panels`).
     pub(crate) fn fast_for_batches(&self) -> bool {
         self.panels()
     }
 
-    /// Tile `t` (weight rows `t·TILE..`) of the product: `cols[r]` are row `r`'s output cells
-    /// of that tile. `dense` is the matrix's data when it is dense f32.
-    fn tile(&self, x: &Rows<'_>, t: usize, dense: &[f32], cols: &mut [&mut [f32]]) {
+    /// Tile `t` (weight rows `t·TILE..`) of the product for the rows from `r0`: `cols[r]` are
+    /// row `r0 + r`'s output cells of that tile. `dense` is the matrix's data when it is dense
+    /// f32.
+    fn tile(&self, x: &Rows<'_>, t: usize, r0: usize, dense: &[f32], cols: &mut [&mut [f32]]) {
         let (n, k) = (self.n, self.k);
         let j0 = t * TILE;
         let j1 = (j0 + TILE).min(n);
         let nb = k / QK;
         let r = j0 * nb..j1 * nb;
-        let rows = &x.rows[..];
+        let rows = &x.rows[r0..r0 + cols.len()];
         match &self.w {
             #[cfg(target_arch = "x86_64")]
-            Weights::Q8Panels { scale, qs } => {
-                panels::tile(&x.transposed, rows.len(), k, scale, qs, j0..j1, cols)
+            Weights::Panels { scale, min, qs } => {
+                let m = x.rows.len();
+                panels::tile(&x.packed, m, k, scale, min, qs, j0..j1, r0, cols)
             }
             Weights::F32(_) => dense_tile(rows, &dense[j0 * k..j1 * k], k, cols),
             Weights::Q4_1 { scale, min, qs } => {
@@ -384,19 +408,18 @@ pub(crate) fn matmul_nt_many(mats: &[&Matrix], x: &[f32]) -> Option<Vec<Vec<f32>
     let rows = Rows::new(x, k, mats.iter().any(|a| a.panels()));
     let mut outs: Vec<Vec<f32>> = mats.iter().map(|a| vec![0f32; m * a.n]).collect();
     let macs: usize = mats.iter().map(|a| m * a.n * k).sum();
-    let tasks: Vec<(usize, usize, Vec<&mut [f32]>)> = outs
+    let tasks: Vec<(usize, Task<'_>)> = outs
         .iter_mut()
         .zip(mats)
         .enumerate()
         .flat_map(|(i, (out, a))| {
-            pieces(out, a.n, m)
+            tasks(pieces(out, a.n, m), a.panels())
                 .into_iter()
-                .enumerate()
-                .map(move |(t, cols)| (i, t, cols))
+                .map(move |task| (i, task))
         })
         .collect();
     let work =
-        |(i, t, mut cols): (usize, usize, Vec<&mut [f32]>)| mats[i].tile(&rows, t, &[], &mut cols);
+        |(i, (t, r0, mut cols)): (usize, Task<'_>)| mats[i].tile(&rows, t, r0, &[], &mut cols);
     if macs >= PARALLEL_MIN {
         tasks.into_par_iter().for_each(work);
     } else {
@@ -405,27 +428,64 @@ pub(crate) fn matmul_nt_many(mats: &[&Matrix], x: &[f32]) -> Option<Vec<Vec<f32>
     Some(outs)
 }
 
-/// The activation rows of a product, and, for panels, the same transposed (`[k][m]`).
+/// The activation rows of a product: one slice per row, and, for panels, the rows packed
+/// as their kernel reads them.
 struct Rows<'a> {
     rows: Vec<&'a [f32]>,
-    transposed: Vec<f32>,
+    packed: Vec<f32>,
 }
 
 impl<'a> Rows<'a> {
-    fn new(x: &'a [f32], k: usize, transpose: bool) -> Self {
-        let rows: Vec<&[f32]> = x.chunks_exact(k).collect();
-        let m = rows.len();
-        let mut transposed = Vec::new();
-        if transpose {
-            transposed = vec![0f32; k * m];
-            for (r, row) in rows.iter().enumerate() {
-                for (i, v) in row.iter().enumerate() {
-                    transposed[i * m + r] = *v;
-                }
-            }
+    fn new(x: &'a [f32], k: usize, panels: bool) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        let packed = if panels {
+            panels::pack_rows(x, k)
+        } else {
+            Vec::new()
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let packed = {
+            let _ = panels;
+            Vec::new()
+        };
+        Rows {
+            rows: x.chunks_exact(k).collect(),
+            packed,
         }
-        Rows { rows, transposed }
     }
+}
+
+/// One task of a product: a tile, its first row, and the output cells of its rows.
+type Task<'a> = (usize, usize, Vec<&'a mut [f32]>);
+
+/// The tasks of a product from its [`pieces`]: one per tile, and for panels one per tile and
+/// chunk of rows (more tasks than two cores' worth when a projection has few tiles, e.g. 9 for
+/// SmolLM2's 576 outputs; each chunk's rows stay in L2). Other kernels dequantize a tile's
+/// weights once for all its rows, so they take whole tiles.
+fn tasks(pieces: Vec<Vec<&mut [f32]>>, panels: bool) -> Vec<Task<'_>> {
+    #[cfg(target_arch = "x86_64")]
+    let chunk = if panels {
+        panels::ROW_CHUNK
+    } else {
+        usize::MAX
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let chunk = {
+        let _ = panels;
+        usize::MAX
+    };
+    let mut tasks = Vec::new();
+    for (t, cols) in pieces.into_iter().enumerate() {
+        let mut cols = cols.into_iter().peekable();
+        let mut r0 = 0;
+        while cols.peek().is_some() {
+            let group: Vec<&mut [f32]> = cols.by_ref().take(chunk).collect();
+            let rows = group.len();
+            tasks.push((t, r0, group));
+            r0 += rows;
+        }
+    }
+    tasks
 }
 
 /// The output cells of each tile of `n` columns in every one of `m` rows of `out`, so that each
@@ -618,20 +678,27 @@ mod x86 {
     }
 }
 
-/// Q8_0 weights in panels of [`WIDTH`] rows and the AVX-512 kernel that reads them, for the
-/// lens readout (19–128 rows against a vocabulary of 49k–262k) and every other Q8_0 product.
+/// Q8_0 and Q4_1 weights in panels of [`WIDTH`] rows and the AVX-512 kernel that reads them,
+/// for the lens readout (19–128 rows against a vocabulary of 49k–262k) and every other product
+/// of those types, the forward pass's included, at any number of rows.
 ///
 /// Weight row `j` is column `j % WIDTH` of a panel, so one 512-bit vector holds one input's
-/// weights of sixteen rows; the activation rows are read transposed (`[k][m]`), one broadcast
-/// per row and input. Up to [`MAX_ROWS`] rows accumulate against each vector as it is loaded
-/// and dequantized in registers (`q·d`, exact in f32, the value candle's `dequantize` gives),
-/// so each weight is read once per [`MAX_ROWS`] rows and there is no horizontal sum. Every
-/// product is one FMA chain over the inputs in order.
+/// weights of sixteen rows (one byte each: Q4_1's nibbles are unpacked at load). The
+/// activation rows are packed by row blocks (`[k][rows]`, [`pack_rows`]), one broadcast per
+/// row and input. Up to [`MAX_ROWS`] rows accumulate against each vector as it is loaded and
+/// dequantized in registers (`q·d`, or `q·d + m` in one rounding: exact, the values candle's
+/// `dequantize` gives), so each weight is read once per [`MAX_ROWS`] rows and there is no
+/// horizontal sum. Every product is one FMA chain over the inputs in order, so a row gets the
+/// same sums alone (an edit's token) as in any batch (the prompt's forward pass).
 ///
 /// Measured on SmolLM2's readout (49,152 × 576) on this 2-core AVX-512 machine, best of 9:
 /// 31 rows (one position, every layer) 10.1 ms = 173 GFLOP/s, against 17 ms for the
 /// dot-product kernel over rows of dequantized weights; Gemma 3's (262,144 × 640), 19 rows:
-/// 36 ms = 175 GFLOP/s. The FMA peak of the machine is 212 GFLOP/s.
+/// 36 ms = 175 GFLOP/s. The FMA peak of the machine is 212 GFLOP/s. On SmolLM2's Q4_1
+/// projections (576 or 1,536 inputs and outputs), 16–256 rows: 120–190 GFLOP/s against
+/// candle's GEMM at 60–160 on the same shapes (the widest gap at few rows); its forward pass
+/// of 16 tokens took 36–41 ms against 69–118 through candle's GEMM, of 64 tokens 127–181 ms
+/// against 181–220, and of 256 tokens about the same (alternating runs in one sitting).
 ///
 /// The one module of the workspace that is allowed `unsafe`: AVX-512 intrinsics on stable Rust
 /// (pulp's safe AVX-512 wrappers would switch candle's own GEMM to other kernels through
@@ -649,120 +716,248 @@ mod panels {
     pub(super) const WIDTH: usize = 16;
     /// Activation rows per pass over a panel (accumulators; AVX-512 has 32 registers).
     const MAX_ROWS: usize = 24;
+    /// Activation rows that every panel of a tile passes over before the next ones: 96 rows of
+    /// 1,536 inputs are 590 KB, within L2. Without the chunks, SmolLM2's down projection
+    /// of 256 rows (1.5 MB of activations) ran at 116 GFLOP/s instead of about 180.
+    pub(super) const ROW_CHUNK: usize = 96;
+    /// Inputs per pass over a row chunk: a panel's 512 inputs are 8 KB of weights (and 1 KB of
+    /// scales), which stay in L1 while the row blocks pass. Whole, SmolLM2's down projection
+    /// (1,536 inputs: 30 KB with the scales) ran at 126 GFLOP/s instead of about 180.
+    const K_CHUNK: usize = 512;
 
     pub(super) fn supported() -> bool {
         is_x86_feature_detected!("avx512f")
     }
 
-    /// `(scale, qs)` of [`super::Weights::Q8Panels`] from the raw blocks of an `[n, k]` matrix
-    /// (`k / 32` blocks per row, row-major).
-    pub(super) fn pack_q8_0(n: usize, k: usize, blocks: &[&[u8]]) -> (Vec<f32>, Vec<i8>) {
+    /// The ggml blocks [`pack`] reads.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub(super) enum Block {
+        /// `d: f16, qs: [i8; 32]`: weights `q·d`.
+        Q8_0,
+        /// `d: f16, m: f16, qs: [u8; 16]` (low nibbles are elements 0..16, high nibbles
+        /// 16..32): weights `q·d + m`.
+        Q4_1,
+    }
+
+    /// `(scale, min, qs)` of [`super::Weights::Panels`] from the raw blocks of an `[n, k]`
+    /// matrix (`k / 32` blocks per row, row-major); `min` is empty for Q8_0.
+    pub(super) fn pack(
+        n: usize,
+        k: usize,
+        blocks: &[&[u8]],
+        block: Block,
+    ) -> (Vec<f32>, Vec<f32>, Vec<i8>) {
         let nb = k / super::QK;
         let panels = n.div_ceil(WIDTH);
         let mut scale = vec![0f32; panels * nb * WIDTH];
+        let mut min = vec![0f32; if block == Block::Q4_1 { scale.len() } else { 0 }];
         let mut qs = vec![0i8; panels * k * WIDTH];
         // Panel by panel, in parallel: Gemma 3's 262,144-row embedding is 16,384 panels.
+        let mins: Vec<&mut [f32]> = if min.is_empty() {
+            (0..panels).map(|_| &mut [][..]).collect()
+        } else {
+            min.chunks_mut(nb * WIDTH).collect()
+        };
         scale
             .par_chunks_mut(nb * WIDTH)
+            .zip(mins)
             .zip(qs.par_chunks_mut(k * WIDTH))
             .zip(blocks.par_chunks(nb * WIDTH))
-            .for_each(|((scale, qs), rows)| {
+            .for_each(|(((scale, min), qs), rows)| {
                 for (c, row) in rows.chunks_exact(nb).enumerate() {
-                    for (b, block) in row.iter().enumerate() {
-                        scale[b * WIDTH + c] = super::f16(block[0], block[1]);
-                        for (i, &q) in block[2..34].iter().enumerate() {
-                            qs[(b * super::QK + i) * WIDTH + c] = q as i8;
+                    for (b, raw) in row.iter().enumerate() {
+                        scale[b * WIDTH + c] = super::f16(raw[0], raw[1]);
+                        let at = |i: usize| (b * super::QK + i) * WIDTH + c;
+                        match block {
+                            Block::Q8_0 => {
+                                for (i, &q) in raw[2..34].iter().enumerate() {
+                                    qs[at(i)] = q as i8;
+                                }
+                            }
+                            Block::Q4_1 => {
+                                min[b * WIDTH + c] = super::f16(raw[2], raw[3]);
+                                for (i, &q) in raw[4..20].iter().enumerate() {
+                                    qs[at(i)] = (q & 0x0f) as i8;
+                                    qs[at(i + 16)] = (q >> 4) as i8;
+                                }
+                            }
                         }
                     }
                 }
             });
-        (scale, qs)
+        (scale, min, qs)
     }
 
-    /// `cols[r][j - j0] = x_r · w_j` for the weight rows `js` (`j0 = js.start`, a multiple of
-    /// [`WIDTH`]); `xt` is the `m` activation rows transposed.
+    /// The row blocks of `m` rows, in order: `(first row, rows)`. Chunks of [`ROW_CHUNK`] rows
+    /// (which stay in L2 while every panel of a tile passes over them), each cut into blocks
+    /// of equal size, at most [`MAX_ROWS`] rows.
+    fn row_blocks(m: usize) -> impl Iterator<Item = (usize, usize)> {
+        (0..m).step_by(ROW_CHUNK).flat_map(move |c0| {
+            let c1 = (c0 + ROW_CHUNK).min(m);
+            let size = (c1 - c0).div_ceil((c1 - c0).div_ceil(MAX_ROWS));
+            (c0..c1)
+                .step_by(size)
+                .map(move |r0| (r0, size.min(c1 - r0)))
+        })
+    }
+
+    /// The `m` activation rows of `k` inputs (`x`, row-major) as [`tile`] reads them: each row
+    /// block's inputs interleaved (`[k][rows]`, at the block's place), so that the kernel
+    /// reads its rows' values of one input from one cache line. (Read in place, rows `k` apart
+    /// fall into the same few L1 sets: two for 1,536 inputs.)
+    pub(super) fn pack_rows(x: &[f32], k: usize) -> Vec<f32> {
+        let m = x.len() / k;
+        let mut packed = vec![0f32; m * k];
+        let mut rest = &mut packed[..];
+        let mut blocks = Vec::new();
+        for (r0, rows) in row_blocks(m) {
+            let (block, tail) = rest.split_at_mut(rows * k);
+            blocks.push((&x[r0 * k..(r0 + rows) * k], rows, block));
+            rest = tail;
+        }
+        let pack = |(src, rows, block): (&[f32], usize, &mut [f32])| {
+            for (i, dst) in block.chunks_exact_mut(rows).enumerate() {
+                for (r, d) in dst.iter_mut().enumerate() {
+                    *d = src[r * k + i];
+                }
+            }
+        };
+        if m * k >= 1 << 16 {
+            blocks.into_par_iter().for_each(pack);
+        } else {
+            blocks.into_iter().for_each(pack);
+        }
+        packed
+    }
+
+    /// `cols[r][j - j0] = x_{first + r} · w_j` for the weight rows `js` (`j0 = js.start`, a
+    /// multiple of [`WIDTH`]) and the rows from `first` (a multiple of [`ROW_CHUNK`]);
+    /// `packed` is all `m` activation rows of `k` inputs from [`pack_rows`]; `min` is empty
+    /// for Q8_0.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn tile(
-        xt: &[f32],
+        packed: &[f32],
         m: usize,
         k: usize,
         scale: &[f32],
+        min: &[f32],
         qs: &[i8],
         js: Range<usize>,
+        first: usize,
         cols: &mut [&mut [f32]],
     ) {
         let nb = k / super::QK;
-        // Row blocks of equal size, at most MAX_ROWS each.
-        let size = m.div_ceil(m.div_ceil(MAX_ROWS).max(1));
-        let mut out = [[0f32; WIDTH]; MAX_ROWS];
-        for j in js.clone().step_by(WIDTH) {
-            let p = j / WIDTH;
-            let (scale, qs) = (&scale[p * nb * WIDTH..], &qs[p * k * WIDTH..]);
-            assert!(scale.len() >= nb * WIDTH && qs.len() >= k * WIDTH && xt.len() >= k * m);
-            let width = (js.end - j).min(WIDTH);
-            let mut r0 = 0;
-            while r0 < m {
-                let rows = size.min(m - r0);
-                // SAFETY: AVX-512F is present (`supported`, checked when the panels were
-                // built); the pointers cover the panel and `xt` (asserted above), and the
-                // kernel reads `k` inputs of `rows` rows from `r0`.
-                unsafe {
-                    kernel(
-                        rows,
-                        xt.as_ptr().add(r0),
-                        m,
-                        scale.as_ptr(),
-                        qs.as_ptr(),
-                        k,
-                        &mut out,
-                    )
-                };
-                for (r, o) in out[..rows].iter().enumerate() {
-                    cols[r0 + r][j - js.start..j - js.start + width].copy_from_slice(&o[..width]);
+        assert!(packed.len() >= k * m && k.is_multiple_of(super::QK));
+        assert!(first.is_multiple_of(ROW_CHUNK) && first + cols.len() <= m);
+        let mut out = [[0f32; WIDTH]; ROW_CHUNK];
+        let blocks: Vec<(usize, usize)> = row_blocks(m)
+            .filter(|&(r0, _)| (first..first + cols.len()).contains(&r0))
+            .collect();
+        for chunk in blocks.chunk_by(|a, b| a.0 / ROW_CHUNK == b.0 / ROW_CHUNK) {
+            let c0 = chunk[0].0;
+            for j in js.clone().step_by(WIDTH) {
+                let p = j / WIDTH;
+                let (scale, qs) = (&scale[p * nb * WIDTH..], &qs[p * k * WIDTH..]);
+                // Q4_1's minimums (none for Q8_0).
+                let min = (!min.is_empty()).then(|| min.get(p * nb * WIDTH..).unwrap_or_default());
+                assert!(scale.len() >= nb * WIDTH && qs.len() >= k * WIDTH);
+                assert!(min.is_none_or(|min| min.len() >= nb * WIDTH));
+                // Inputs in chunks whose weights stay in L1 across the row blocks; each
+                // product goes on as one FMA chain over the inputs in order.
+                for k0 in (0..k).step_by(K_CHUNK) {
+                    let kc = K_CHUNK.min(k - k0);
+                    for &(r0, rows) in chunk {
+                        let x = &packed[r0 * k + k0 * rows..(r0 + rows) * k];
+                        let out = &mut out[r0 - c0..r0 - c0 + rows];
+                        // SAFETY: AVX-512F is present (`supported`, checked when the panels
+                        // were built); the pointers cover the panel (asserted above) and `x`
+                        // (inputs `k0..k` of the row block), and the kernel reads inputs
+                        // `k0..k0 + kc` of `rows` rows and their weights.
+                        unsafe {
+                            kernel(
+                                x.as_ptr(),
+                                scale.as_ptr().add(k0 / super::QK * WIDTH),
+                                min.map(|min| min.as_ptr().add(k0 / super::QK * WIDTH)),
+                                qs.as_ptr().add(k0 * WIDTH),
+                                kc,
+                                k0 > 0,
+                                out,
+                            )
+                        };
+                    }
                 }
-                r0 += rows;
+                let width = (js.end - j).min(WIDTH);
+                let c1 = c0 + chunk.iter().map(|b| b.1).sum::<usize>();
+                for (r, o) in (c0..c1).zip(&out) {
+                    cols[r - first][j - js.start..j - js.start + width]
+                        .copy_from_slice(&o[..width]);
+                }
             }
         }
     }
 
-    /// The kernel for `rows` rows (1..=MAX_ROWS), through a constant-size instance.
+    /// The kernel for `out.len()` rows (1..=MAX_ROWS), through a constant-size instance; Q4_1
+    /// when there are minimums. `accumulate`: go on from the sums in `out`.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn kernel(
-        rows: usize,
-        xt: *const f32,
-        m: usize,
+        x: *const f32,
         scale: *const f32,
+        min: Option<*const f32>,
         qs: *const i8,
-        k: usize,
-        out: &mut [[f32; WIDTH]; MAX_ROWS],
+        kc: usize,
+        accumulate: bool,
+        out: &mut [[f32; WIDTH]],
     ) {
         macro_rules! by_rows {
-            ($($r:literal)*) => {
-                match rows {
-                    $($r => rows_kernel::<$r>(xt, m, scale, qs, k, out),)*
+            ($min:expr, $($r:literal)*) => {
+                match out.len() {
+                    $($r => rows_kernel::<$r>(x, scale, $min, qs, kc, accumulate, out),)*
                     _ => unreachable!("row blocks are 1..=MAX_ROWS"),
                 }
             };
         }
-        by_rows!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24)
+        // One instance per block type (a constant branch inside the loop).
+        match min {
+            Some(min) => {
+                by_rows!(Some(min), 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24)
+            }
+            None => by_rows!(None, 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24),
+        }
     }
 
     #[target_feature(enable = "avx512f")]
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn rows_kernel<const R: usize>(
-        xt: *const f32,
-        m: usize,
+        x: *const f32,
         scale: *const f32,
+        min: Option<*const f32>,
         qs: *const i8,
-        k: usize,
-        out: &mut [[f32; WIDTH]; MAX_ROWS],
+        kc: usize,
+        accumulate: bool,
+        out: &mut [[f32; WIDTH]],
     ) {
         let mut acc = [_mm512_setzero_ps(); R];
-        for b in 0..k / super::QK {
+        if accumulate {
+            for (a, o) in acc.iter_mut().zip(out.iter()) {
+                *a = _mm512_loadu_ps(o.as_ptr());
+            }
+        }
+        for b in 0..kc / super::QK {
             let d = _mm512_loadu_ps(scale.add(b * WIDTH));
+            let dm = min.map(|min| _mm512_loadu_ps(min.add(b * WIDTH)));
             for i in b * super::QK..(b + 1) * super::QK {
                 let q = _mm_loadu_si128(qs.add(i * WIDTH).cast::<__m128i>());
-                let w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d);
-                let x = xt.add(i * m);
+                let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+                // `q·d` (Q8_0) and `q·d + m` with one rounding (Q4_1; `q·d` is exact): the
+                // values candle's `dequantize` gives.
+                let w = match dm {
+                    Some(dm) => _mm512_fmadd_ps(q, d, dm),
+                    None => _mm512_mul_ps(q, d),
+                };
+                // The R rows' values of input i, packed together.
+                let x = x.add(i * R);
                 for (r, a) in acc.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(r)), w, *a);
                 }
@@ -1028,9 +1223,12 @@ mod tests {
                 .all(|w| w.is_finite() && w.to_bits() != (-0f32).to_bits()));
             assert!(want.iter().filter(|w| **w > 0.0).count() > n * k / 4);
             assert!(want.iter().filter(|w| **w < 0.0).count() > n * k / 4);
-            // Q8_0 in both layouts: panels (where the CPU has AVX-512) and rows.
+            // Both layouts: panels (where the CPU has AVX-512) and rows.
             let mms = match dtype {
-                GgmlDType::Q4_1 => vec![Matrix::from_q4_1(n, k, &raw)],
+                GgmlDType::Q4_1 => vec![
+                    Matrix::from_q4_1(n, k, &raw),
+                    Matrix::from_q4_1_rows(n, k, &raw),
+                ],
                 _ => vec![
                     Matrix::from_q8_0(n, k, &raw),
                     Matrix::from_q8_0_rows(n, k, &raw),
@@ -1102,6 +1300,8 @@ mod tests {
 
     #[test]
     fn q4_1_multiplies_in_f32() {
+        // A forward pass's shapes too: 200 rows (three chunks of the panels' rows, the last
+        // short) and 1,536 inputs (three chunks of the panels' inputs).
         for (m, n, k) in [
             (1, 3, 32),
             (2, 65, 64),
@@ -1110,6 +1310,7 @@ mod tests {
             (5, 70, 64),
             (8, 66, 576),
             (9, 5, 64),
+            (200, 40, 1536),
         ] {
             let (raw, dense) = candle_dequantized(
                 candle_core::quantized::GgmlDType::Q4_1,
@@ -1118,8 +1319,50 @@ mod tests {
                 &q4_1_raw(n, k),
             );
             let x = pseudo(m * k, 4);
-            let got = Matrix::from_q4_1(n, k, &raw).and_then(|mm| mm.matmul_nt(&x));
-            check_close(&got.unwrap_or_default(), &naive(&x, &dense, k), k);
+            let want = naive(&x, &dense, k);
+            for mm in [
+                Matrix::from_q4_1(n, k, &raw),
+                Matrix::from_q4_1_rows(n, k, &raw),
+            ] {
+                let got = mm.and_then(|mm| mm.matmul_nt(&x));
+                check_close(&got.unwrap_or_default(), &want, k);
+            }
+        }
+    }
+
+    /// In panels, each product is one FMA chain over the inputs in order, whatever the rows
+    /// beside it: a row alone (an edit's token) gets the very sums it gets in a batch of 200
+    /// (the prompt's forward pass), and so does every batch size between.
+    #[test]
+    fn panels_give_a_row_the_same_sums_in_any_batch() {
+        let (n, k, m) = (50, 1536, 200);
+        let x = pseudo(m * k, 12);
+        for mm in [
+            Matrix::from_q4_1(n, k, &q4_1_raw(n, k)),
+            Matrix::from_q8_0(n, k, &q8_0_raw(n, k)),
+        ] {
+            let mm = mm.expect("matrix");
+            let all = mm.matmul_nt(&x).expect("product");
+            for (first, rows) in [
+                (0, 1),
+                (7, 1),
+                (199, 1),
+                (3, 2),
+                (10, 25),
+                (90, 20),
+                (5, 150),
+            ] {
+                let part = mm
+                    .matmul_nt(&x[first * k..(first + rows) * k])
+                    .expect("product");
+                let want = &all[first * n..(first + rows) * n];
+                let same = part
+                    .iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                // Rows kernels sum in other orders for other batch sizes: only panels promise.
+                assert!(same || !mm.fast_for_batches(), "rows {first}..+{rows}");
+            }
         }
     }
 
@@ -1156,12 +1399,13 @@ mod tests {
         }
     }
 
-    /// Where the CPU has AVX-512 (this project's test machines do), Q8_0 is read in panels,
-    /// which also take large batches; elsewhere by rows.
+    /// Where the CPU has AVX-512 (this project's test machines do), Q8_0 and Q4_1 are read in
+    /// panels, which also take large batches; elsewhere by rows.
     #[test]
-    fn q8_0_panels_where_the_cpu_has_avx512() {
+    fn panels_where_the_cpu_has_avx512() {
         let (n, k) = (40, 64);
         let mm = Matrix::from_q8_0(n, k, &q8_0_raw(n, k)).expect("matrix");
+        let q4 = Matrix::from_q4_1(n, k, &q4_1_raw(n, k)).expect("matrix");
         let avx512 = cfg!(target_arch = "x86_64") && {
             #[cfg(target_arch = "x86_64")]
             let yes = std::arch::is_x86_feature_detected!("avx512f");
@@ -1170,7 +1414,10 @@ mod tests {
             yes
         };
         assert_eq!(mm.fast_for_batches(), avx512);
+        assert_eq!(q4.fast_for_batches(), avx512);
         let rows = Matrix::from_q8_0_rows(n, k, &q8_0_raw(n, k)).expect("matrix");
+        assert!(!rows.fast_for_batches());
+        let rows = Matrix::from_q4_1_rows(n, k, &q4_1_raw(n, k)).expect("matrix");
         assert!(!rows.fast_for_batches());
     }
 

@@ -192,6 +192,28 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // The f32 path's batches go through the small-batch kernel too where it beats candle's
+        // GEMM (panels: see `kernels`): the same dequantized weights, sums in another order.
+        let kernel = match (&self.w, &self.small) {
+            (QMatMul::Tensor(_), Some(m))
+                if m.fast_for_batches() && x.dtype() == DType::F32 && x.device().is_cpu() =>
+            {
+                m.matmul_nt(&x.flatten_all()?.to_vec1::<f32>()?)
+                    .map(|y| (y, m.n))
+            }
+            _ => None,
+        };
+        if let Some((y, n)) = kernel {
+            let mut dims = x.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = n;
+            }
+            let y = Tensor::from_vec(y, dims, x.device())?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
         let y = self.w.forward(x)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
