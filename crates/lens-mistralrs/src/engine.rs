@@ -76,6 +76,11 @@ pub(crate) struct Engine {
     pub eos: Vec<u32>,
     /// The activations' dtype mistral.rs runs with.
     pub dtype: DType,
+    /// One request in the engine at a time. mistral.rs 0.8.1 batches requests that arrive
+    /// together, and refuses raw logits for a batch ("Raw response only supports batch size of
+    /// 1"); its cancellation flag is global too. Two clients of the daemon, or two threads of a
+    /// program, take turns here.
+    turn: std::sync::Mutex<()>,
 }
 
 impl Engine {
@@ -192,6 +197,7 @@ impl Engine {
                 tokenizer,
                 eos,
                 dtype,
+                turn: std::sync::Mutex::new(()),
             })
         })
     }
@@ -209,6 +215,7 @@ impl Engine {
         messages: RequestMessage,
         what: &str,
     ) -> Result<(Vec<Tensor>, Vec<u32>), Error> {
+        let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
         isolated(what, || {
             let (tx, mut rx) = tokio::sync::mpsc::channel(1);
             self.send(Request::Normal(Box::new(NormalRequest {
@@ -274,6 +281,7 @@ impl Engine {
         sampling: SamplingParams,
         events: std::sync::mpsc::Sender<Event>,
     ) {
+        let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
         let prompt_len = prompt.len();
         let done = events.clone();
         let result =

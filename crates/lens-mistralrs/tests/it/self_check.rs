@@ -1,5 +1,6 @@
 //! The capture's last layer against mistral.rs's own final logits (its raw-logits request), on
-//! every golden prompt, for both precisions; and the check catches a capture that is wrong.
+//! every golden prompt, for both precisions, from one thread and from several at once; and the
+//! check catches a capture that is wrong.
 
 use lens_conformance::{self as suite, oracle};
 use lens_core::{engine_check, CaptureOptions, LensKind, Site};
@@ -21,6 +22,37 @@ fn golden_ids() -> Vec<Vec<u32>> {
                 .collect()
         })
         .collect()
+}
+
+/// Requests from several threads at once take turns in the one engine: mistral.rs 0.8.1
+/// batches a generation with a raw-logits request that arrives meanwhile and refuses the
+/// latter ("Raw response only supports batch size of 1"), as it once did to two of these
+/// tests running side by side.
+#[test]
+fn requests_from_several_threads_take_turns_in_the_engine() {
+    let b = backend(&smollm2(), F32);
+    let ids = golden_ids();
+    let prompt = suite::ids(&*b, "The capital of France is");
+    std::thread::scope(|s| {
+        let writers: Vec<_> = (0..2)
+            .map(|_| s.spawn(|| suite::generation(&*b, &prompt, 8)))
+            .collect();
+        let checks: Vec<_> = ids
+            .iter()
+            .map(|ids| s.spawn(|| engine_check(&*b, ids)))
+            .collect();
+        for (run, ids) in checks.into_iter().zip(&ids) {
+            let c = run.join().expect("no panic").expect("the engine answers");
+            let c = c.expect("an engine");
+            assert!(c.passed(), "{c:?}");
+            assert_eq!(c.positions, ids.len());
+        }
+        for w in writers {
+            let out = w.join().expect("the generation ends");
+            let text: String = out.tokens.iter().map(|&t| b.decode(t)).collect();
+            assert!(text.contains("Paris"), "{text:?}");
+        }
+    });
 }
 
 #[test]
