@@ -370,6 +370,11 @@ impl<R: Read + Seek> TensorReader<'_, R> {
         let q = self.qtensor(&format!("{name}.weight"))?;
         // The f32 path multiplies the few rows of an edit straight from the blocks.
         let small = if dense { small_matrix(&q) } else { None };
+        if small.as_ref().is_some_and(Matrix::fast_for_batches) {
+            // Panels take every product of this matrix: no dense copy (SmolLM2's blocks: 424 MB).
+            let w = QMatMul::QTensor(Arc::new(q));
+            return Ok(Linear::new(w, bias).with_small(small).small_only());
+        }
         let w = matmul_from(Arc::new(q), dense)?;
         // Other types (f32, f16, Q4_0, Q5_1, Q2_K…) are read from their dense f32 copy.
         let small = match (&w, small) {

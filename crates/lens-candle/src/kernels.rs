@@ -43,15 +43,17 @@ pub(crate) enum Weights {
     },
     /// ggml Q8_0, repacked: per block of 32 a scale and 32 signed bytes.
     Q8_0 { scale: Vec<f32>, qs: Vec<[i8; 32]> },
-    /// ggml Q8_0 or Q4_1 in panels of [`panels::WIDTH`] weight rows, for the AVX-512 kernel
-    /// (where the CPU has it): per panel, `qs[k][WIDTH]` (weight `j` of input `i` at
-    /// `i·WIDTH + j`, one byte each), `scale[k / 32][WIDTH]` and, for Q4_1, `min` in the same
-    /// layout (empty for Q8_0). A last partial panel is padded with zero rows.
+    /// ggml blocks in panels of [`panels::WIDTH`] weight rows, for the AVX-512 kernel (where the
+    /// CPU has it): per panel, `qs[k][WIDTH]` (weight `j` of input `i` at `i·WIDTH + j`, one
+    /// byte each), `scale[k / group][WIDTH]` and, for the types with an offset (Q4_1, Q4_K),
+    /// `min` in the same layout (else empty): weight = `q·scale (+ min)`. A last partial panel
+    /// is padded with zero rows.
     #[cfg(target_arch = "x86_64")]
     Panels {
         scale: Vec<f32>,
         min: Vec<f32>,
         qs: Vec<i8>,
+        group: usize,
     },
     /// Other ggml blocks as stored (each weight row a whole number of blocks), dequantized a
     /// few rows at a time.
@@ -197,13 +199,7 @@ impl Matrix {
     pub(crate) fn from_q4_1(n: usize, k: usize, raw: &[u8]) -> Option<Matrix> {
         #[cfg(target_arch = "x86_64")]
         if panels::supported() {
-            let blocks: Vec<&[u8]> = blocks(n, k, raw, 20)?.collect();
-            let (scale, min, qs) = panels::pack(n, k, &blocks, panels::Block::Q4_1);
-            return Some(Matrix {
-                n,
-                k,
-                w: Weights::Panels { scale, min, qs },
-            });
+            return panels::pack(n, k, raw, panels::Block::Q4_1);
         }
         Matrix::from_q4_1_rows(n, k, raw)
     }
@@ -231,13 +227,7 @@ impl Matrix {
     pub(crate) fn from_q8_0(n: usize, k: usize, raw: &[u8]) -> Option<Matrix> {
         #[cfg(target_arch = "x86_64")]
         if panels::supported() {
-            let blocks: Vec<&[u8]> = blocks(n, k, raw, 34)?.collect();
-            let (scale, min, qs) = panels::pack(n, k, &blocks, panels::Block::Q8_0);
-            return Some(Matrix {
-                n,
-                k,
-                w: Weights::Panels { scale, min, qs },
-            });
+            return panels::pack(n, k, raw, panels::Block::Q8_0);
         }
         Matrix::from_q8_0_rows(n, k, raw)
     }
@@ -258,8 +248,27 @@ impl Matrix {
         })
     }
 
-    /// Raw ggml blocks of `kind` for an `[n, k]` matrix, kept as stored.
+    /// Raw ggml blocks of `kind` for an `[n, k]` matrix: in panels where the CPU has AVX-512,
+    /// else kept as stored.
     pub(crate) fn from_blocks(n: usize, k: usize, raw: &[u8], kind: BlockKind) -> Option<Matrix> {
+        let ok = n > 0
+            && k > 0
+            && k.is_multiple_of(kind.elems())
+            && raw.len() == n * (k / kind.elems()) * kind.bytes();
+        #[cfg(target_arch = "x86_64")]
+        if ok && panels::supported() {
+            let block = match kind {
+                BlockKind::Q5_0 => panels::Block::Q5_0,
+                BlockKind::Q4K => panels::Block::Q4K,
+                BlockKind::Q6K => panels::Block::Q6K,
+            };
+            return panels::pack(n, k, raw, block);
+        }
+        Matrix::from_blocks_as_stored(n, k, raw, kind)
+    }
+
+    /// [`Matrix::from_blocks`] as stored, on any CPU.
+    fn from_blocks_as_stored(n: usize, k: usize, raw: &[u8], kind: BlockKind) -> Option<Matrix> {
         let ok = n > 0
             && k > 0
             && k.is_multiple_of(kind.elems())
@@ -367,9 +376,20 @@ impl Matrix {
         let rows = &x.rows[r0..r0 + cols.len()];
         match &self.w {
             #[cfg(target_arch = "x86_64")]
-            Weights::Panels { scale, min, qs } => {
+            Weights::Panels {
+                scale,
+                min,
+                qs,
+                group,
+            } => {
                 let m = x.rows.len();
-                panels::tile(&x.packed, m, k, scale, min, qs, j0..j1, r0, cols)
+                let w = panels::Panel {
+                    scale,
+                    min,
+                    qs,
+                    group: *group,
+                };
+                panels::tile(&x.packed, m, k, &w, j0..j1, r0, cols)
             }
             Weights::F32(_) => dense_tile(rows, &dense[j0 * k..j1 * k], k, cols),
             Weights::Q4_1 { scale, min, qs } => {
@@ -737,55 +757,168 @@ mod panels {
         /// `d: f16, m: f16, qs: [u8; 16]` (low nibbles are elements 0..16, high nibbles
         /// 16..32): weights `q·d + m`.
         Q4_1,
+        /// `d: f16, qh: [u8; 4], qs: [u8; 16]`: weights `(q - 16)·d`, q of 5 bits.
+        Q5_0,
+        /// 256 weights in 8 groups of 32, `(d·sc)·q - dmin·m` with 6-bit scales and minimums.
+        Q4K,
+        /// 256 weights in 16 groups of 16, `(d·sc)·(q - 32)`, q of 6 bits.
+        Q6K,
     }
 
-    /// `(scale, min, qs)` of [`super::Weights::Panels`] from the raw blocks of an `[n, k]`
-    /// matrix (`k / 32` blocks per row, row-major); `min` is empty for Q8_0.
-    pub(super) fn pack(
-        n: usize,
-        k: usize,
-        blocks: &[&[u8]],
-        block: Block,
-    ) -> (Vec<f32>, Vec<f32>, Vec<i8>) {
-        let nb = k / super::QK;
+    impl Block {
+        /// (weights, bytes) per block.
+        fn size(self) -> (usize, usize) {
+            match self {
+                Block::Q8_0 => (32, 34),
+                Block::Q4_1 => (32, 20),
+                Block::Q5_0 => (32, 22),
+                Block::Q4K => (256, 144),
+                Block::Q6K => (256, 210),
+            }
+        }
+
+        /// Weights per scale.
+        fn group(self) -> usize {
+            match self {
+                Block::Q6K => 16,
+                _ => 32,
+            }
+        }
+
+        fn has_min(self) -> bool {
+            matches!(self, Block::Q4_1 | Block::Q4K)
+        }
+
+        /// One raw block as integers and, per group, a scale and an offset, such that weight
+        /// `i` is `q[i]·scale[i / group] + min[i / group]` with candle's values and rounding:
+        /// `q·scale` is exact in f32 but for Q6_K, whose one rounding is candle's too (it
+        /// multiplies `d·sc` by q), and `+ min` is candle's one rounding of Q4_1 (`+ m`) and
+        /// Q4_K (`- dmin·m`).
+        fn decode(self, b: &[u8], q: &mut [i8; 256], scale: &mut [f32; 16], min: &mut [f32; 16]) {
+            let f16 = super::f16;
+            match self {
+                Block::Q8_0 => {
+                    scale[0] = f16(b[0], b[1]);
+                    for (q, &v) in q.iter_mut().zip(&b[2..34]) {
+                        *q = v as i8;
+                    }
+                }
+                Block::Q4_1 => {
+                    (scale[0], min[0]) = (f16(b[0], b[1]), f16(b[2], b[3]));
+                    for (i, &v) in b[4..20].iter().enumerate() {
+                        (q[i], q[i + 16]) = ((v & 0x0f) as i8, (v >> 4) as i8);
+                    }
+                }
+                Block::Q5_0 => {
+                    scale[0] = f16(b[0], b[1]);
+                    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                    for (j, &v) in b[6..22].iter().enumerate() {
+                        let h0 = ((qh >> j) << 4) & 0x10;
+                        let h1 = (qh >> (j + 12)) & 0x10;
+                        q[j] = ((u32::from(v) & 0x0f) | h0) as i8 - 16;
+                        q[j + 16] = ((u32::from(v) >> 4) | h1) as i8 - 16;
+                    }
+                }
+                Block::Q4K => {
+                    let (d, dmin) = (f16(b[0], b[1]), f16(b[2], b[3]));
+                    let scales = &b[4..16];
+                    for g in 0..4 {
+                        let (sc1, m1) = super::scale_min_k4(2 * g, scales);
+                        let (sc2, m2) = super::scale_min_k4(2 * g + 1, scales);
+                        scale[2 * g] = d * f32::from(sc1);
+                        scale[2 * g + 1] = d * f32::from(sc2);
+                        min[2 * g] = -(dmin * f32::from(m1));
+                        min[2 * g + 1] = -(dmin * f32::from(m2));
+                        let qs = &b[16 + 32 * g..16 + 32 * (g + 1)];
+                        for (i, &v) in qs.iter().enumerate() {
+                            q[64 * g + i] = (v & 0x0f) as i8;
+                            q[64 * g + 32 + i] = (v >> 4) as i8;
+                        }
+                    }
+                }
+                Block::Q6K => {
+                    let d = f16(b[208], b[209]);
+                    for (g, s) in scale.iter_mut().enumerate() {
+                        *s = d * f32::from(b[192 + g] as i8);
+                    }
+                    for half in 0..2 {
+                        let (ql, qh) = (&b[64 * half..], &b[128 + 32 * half..]);
+                        let q = &mut q[128 * half..];
+                        for l in 0..32 {
+                            let six = |low: u8, shift: u8| {
+                                (low | (((qh[l] >> shift) & 3) << 4)) as i8 - 32
+                            };
+                            q[l] = six(ql[l] & 0x0f, 0);
+                            q[l + 32] = six(ql[l + 32] & 0x0f, 2);
+                            q[l + 64] = six(ql[l] >> 4, 4);
+                            q[l + 96] = six(ql[l + 32] >> 4, 6);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The weights of [`super::Weights::Panels`], borrowed.
+    pub(super) struct Panel<'a> {
+        pub scale: &'a [f32],
+        pub min: &'a [f32],
+        pub qs: &'a [i8],
+        pub group: usize,
+    }
+
+    /// An `[n, k]` matrix of raw `block`s (row-major, whole blocks per row, as checked by the
+    /// caller) repacked into [`super::Weights::Panels`].
+    pub(super) fn pack(n: usize, k: usize, raw: &[u8], block: Block) -> Option<super::Matrix> {
+        let (elems, bytes) = block.size();
+        let group = block.group();
+        if n == 0 || !k.is_multiple_of(elems) || raw.len() != n * (k / elems) * bytes {
+            return None;
+        }
+        let (row_bytes, ng) = (k / elems * bytes, k / group);
         let panels = n.div_ceil(WIDTH);
-        let mut scale = vec![0f32; panels * nb * WIDTH];
-        let mut min = vec![0f32; if block == Block::Q4_1 { scale.len() } else { 0 }];
+        let mut scale = vec![0f32; panels * ng * WIDTH];
+        let mut min = vec![0f32; if block.has_min() { scale.len() } else { 0 }];
         let mut qs = vec![0i8; panels * k * WIDTH];
         // Panel by panel, in parallel: Gemma 3's 262,144-row embedding is 16,384 panels.
         let mins: Vec<&mut [f32]> = if min.is_empty() {
             (0..panels).map(|_| &mut [][..]).collect()
         } else {
-            min.chunks_mut(nb * WIDTH).collect()
+            min.chunks_mut(ng * WIDTH).collect()
         };
         scale
-            .par_chunks_mut(nb * WIDTH)
+            .par_chunks_mut(ng * WIDTH)
             .zip(mins)
             .zip(qs.par_chunks_mut(k * WIDTH))
-            .zip(blocks.par_chunks(nb * WIDTH))
+            .zip(raw.par_chunks(row_bytes * WIDTH))
             .for_each(|(((scale, min), qs), rows)| {
-                for (c, row) in rows.chunks_exact(nb).enumerate() {
-                    for (b, raw) in row.iter().enumerate() {
-                        scale[b * WIDTH + c] = super::f16(raw[0], raw[1]);
-                        let at = |i: usize| (b * super::QK + i) * WIDTH + c;
-                        match block {
-                            Block::Q8_0 => {
-                                for (i, &q) in raw[2..34].iter().enumerate() {
-                                    qs[at(i)] = q as i8;
-                                }
-                            }
-                            Block::Q4_1 => {
-                                min[b * WIDTH + c] = super::f16(raw[2], raw[3]);
-                                for (i, &q) in raw[4..20].iter().enumerate() {
-                                    qs[at(i)] = (q & 0x0f) as i8;
-                                    qs[at(i + 16)] = (q >> 4) as i8;
-                                }
+                let (mut q, mut s, mut m) = ([0i8; 256], [0f32; 16], [0f32; 16]);
+                for (c, row) in rows.chunks_exact(row_bytes).enumerate() {
+                    for (b, raw) in row.chunks_exact(bytes).enumerate() {
+                        block.decode(raw, &mut q, &mut s, &mut m);
+                        for (i, &q) in q[..elems].iter().enumerate() {
+                            qs[(b * elems + i) * WIDTH + c] = q;
+                        }
+                        let g0 = b * elems / group;
+                        for g in 0..elems / group {
+                            scale[(g0 + g) * WIDTH + c] = s[g];
+                            if let Some(min) = min.get_mut((g0 + g) * WIDTH + c) {
+                                *min = m[g];
                             }
                         }
                     }
                 }
             });
-        (scale, min, qs)
+        Some(super::Matrix {
+            n,
+            k,
+            w: super::Weights::Panels {
+                scale,
+                min,
+                qs,
+                group,
+            },
+        })
     }
 
     /// The row blocks of `m` rows, in order: `(first row, rows)`. Chunks of [`ROW_CHUNK`] rows
@@ -834,20 +967,18 @@ mod panels {
     /// multiple of [`WIDTH`]) and the rows from `first` (a multiple of [`ROW_CHUNK`]);
     /// `packed` is all `m` activation rows of `k` inputs from [`pack_rows`]; `min` is empty
     /// for Q8_0.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn tile(
         packed: &[f32],
         m: usize,
         k: usize,
-        scale: &[f32],
-        min: &[f32],
-        qs: &[i8],
+        w: &Panel<'_>,
         js: Range<usize>,
         first: usize,
         cols: &mut [&mut [f32]],
     ) {
-        let nb = k / super::QK;
-        assert!(packed.len() >= k * m && k.is_multiple_of(super::QK));
+        let (group, min) = (w.group, w.min);
+        let nb = k / group;
+        assert!(packed.len() >= k * m && k.is_multiple_of(group) && K_CHUNK.is_multiple_of(group));
         assert!(first.is_multiple_of(ROW_CHUNK) && first + cols.len() <= m);
         let mut out = [[0f32; WIDTH]; ROW_CHUNK];
         let blocks: Vec<(usize, usize)> = row_blocks(m)
@@ -857,7 +988,7 @@ mod panels {
             let c0 = chunk[0].0;
             for j in js.clone().step_by(WIDTH) {
                 let p = j / WIDTH;
-                let (scale, qs) = (&scale[p * nb * WIDTH..], &qs[p * k * WIDTH..]);
+                let (scale, qs) = (&w.scale[p * nb * WIDTH..], &w.qs[p * k * WIDTH..]);
                 // Q4_1's minimums (none for Q8_0).
                 let min = (!min.is_empty()).then(|| min.get(p * nb * WIDTH..).unwrap_or_default());
                 assert!(scale.len() >= nb * WIDTH && qs.len() >= k * WIDTH);
@@ -875,9 +1006,10 @@ mod panels {
                         // `k0..k0 + kc` of `rows` rows and their weights.
                         unsafe {
                             kernel(
+                                group,
                                 x.as_ptr(),
-                                scale.as_ptr().add(k0 / super::QK * WIDTH),
-                                min.map(|min| min.as_ptr().add(k0 / super::QK * WIDTH)),
+                                scale.as_ptr().add(k0 / group * WIDTH),
+                                min.map(|min| min.as_ptr().add(k0 / group * WIDTH)),
                                 qs.as_ptr().add(k0 * WIDTH),
                                 kc,
                                 k0 > 0,
@@ -901,6 +1033,7 @@ mod panels {
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn kernel(
+        group: usize,
         x: *const f32,
         scale: *const f32,
         min: Option<*const f32>,
@@ -910,26 +1043,32 @@ mod panels {
         out: &mut [[f32; WIDTH]],
     ) {
         macro_rules! by_rows {
-            ($min:expr, $($r:literal)*) => {
+            ($g:literal, $min:expr, $($r:literal)*) => {
                 match out.len() {
-                    $($r => rows_kernel::<$r>(x, scale, $min, qs, kc, accumulate, out),)*
+                    $($r => rows_kernel::<$r, $g>(x, scale, $min, qs, kc, accumulate, out),)*
                     _ => unreachable!("row blocks are 1..=MAX_ROWS"),
                 }
             };
         }
-        // One instance per block type (a constant branch inside the loop).
-        match min {
-            Some(min) => {
-                by_rows!(Some(min), 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24)
+        // One instance per kind of block (constant branches inside the loop).
+        match (group, min) {
+            (32, Some(min)) => {
+                by_rows!(32, Some(min), 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24)
             }
-            None => by_rows!(None, 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24),
+            (32, None) => {
+                by_rows!(32, None, 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24)
+            }
+            (16, None) => {
+                by_rows!(16, None, 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24)
+            }
+            _ => unreachable!("panels have groups of 32 (with or without offsets) or 16"),
         }
     }
 
     #[target_feature(enable = "avx512f")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn rows_kernel<const R: usize>(
+    unsafe fn rows_kernel<const R: usize, const G: usize>(
         x: *const f32,
         scale: *const f32,
         min: Option<*const f32>,
@@ -944,14 +1083,14 @@ mod panels {
                 *a = _mm512_loadu_ps(o.as_ptr());
             }
         }
-        for b in 0..kc / super::QK {
+        for b in 0..kc / G {
             let d = _mm512_loadu_ps(scale.add(b * WIDTH));
             let dm = min.map(|min| _mm512_loadu_ps(min.add(b * WIDTH)));
-            for i in b * super::QK..(b + 1) * super::QK {
+            for i in b * G..(b + 1) * G {
                 let q = _mm_loadu_si128(qs.add(i * WIDTH).cast::<__m128i>());
                 let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
-                // `q·d` (Q8_0) and `q·d + m` with one rounding (Q4_1; `q·d` is exact): the
-                // values candle's `dequantize` gives.
+                // `q·d`, or `q·d + m` with one rounding: the values candle's `dequantize`
+                // gives (see `Block::decode`).
                 let w = match dm {
                     Some(dm) => _mm512_fmadd_ps(q, d, dm),
                     None => _mm512_mul_ps(q, d),
@@ -1276,22 +1415,28 @@ mod tests {
                 .expect("dequantize");
             assert!(want.iter().filter(|w| **w > 0.0).count() > n * k / 4);
             assert!(want.iter().filter(|w| **w < 0.0).count() > n * k / 4);
-            let mm = Matrix::from_blocks(n, k, &raw, kind).expect("matrix");
-            for group in [1, 3, 8] {
-                let got = weights_seen_by_kernel(&mm, group);
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        g.to_bits() == w.to_bits() || (*g == 0.0 && *w == 0.0),
-                        "{dtype:?}, {group} rows: weight [{}, {}]: {g:e} vs candle's {w:e}",
-                        i / k,
-                        i % k
-                    );
+            // Both layouts: panels (where the CPU has AVX-512) and the blocks as stored.
+            for mm in [
+                Matrix::from_blocks(n, k, &raw, kind),
+                Matrix::from_blocks_as_stored(n, k, &raw, kind),
+            ] {
+                let mm = mm.expect("matrix");
+                for group in [1, 3, 8, 30] {
+                    let got = weights_seen_by_kernel(&mm, group);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            g.to_bits() == w.to_bits() || (*g == 0.0 && *w == 0.0),
+                            "{dtype:?}, {group} rows: weight [{}, {}]: {g:e} vs candle's {w:e}",
+                            i / k,
+                            i % k
+                        );
+                    }
                 }
-            }
-            for m in [1, 2, 5] {
-                let x = pseudo(m * k, 10);
-                let got = mm.matmul_nt(&x).unwrap_or_default();
-                check_close(&got, &naive(&x, &want, k), k);
+                for m in [1, 2, 5, 130] {
+                    let x = pseudo(m * k, 10);
+                    let got = mm.matmul_nt(&x).unwrap_or_default();
+                    check_close(&got, &naive(&x, &want, k), k);
+                }
             }
             assert!(Matrix::from_blocks(n, k, &raw[1..], kind).is_none());
             assert!(Matrix::from_blocks(n, k + 32 * 8, &raw, kind).is_none());

@@ -116,6 +116,9 @@ pub(crate) struct Linear {
     w: QMatMul,
     /// The same weights for the exact small-batch kernel (the one or two tokens of an edit).
     small: Option<Matrix>,
+    /// Every product goes through `small` (panels, which beat candle's GEMM at every size):
+    /// `w` then holds the blocks as read, not a dense copy.
+    small_only: bool,
     bias: Option<Tensor>,
     /// The bias as plain values, for the small-batch forward pass.
     bias_v: Option<Vec<f32>>,
@@ -129,6 +132,7 @@ impl Linear {
         Linear {
             w,
             small: None,
+            small_only: false,
             bias,
             bias_v,
         }
@@ -191,12 +195,22 @@ impl Linear {
         self
     }
 
+    /// Every product through the small-batch matrix (`w` need not be dense).
+    pub(crate) fn small_only(mut self) -> Self {
+        self.small_only = self.small.is_some();
+        self
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // The f32 path's batches go through the small-batch kernel too where it beats candle's
         // GEMM (panels: see `kernels`): the same dequantized weights, sums in another order.
-        let kernel = match (&self.w, &self.small) {
-            (QMatMul::Tensor(_), Some(m))
-                if m.fast_for_batches() && x.dtype() == DType::F32 && x.device().is_cpu() =>
+        let dense = matches!(self.w, QMatMul::Tensor(_));
+        let kernel = match &self.small {
+            Some(m)
+                if (self.small_only || (dense && m.fast_for_batches()))
+                    && x.dims().last() == Some(&m.k)
+                    && x.dtype() == DType::F32
+                    && x.device().is_cpu() =>
             {
                 m.matmul_nt(&x.flatten_all()?.to_vec1::<f32>()?)
                     .map(|y| (y, m.n))
@@ -213,6 +227,13 @@ impl Linear {
                 Some(b) => y.broadcast_add(b),
                 None => Ok(y),
             };
+        }
+        if self.small_only {
+            return Err(candle_core::Error::Msg(format!(
+                "the exact kernel cannot multiply a {:?} {:?} input",
+                x.dtype(),
+                x.dims()
+            )));
         }
         let y = self.w.forward(x)?;
         match &self.bias {
@@ -1278,6 +1299,35 @@ mod tests {
         let b = m.forward(&other, None, false, &never).expect("forward");
         let last = ids.len() - 1;
         assert!(max_diff(&row(&full, last, 4, 16), &row(&b, last, 4, 16)) > 1e-4);
+    }
+
+    /// A map kept only as its blocks and their kernel's copy (no dense f32 copy) multiplies any
+    /// number of rows through the kernel, like the dense map up to the order of sums, and says
+    /// so (no panic, no quantized fallback) when it cannot.
+    #[test]
+    fn a_linear_without_a_dense_copy_multiplies_through_its_kernel() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let (n, k) = (40, 64);
+        let w = Tensor::randn(0f32, 0.5, (n, k), &dev).expect("randn");
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1).expect("quantize");
+        let small = Matrix::from_q4_1(n, k, &q.data().expect("raw")).expect("matrix");
+        let dense = Linear::dense(q.dequantize(&dev).expect("dequantize"), None);
+        let only = Linear::new(QMatMul::QTensor(Arc::new(q)), None)
+            .with_small(Some(small))
+            .small_only();
+        for t in [1, 3, 20, 130] {
+            let x = Tensor::randn(0f32, 1.0, (1, t, k), &dev).expect("randn");
+            let got = only.forward(&x).expect("forward");
+            let want = dense.forward(&x).expect("forward");
+            assert_eq!(got.dims(), [1, t, n]);
+            let diff = (got - want)
+                .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+                .expect("diff");
+            assert!(diff < 1e-4, "{t} rows: {diff}");
+        }
+        let wrong = Tensor::randn(0f32, 1.0, (1, 2, k + 1), &dev).expect("randn");
+        assert!(only.forward(&wrong).is_err());
     }
 
     #[test]
