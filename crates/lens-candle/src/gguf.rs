@@ -12,7 +12,9 @@ use candle_core::{Device, Tensor};
 
 use crate::hf::expect_dims;
 use crate::kernels::{BlockKind, Matrix};
-use crate::model::{Activation, Block, Config, Linear, Model, NormKind, RopeLayout, SlidingWindow};
+use crate::model::{
+    Activation, Block, Config, Embeddings, Linear, Model, NormKind, RopeLayout, SlidingWindow,
+};
 use crate::tokenizer::ModelTokenizer;
 use crate::{Error, Precision};
 
@@ -158,18 +160,43 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
         device,
     };
     let dense = precision == Precision::F32;
-    let embed_q = r.qtensor("token_embd.weight")?;
-    let embed = embed_q.dequantize(device)?;
-    // The unembedding is dense on both paths: the lens reads out up to hundreds of rows at a
-    // time, where f32 GEMM beats candle's row-by-row quantized kernel, and the readout then adds
-    // no error of its own. Tied embeddings share the dequantized matrix.
-    let (unembed, unembed_small) = match content.tensor_infos.contains_key("output.weight") {
+    let embed_q = Arc::new(r.qtensor("token_embd.weight")?);
+    // The unembedding is exact f32 on both paths: the lens reads out up to hundreds of rows at
+    // a time, where f32 GEMM beats candle's row-by-row quantized kernel, and the readout then
+    // adds no error of its own. In panels (see `kernels`) it takes every readout and needs no
+    // dense copy; else a dense copy, which tied embeddings share.
+    let panels = |m: &Option<Matrix>| m.as_ref().is_some_and(Matrix::fast_for_batches);
+    // Looked up from the file's blocks where nothing needs the dense matrix (on the CPU).
+    let rows = |q: &Arc<QTensor>| -> Result<Embeddings, Error> {
+        Ok(match device.is_cpu() {
+            true => Embeddings::Quantized(q.clone()),
+            false => Embeddings::Dense(q.dequantize(device)?),
+        })
+    };
+    let (unembed, unembed_small, embed) = match content.tensor_infos.contains_key("output.weight") {
         true => {
             let q = r.qtensor("output.weight")?;
             let small = small_matrix(&q);
-            (matmul_from(Arc::new(q), true)?, small)
+            let unembed = match panels(&small) {
+                true => QMatMul::QTensor(Arc::new(q)),
+                false => matmul_from(Arc::new(q), true)?,
+            };
+            (unembed, small, rows(&embed_q)?)
         }
-        false => (QMatMul::Tensor(embed.clone()), small_matrix(&embed_q)),
+        false => {
+            let small = small_matrix(&embed_q);
+            match panels(&small) {
+                true => (QMatMul::QTensor(embed_q.clone()), small, rows(&embed_q)?),
+                false => {
+                    let embed = embed_q.dequantize(device)?;
+                    (
+                        QMatMul::Tensor(embed.clone()),
+                        small,
+                        Embeddings::Dense(embed),
+                    )
+                }
+            }
+        }
     };
     let name = md
         .get("general.name")
@@ -245,7 +272,7 @@ pub(crate) fn load(path: &Path, precision: Precision, device: &Device) -> Result
 fn gpt2_blocks<R: Read + Seek>(
     cfg: Config,
     r: &mut TensorReader<'_, R>,
-    embed: Tensor,
+    embed: Embeddings,
     unembed: QMatMul,
     dense: bool,
     device: &Device,

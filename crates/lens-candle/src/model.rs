@@ -1,9 +1,10 @@
 //! A decoder of the Llama family (Llama, Mistral, SmolLM, Qwen2, Qwen3), Gemma 3 and GPT-2
 //! that captures its residual stream.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use lens_core::Stop;
 use rayon::prelude::*;
@@ -295,11 +296,62 @@ struct Norms {
     post_ffn: Option<Vec<f32>>,
 }
 
+/// Token embeddings `[vocab, hidden]`.
+pub(crate) enum Embeddings {
+    /// Dequantized (`[0, hidden]` on a pipeline stage that does not start at block 0).
+    Dense(Tensor),
+    /// The file's blocks, each looked-up row dequantized by candle (the same values): where
+    /// nothing else needs the dense matrix, which is Gemma 3's 671 MB.
+    Quantized(Arc<QTensor>),
+}
+
+impl From<Tensor> for Embeddings {
+    fn from(t: Tensor) -> Self {
+        Embeddings::Dense(t)
+    }
+}
+
+impl Embeddings {
+    /// The rows of `ids`, `[t, hidden]` f32.
+    fn rows(&self, ids: &[u32], device: &Device) -> Result<Tensor, Error> {
+        match self {
+            Embeddings::Dense(e) => Ok(e.index_select(&Tensor::new(ids, device)?, 0)?),
+            Embeddings::Quantized(q) => {
+                let (vocab, hidden) = q.shape().dims2()?;
+                let data = q.data()?;
+                let row = data.len() / vocab.max(1);
+                // Word-aligned (candle reads the bytes as blocks of f16 and f32 fields), and
+                // lent, not given: candle's `from_data` keeps a slice of what it is handed
+                // past the call, which an owned buffer would not outlive.
+                let mut words = vec![0u32; (ids.len() * row).div_ceil(4)];
+                let raw =
+                    &mut pulp::bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..ids.len() * row];
+                for (&id, out) in ids.iter().zip(raw.chunks_exact_mut(row.max(1))) {
+                    let id = id as usize;
+                    out.copy_from_slice(data.get(id * row..(id + 1) * row).ok_or_else(|| {
+                        Error::Format(format!(
+                            "token id {id} is outside the vocabulary of {vocab}"
+                        ))
+                    })?);
+                }
+                let storage = QStorage::from_data(Cow::Borrowed(raw), device, q.dtype())?;
+                Ok(QTensor::new(storage, (ids.len(), hidden))?.dequantize(device)?)
+            }
+        }
+    }
+
+    /// Bytes as held.
+    fn bytes(&self) -> usize {
+        match self {
+            Embeddings::Dense(e) => e.elem_count() * e.dtype().size_in_bytes(),
+            Embeddings::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+}
+
 pub(crate) struct Model {
     pub cfg: Config,
-    /// Token embeddings, dequantized: `[vocab, hidden]` (`[0, hidden]` on a pipeline stage
-    /// that does not start at block 0).
-    pub embed: Tensor,
+    pub embed: Embeddings,
     /// The blocks this model runs: `first_block..first_block + blocks.len()` of the
     /// `cfg.n_layers` (all of them unless [`Model::keep_blocks`] made it a pipeline stage).
     pub blocks: Vec<Block>,
@@ -390,7 +442,7 @@ fn per_position(layers: &[Vec<f32>], t: usize) -> Vec<Arc<[f32]>> {
 impl Model {
     pub(crate) fn new(
         cfg: Config,
-        embed: Tensor,
+        embed: impl Into<Embeddings>,
         blocks: Vec<Block>,
         final_norm: Tensor,
         unembed: QMatMul,
@@ -427,7 +479,7 @@ impl Model {
         };
         Ok(Model {
             cfg,
-            embed,
+            embed: embed.into(),
             blocks,
             first_block: 0,
             final_norm,
@@ -470,9 +522,7 @@ impl Model {
     /// the learned positions added (GPT-2).
     fn embed(&self, ids: &[u32], start: usize) -> Result<Tensor, Error> {
         let t = ids.len();
-        let mut x = self
-            .embed
-            .index_select(&Tensor::new(ids, &self.device)?, 0)?;
+        let mut x = self.embed.rows(ids, &self.device)?;
         if let Some(scale) = self.cfg.embed_scale {
             x = (x * f64::from(scale))?;
         }
@@ -575,16 +625,16 @@ impl Model {
             n.drain(..range.start);
         }
         if range.start > 0 {
-            self.embed = Tensor::zeros((0, self.cfg.hidden), DType::F32, &self.device)?;
+            self.embed = Tensor::zeros((0, self.cfg.hidden), DType::F32, &self.device)?.into();
             self.positions = None;
         }
         self.first_block = range.start;
         Ok(())
     }
 
-    /// Bytes of the embeddings (as held: dequantized).
+    /// Bytes of the embeddings as held.
     pub(crate) fn embed_bytes(&self) -> usize {
-        self.embed.elem_count() * self.embed.dtype().size_in_bytes()
+        self.embed.bytes()
     }
 
     /// The forward pass on candle's tensors (prompts, and edits far from the end).
@@ -997,7 +1047,7 @@ impl Model {
         } else {
             x
         };
-        // The small-batch kernels below 128 rows; Q8_0 panels (AVX-512) at every size.
+        // The small-batch kernels below 128 rows; panels (AVX-512) at every size.
         let small = self
             .unembed_small
             .as_ref()
@@ -1023,6 +1073,12 @@ impl Model {
                     }
                 };
                 x.matmul(wt)?
+            }
+            // Kept as blocks only for panels, which took every readout above.
+            QMatMul::QTensor(_) => {
+                return Err(Error::Format(format!(
+                    "the unembedding's kernel cannot read out {n} rows of {hidden}"
+                )))
             }
             _ => self.unembed.forward(&x)?,
         };
@@ -1328,6 +1384,42 @@ mod tests {
         }
         let wrong = Tensor::randn(0f32, 1.0, (1, 2, k + 1), &dev).expect("randn");
         assert!(only.forward(&wrong).is_err());
+    }
+
+    /// Embeddings looked up from the file's blocks are candle's dequantized rows, bit for bit,
+    /// for every block type a GGUF embedding has here; an id outside the vocabulary is an
+    /// error.
+    #[test]
+    fn quantized_embeddings_are_the_dequantized_rows() {
+        use candle_core::quantized::GgmlDType;
+        let dev = Device::Cpu;
+        let (vocab, hidden) = (50, 256);
+        let e = Tensor::randn(0f32, 1.0, (vocab, hidden), &dev).expect("randn");
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q6K,
+            GgmlDType::F32,
+        ] {
+            let q = Arc::new(QTensor::quantize(&e, dtype).expect("quantize"));
+            let dense = Embeddings::Dense(q.dequantize(&dev).expect("dequantize"));
+            let rows = Embeddings::Quantized(q);
+            let ids = [0, 49, 7, 7, 23];
+            let values = |e: &Embeddings| {
+                e.rows(&ids, &dev)
+                    .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+                    .expect("rows")
+            };
+            let (got, want) = (values(&rows), values(&dense));
+            assert_eq!(got.len(), ids.len() * hidden);
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{dtype:?}");
+            assert!(rows.rows(&[3, 50], &dev).is_err(), "{dtype:?}");
+            assert!(rows.bytes() < hidden * vocab * 4 || dtype == GgmlDType::F32);
+        }
     }
 
     #[test]
