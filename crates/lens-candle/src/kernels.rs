@@ -11,7 +11,9 @@
 //!
 //! The code is plain safe Rust over `[f32; 8]` lanes, which LLVM turns into AVX2/FMA
 //! instructions under the workspace's `target-cpu=x86-64-v3` (and into correct, slower code
-//! elsewhere).
+//! elsewhere). Where the CPU has AVX-512, every quantized matrix is instead repacked at load
+//! into the panels of [`panels`], which take products of any size (a prompt's forward pass
+//! too) and make the dense f32 copy unnecessary.
 
 use candle_core::{Storage, Tensor};
 use lens_core::Stop;
