@@ -9,20 +9,39 @@ use lens_conformance::ReferenceBackend;
 use lens_core::{Backend, CaptureOptions, HiddenStates, LensKind, ModelInfo, Stop, Token};
 use lens_server::{AnalyzeParams, Engine};
 
-/// The reference backend, with every forward pass held at a gate: it says when it has
-/// started, then waits until the test lets it go.
-struct Gated {
+/// The reference backend, counting its forward passes and tokenizations, and with a gate
+/// holding every forward pass where the test sets one.
+struct Instrumented {
     inner: ReferenceBackend,
-    started: mpsc::SyncSender<()>,
-    go: std::sync::Mutex<mpsc::Receiver<()>>,
+    gate: Option<Gate>,
     forwards: std::sync::atomic::AtomicUsize,
+    tokenized: std::sync::atomic::AtomicUsize,
 }
 
-impl Backend for Gated {
+/// A forward pass says when it has started, then waits until the test lets it go.
+struct Gate {
+    started: mpsc::SyncSender<()>,
+    go: std::sync::Mutex<mpsc::Receiver<()>>,
+}
+
+impl Instrumented {
+    fn new(gate: Option<Gate>) -> Self {
+        Instrumented {
+            inner: ReferenceBackend::new(),
+            gate,
+            forwards: 0.into(),
+            tokenized: 0.into(),
+        }
+    }
+}
+
+impl Backend for Instrumented {
     fn info(&self) -> &ModelInfo {
         self.inner.info()
     }
     fn tokenize(&self, text: &str) -> Result<Vec<Token>, lens_core::Error> {
+        self.tokenized
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.tokenize(text)
     }
     fn decode(&self, id: u32) -> String {
@@ -44,12 +63,14 @@ impl Backend for Gated {
     ) -> Result<HiddenStates, lens_core::Error> {
         self.forwards
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.started.send(()).expect("the test listens");
-        self.go
-            .lock()
-            .expect("gate")
-            .recv()
-            .expect("the test opens the gate");
+        if let Some(gate) = &self.gate {
+            gate.started.send(()).expect("the test listens");
+            gate.go
+                .lock()
+                .expect("gate")
+                .recv()
+                .expect("the test opens the gate");
+        }
         self.inner.forward_until(prefix, tokens, options, stop)
     }
     fn readout(&self, rows: &[f32], lens: LensKind) -> Result<Vec<f32>, lens_core::Error> {
@@ -66,12 +87,10 @@ impl Backend for Gated {
 fn a_second_request_waits_for_the_first_ones_computation() {
     let (started_tx, started) = mpsc::sync_channel(4);
     let (go, go_rx) = mpsc::channel();
-    let backend = Arc::new(Gated {
-        inner: ReferenceBackend::new(),
+    let backend = Arc::new(Instrumented::new(Some(Gate {
         started: started_tx,
         go: std::sync::Mutex::new(go_rx),
-        forwards: 0.into(),
-    });
+    })));
     let engine = Arc::new(Engine::new(backend.clone(), 64 << 20));
     let ids: Vec<u32> = ["the", "cat", "sat"]
         .iter()
@@ -245,48 +264,12 @@ fn hovers_read_the_daemons_tuned_lens() {
     assert_ne!(hover(Some(shifted)), norm);
 }
 
-/// The reference backend, counting its tokenizations.
-struct Counting {
-    inner: ReferenceBackend,
-    tokenized: std::sync::atomic::AtomicUsize,
-}
-
-impl Backend for Counting {
-    fn info(&self) -> &ModelInfo {
-        self.inner.info()
-    }
-    fn tokenize(&self, text: &str) -> Result<Vec<Token>, lens_core::Error> {
-        self.tokenized
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.tokenize(text)
-    }
-    fn decode(&self, id: u32) -> String {
-        self.inner.decode(id)
-    }
-    fn forward(
-        &self,
-        tokens: &[u32],
-        options: CaptureOptions,
-    ) -> Result<HiddenStates, lens_core::Error> {
-        self.inner.forward(tokens, options)
-    }
-    fn readout(&self, rows: &[f32], lens: LensKind) -> Result<Vec<f32>, lens_core::Error> {
-        self.inner.readout(rows, lens)
-    }
-    fn state_bytes(&self, states: &HiddenStates) -> usize {
-        self.inner.state_bytes(states)
-    }
-}
-
 /// The same hover asked again is answered without tokenizing the document (the most of a
 /// cached hover's time), with the same markdown; any difference in the request (the byte, the
 /// text before the last edit) is looked up anew.
 #[test]
 fn a_repeated_hover_is_answered_without_tokenizing() {
-    let backend = Arc::new(Counting {
-        inner: ReferenceBackend::new(),
-        tokenized: Default::default(),
-    });
+    let backend = Arc::new(Instrumented::new(None));
     let engine = Engine::new(backend.clone(), 64 << 20);
     let tokenized = || backend.tokenized.load(std::sync::atomic::Ordering::SeqCst);
     let options = lens_server::HoverOptions::default();
