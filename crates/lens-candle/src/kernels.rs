@@ -62,114 +62,135 @@ pub(crate) enum Weights {
     Blocks { kind: BlockKind, raw: Vec<u8> },
 }
 
-/// The ggml block types [`Weights::Blocks`] reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The ggml blocks the kernels read: their layouts, in one place.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BlockKind {
-    /// `d: f16, qh: [u8; 4], qs: [u8; 16]`: 32 weights `(q - 16)·d`, q of 5 bits.
+    /// `d: f16, qs: [i8; 32]`: weights `q·d`.
+    Q8_0,
+    /// `d: f16, m: f16, qs: [u8; 16]` (low nibbles are elements 0..16, high nibbles
+    /// 16..32): weights `q·d + m`.
+    Q4_1,
+    /// `d: f16, qh: [u8; 4], qs: [u8; 16]`: weights `(q - 16)·d`, q of 5 bits.
     Q5_0,
-    /// `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`: 256 weights in 8 groups of 32 with
-    /// 6-bit scales and minimums.
+    /// 256 weights in 8 groups of 32, `(d·sc)·q - dmin·m` with 6-bit scales and minimums.
     Q4K,
-    /// `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`: 256 weights `d·sc·(q - 32)`,
-    /// q of 6 bits, in 16 groups of 16.
+    /// 256 weights in 16 groups of 16, `(d·sc)·(q - 32)`, q of 6 bits.
     Q6K,
 }
 
 impl BlockKind {
-    /// Weights per block.
-    fn elems(self) -> usize {
+    /// (weights, bytes) per block.
+    fn size(self) -> (usize, usize) {
         match self {
-            BlockKind::Q5_0 => 32,
-            BlockKind::Q4K | BlockKind::Q6K => 256,
+            BlockKind::Q8_0 => (32, 34),
+            BlockKind::Q4_1 => (32, 20),
+            BlockKind::Q5_0 => (32, 22),
+            BlockKind::Q4K => (256, 144),
+            BlockKind::Q6K => (256, 210),
         }
     }
 
-    /// Bytes per block.
-    fn bytes(self) -> usize {
+    /// Weights per scale.
+    fn group(self) -> usize {
         match self {
-            BlockKind::Q5_0 => 22,
-            BlockKind::Q4K => 144,
-            BlockKind::Q6K => 210,
+            BlockKind::Q6K => 16,
+            _ => 32,
         }
     }
 
-    /// One block's weights, with candle's arithmetic (`k_quants.rs`, `to_float`). Written over
-    /// fixed-size arrays so that the loops vectorise (Gemma 3's one-token forward dequantizes
-    /// 100 M weights).
-    fn dequantize(self, b: &[u8], out: &mut [f32]) {
+    fn has_min(self) -> bool {
+        matches!(self, BlockKind::Q4_1 | BlockKind::Q4K)
+    }
+
+    /// One raw block as integers and, per group, a scale and an offset, such that weight
+    /// `i` is `q[i]·scale[i / group] + min[i / group]` with candle's values and rounding:
+    /// `q·scale` is exact in f32 but for Q6_K, whose one rounding is candle's too (it
+    /// multiplies `d·sc` by q), and `+ min` is candle's one rounding of Q4_1 (`+ m`) and
+    /// Q4_K (`- dmin·m`).
+    fn decode(self, b: &[u8], q: &mut [i8; 256], scale: &mut [f32; 16], min: &mut [f32; 16]) {
         match self {
+            BlockKind::Q8_0 => {
+                scale[0] = f16(b[0], b[1]);
+                for (q, &v) in q.iter_mut().zip(&b[2..34]) {
+                    *q = v as i8;
+                }
+            }
+            BlockKind::Q4_1 => {
+                (scale[0], min[0]) = (f16(b[0], b[1]), f16(b[2], b[3]));
+                for (i, &v) in b[4..20].iter().enumerate() {
+                    (q[i], q[i + 16]) = ((v & 0x0f) as i8, (v >> 4) as i8);
+                }
+            }
             BlockKind::Q5_0 => {
-                let (Some(b), Some(out)) = (b.first_chunk::<22>(), out.first_chunk_mut::<32>())
-                else {
-                    return;
-                };
-                let d = f16(b[0], b[1]);
+                scale[0] = f16(b[0], b[1]);
                 let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-                let qs: [u8; 16] = std::array::from_fn(|j| b[6 + j]);
-                let (lo, hi) = out.split_at_mut(16);
-                for j in 0..16 {
+                for (j, &v) in b[6..22].iter().enumerate() {
                     let h0 = ((qh >> j) << 4) & 0x10;
                     let h1 = (qh >> (j + 12)) & 0x10;
-                    let x0 = ((u32::from(qs[j]) & 0x0f) | h0) as i32 - 16;
-                    let x1 = ((u32::from(qs[j]) >> 4) | h1) as i32 - 16;
-                    lo[j] = x0 as f32 * d;
-                    hi[j] = x1 as f32 * d;
+                    q[j] = ((u32::from(v) & 0x0f) | h0) as i8 - 16;
+                    q[j + 16] = ((u32::from(v) >> 4) | h1) as i8 - 16;
                 }
             }
             BlockKind::Q4K => {
-                let (Some(b), Some(out)) = (b.first_chunk::<144>(), out.first_chunk_mut::<256>())
-                else {
-                    return;
-                };
-                let (d, min) = (f16(b[0], b[1]), f16(b[2], b[3]));
+                let (d, dmin) = (f16(b[0], b[1]), f16(b[2], b[3]));
                 let scales = &b[4..16];
-                let (qs, _) = b[16..].as_chunks::<32>();
-                let (outs, _) = out.as_chunks_mut::<64>();
-                for (g, (out, q)) in outs.iter_mut().zip(qs).enumerate() {
+                for g in 0..4 {
                     let (sc1, m1) = scale_min_k4(2 * g, scales);
                     let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
-                    let (d1, m1) = (d * f32::from(sc1), min * f32::from(m1));
-                    let (d2, m2) = (d * f32::from(sc2), min * f32::from(m2));
-                    let (lo, hi) = out.split_at_mut(32);
-                    for i in 0..32 {
-                        lo[i] = d1 * f32::from(q[i] & 0x0f) - m1;
-                        hi[i] = d2 * f32::from(q[i] >> 4) - m2;
+                    scale[2 * g] = d * f32::from(sc1);
+                    scale[2 * g + 1] = d * f32::from(sc2);
+                    min[2 * g] = -(dmin * f32::from(m1));
+                    min[2 * g + 1] = -(dmin * f32::from(m2));
+                    let qs = &b[16 + 32 * g..16 + 32 * (g + 1)];
+                    for (i, &v) in qs.iter().enumerate() {
+                        q[64 * g + i] = (v & 0x0f) as i8;
+                        q[64 * g + 32 + i] = (v >> 4) as i8;
                     }
                 }
             }
             BlockKind::Q6K => {
-                let (Some(b), Some(out)) = (b.first_chunk::<210>(), out.first_chunk_mut::<256>())
-                else {
-                    return;
-                };
                 let d = f16(b[208], b[209]);
-                let (ql, _) = b[..128].as_chunks::<64>();
-                let (qh, _) = b[128..192].as_chunks::<32>();
-                let (sc, _) = b[192..208].as_chunks::<8>();
-                let (outs, _) = out.as_chunks_mut::<128>();
-                for (((out, ql), qh), sc) in outs.iter_mut().zip(ql).zip(qh).zip(sc) {
-                    // `d·sc` first, as candle multiplies.
-                    let scale = |i: usize| d * f32::from(sc[i] as i8);
-                    for half in 0..2 {
-                        let s = [
-                            scale(half),
-                            scale(half + 2),
-                            scale(half + 4),
-                            scale(half + 6),
-                        ];
-                        for l in 16 * half..16 * half + 16 {
-                            let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i8 - 32;
-                            let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
-                            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
-                            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
-                            out[l] = s[0] * f32::from(q1);
-                            out[l + 32] = s[1] * f32::from(q2);
-                            out[l + 64] = s[2] * f32::from(q3);
-                            out[l + 96] = s[3] * f32::from(q4);
-                        }
+                for (g, s) in scale.iter_mut().enumerate() {
+                    *s = d * f32::from(b[192 + g] as i8);
+                }
+                for half in 0..2 {
+                    let (ql, qh) = (&b[64 * half..], &b[128 + 32 * half..]);
+                    let q = &mut q[128 * half..];
+                    for l in 0..32 {
+                        let six =
+                            |low: u8, shift: u8| (low | (((qh[l] >> shift) & 3) << 4)) as i8 - 32;
+                        q[l] = six(ql[l] & 0x0f, 0);
+                        q[l + 32] = six(ql[l + 32] & 0x0f, 2);
+                        q[l + 64] = six(ql[l] >> 4, 4);
+                        q[l + 96] = six(ql[l + 32] >> 4, 6);
                     }
                 }
             }
+        }
+    }
+
+    /// Weights per block.
+    fn elems(self) -> usize {
+        self.size().0
+    }
+
+    /// Bytes per block.
+    fn bytes(self) -> usize {
+        self.size().1
+    }
+
+    /// One block's weights, `q·scale (+ offset)` from [`BlockKind::decode`]: candle's values.
+    fn dequantize(self, b: &[u8], out: &mut [f32]) {
+        let (mut q, mut scale, mut min) = ([0i8; 256], [0f32; 16], [0f32; 16]);
+        self.decode(b, &mut q, &mut scale, &mut min);
+        let group = self.group();
+        for (i, o) in out.iter_mut().take(self.elems()).enumerate() {
+            let w = f32::from(q[i]) * scale[i / group];
+            *o = if self.has_min() {
+                w + min[i / group]
+            } else {
+                w
+            };
         }
     }
 }
@@ -201,7 +222,7 @@ impl Matrix {
     pub(crate) fn from_q4_1(n: usize, k: usize, raw: &[u8]) -> Option<Matrix> {
         #[cfg(target_arch = "x86_64")]
         if panels::supported() {
-            return panels::pack(n, k, raw, panels::Block::Q4_1);
+            return panels::pack(n, k, raw, BlockKind::Q4_1);
         }
         Matrix::from_q4_1_rows(n, k, raw)
     }
@@ -229,7 +250,7 @@ impl Matrix {
     pub(crate) fn from_q8_0(n: usize, k: usize, raw: &[u8]) -> Option<Matrix> {
         #[cfg(target_arch = "x86_64")]
         if panels::supported() {
-            return panels::pack(n, k, raw, panels::Block::Q8_0);
+            return panels::pack(n, k, raw, BlockKind::Q8_0);
         }
         Matrix::from_q8_0_rows(n, k, raw)
     }
@@ -259,12 +280,7 @@ impl Matrix {
             && raw.len() == n * (k / kind.elems()) * kind.bytes();
         #[cfg(target_arch = "x86_64")]
         if ok && panels::supported() {
-            let block = match kind {
-                BlockKind::Q5_0 => panels::Block::Q5_0,
-                BlockKind::Q4K => panels::Block::Q4K,
-                BlockKind::Q6K => panels::Block::Q6K,
-            };
-            return panels::pack(n, k, raw, block);
+            return panels::pack(n, k, raw, kind);
         }
         Matrix::from_blocks_as_stored(n, k, raw, kind)
     }
@@ -753,116 +769,6 @@ mod panels {
         is_x86_feature_detected!("avx512f")
     }
 
-    /// The ggml blocks [`pack`] reads.
-    #[derive(Clone, Copy, PartialEq, Eq)]
-    pub(super) enum Block {
-        /// `d: f16, qs: [i8; 32]`: weights `q·d`.
-        Q8_0,
-        /// `d: f16, m: f16, qs: [u8; 16]` (low nibbles are elements 0..16, high nibbles
-        /// 16..32): weights `q·d + m`.
-        Q4_1,
-        /// `d: f16, qh: [u8; 4], qs: [u8; 16]`: weights `(q - 16)·d`, q of 5 bits.
-        Q5_0,
-        /// 256 weights in 8 groups of 32, `(d·sc)·q - dmin·m` with 6-bit scales and minimums.
-        Q4K,
-        /// 256 weights in 16 groups of 16, `(d·sc)·(q - 32)`, q of 6 bits.
-        Q6K,
-    }
-
-    impl Block {
-        /// (weights, bytes) per block.
-        fn size(self) -> (usize, usize) {
-            match self {
-                Block::Q8_0 => (32, 34),
-                Block::Q4_1 => (32, 20),
-                Block::Q5_0 => (32, 22),
-                Block::Q4K => (256, 144),
-                Block::Q6K => (256, 210),
-            }
-        }
-
-        /// Weights per scale.
-        fn group(self) -> usize {
-            match self {
-                Block::Q6K => 16,
-                _ => 32,
-            }
-        }
-
-        fn has_min(self) -> bool {
-            matches!(self, Block::Q4_1 | Block::Q4K)
-        }
-
-        /// One raw block as integers and, per group, a scale and an offset, such that weight
-        /// `i` is `q[i]·scale[i / group] + min[i / group]` with candle's values and rounding:
-        /// `q·scale` is exact in f32 but for Q6_K, whose one rounding is candle's too (it
-        /// multiplies `d·sc` by q), and `+ min` is candle's one rounding of Q4_1 (`+ m`) and
-        /// Q4_K (`- dmin·m`).
-        fn decode(self, b: &[u8], q: &mut [i8; 256], scale: &mut [f32; 16], min: &mut [f32; 16]) {
-            let f16 = super::f16;
-            match self {
-                Block::Q8_0 => {
-                    scale[0] = f16(b[0], b[1]);
-                    for (q, &v) in q.iter_mut().zip(&b[2..34]) {
-                        *q = v as i8;
-                    }
-                }
-                Block::Q4_1 => {
-                    (scale[0], min[0]) = (f16(b[0], b[1]), f16(b[2], b[3]));
-                    for (i, &v) in b[4..20].iter().enumerate() {
-                        (q[i], q[i + 16]) = ((v & 0x0f) as i8, (v >> 4) as i8);
-                    }
-                }
-                Block::Q5_0 => {
-                    scale[0] = f16(b[0], b[1]);
-                    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-                    for (j, &v) in b[6..22].iter().enumerate() {
-                        let h0 = ((qh >> j) << 4) & 0x10;
-                        let h1 = (qh >> (j + 12)) & 0x10;
-                        q[j] = ((u32::from(v) & 0x0f) | h0) as i8 - 16;
-                        q[j + 16] = ((u32::from(v) >> 4) | h1) as i8 - 16;
-                    }
-                }
-                Block::Q4K => {
-                    let (d, dmin) = (f16(b[0], b[1]), f16(b[2], b[3]));
-                    let scales = &b[4..16];
-                    for g in 0..4 {
-                        let (sc1, m1) = super::scale_min_k4(2 * g, scales);
-                        let (sc2, m2) = super::scale_min_k4(2 * g + 1, scales);
-                        scale[2 * g] = d * f32::from(sc1);
-                        scale[2 * g + 1] = d * f32::from(sc2);
-                        min[2 * g] = -(dmin * f32::from(m1));
-                        min[2 * g + 1] = -(dmin * f32::from(m2));
-                        let qs = &b[16 + 32 * g..16 + 32 * (g + 1)];
-                        for (i, &v) in qs.iter().enumerate() {
-                            q[64 * g + i] = (v & 0x0f) as i8;
-                            q[64 * g + 32 + i] = (v >> 4) as i8;
-                        }
-                    }
-                }
-                Block::Q6K => {
-                    let d = f16(b[208], b[209]);
-                    for (g, s) in scale.iter_mut().enumerate() {
-                        *s = d * f32::from(b[192 + g] as i8);
-                    }
-                    for half in 0..2 {
-                        let (ql, qh) = (&b[64 * half..], &b[128 + 32 * half..]);
-                        let q = &mut q[128 * half..];
-                        for l in 0..32 {
-                            let six = |low: u8, shift: u8| {
-                                (low | (((qh[l] >> shift) & 3) << 4)) as i8 - 32
-                            };
-                            q[l] = six(ql[l] & 0x0f, 0);
-                            q[l + 32] = six(ql[l + 32] & 0x0f, 2);
-                            q[l + 64] = six(ql[l] >> 4, 4);
-                            q[l + 96] = six(ql[l + 32] >> 4, 6);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     /// The weights of [`super::Weights::Panels`], borrowed.
     pub(super) struct Panel<'a> {
         pub scale: &'a [f32],
@@ -873,7 +779,12 @@ mod panels {
 
     /// An `[n, k]` matrix of raw `block`s (row-major, whole blocks per row, as checked by the
     /// caller) repacked into [`super::Weights::Panels`].
-    pub(super) fn pack(n: usize, k: usize, raw: &[u8], block: Block) -> Option<super::Matrix> {
+    pub(super) fn pack(
+        n: usize,
+        k: usize,
+        raw: &[u8],
+        block: super::BlockKind,
+    ) -> Option<super::Matrix> {
         let (elems, bytes) = block.size();
         let group = block.group();
         if n == 0 || !k.is_multiple_of(elems) || raw.len() != n * (k / elems) * bytes {
