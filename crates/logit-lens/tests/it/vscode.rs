@@ -160,6 +160,9 @@ fn vscode_end_to_end_in_code_server() {
     let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vscode-e2e");
     // The model picker is given the default model's file (the daemon restarts with --model).
     let model = lens_models::ensure_default_model(false).expect("the default model");
+    // The daemon appends to its log: this run's alone.
+    let log = out_dir.join("daemon.log");
+    let _ = std::fs::remove_file(&log);
     let (ok, out) = run(
         &dir,
         "node",
@@ -171,10 +174,7 @@ fn vscode_end_to_end_in_code_server() {
             ("LOGIT_LENS_E2E_OUT", &out_dir.to_string_lossy()),
             ("LOGIT_LENS_E2E_MODEL", &model.to_string_lossy()),
             // The daemon's log (hover timings at debug level) beside the screenshots.
-            (
-                "LOGIT_LENS_LOG_FILE",
-                &out_dir.join("daemon.log").to_string_lossy(),
-            ),
+            ("LOGIT_LENS_LOG_FILE", &log.to_string_lossy()),
             ("LOGIT_LENS_LOG", "info,lens_server=debug"),
         ],
     );
@@ -202,6 +202,9 @@ fn vscode_end_to_end_in_code_server() {
         Some(20),
         "{last}"
     );
+    // Every typing round is found in the daemon's log (its hover timings), so the breakdown
+    // of where the time went covers them all.
+    assert_eq!(result["typingBreakdownMs"]["rounds"], 20, "{last}");
     for shot in [
         "hover.png",
         "hover-after-typing.png",
@@ -211,7 +214,7 @@ fn vscode_end_to_end_in_code_server() {
         assert!(out_dir.join(shot).exists(), "screenshot {shot}");
     }
     eprintln!(
-        "vscode e2e: typing -> hover {} ms (median {} ms; from the key press: median {} ms; the harness's view {}, median {} ms; {} tokens; the same hover from the daemon's cache: median {} ms), screenshots in {}",
+        "vscode e2e: typing -> hover {} ms (median {} ms; from the key press: median {} ms; the harness's view {}, median {} ms; {} tokens; the same hover from the daemon's cache: median {} ms; where the time went, medians: {}), screenshots in {}",
         result["typingToHoverMs"],
         result["typingToHoverMedianMs"],
         result["keydownToHoverMedianMs"],
@@ -219,6 +222,7 @@ fn vscode_end_to_end_in_code_server() {
         result["harnessTypingToHoverMedianMs"],
         result["documentTokens"],
         result["cachedHoverMedianMs"],
+        result["typingBreakdownMs"],
         out_dir.display()
     );
 }

@@ -17,6 +17,8 @@
 //   LOGIT_LENS_E2E_OUT      where screenshots and result.json go (default out/e2e)
 //   LOGIT_LENS_E2E_MODEL    a GGUF file to choose with "Logit Lens: Pick the model" (the
 //                           Rust test passes the default model's)
+//   LOGIT_LENS_LOG_FILE     the daemon's log (passed on to it); at `lens_server=debug` the result
+//                           also says where the typing rounds' time went (typingBreakdownMs)
 // Prints one JSON line (`{"ok":true,…}`) last; exits 1 on any failed check.
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -228,6 +230,55 @@ async function hoverWatched(page: Page): Promise<{ keydown: number; keyup: numbe
     if (painted === undefined || at === undefined) throw new Error('the hover watch or the event clock is not installed');
     return { keydown: at.keydown ?? NaN, keyup: at.keyup ?? NaN, mousemove: at.mousemove ?? NaN, painted };
   });
+}
+
+/** One typing round's wall-clock times in the page (ms since the epoch). */
+type RoundWall = { keydown: number; keyup: number; mousemove: number; painted: number };
+
+/**
+ * Where a typing round's time goes, from the page's wall clock and the daemon's log
+ * (LOGIT_LENS_LOG_FILE at `lens_server=debug`; same machine, same clock): the last key press
+ * to the edit reaching the daemon (the time `since_edit_ms` counts from), the edit to the
+ * hover request arriving (the editor; the harness's move of the mouse is in it, and given
+ * apart), the request to the daemon's answer (waiting for the hover prepared after the edit:
+ * its forward and lens are given apart), and the answer to the painted hover (the editor).
+ * Medians over the rounds found in the log.
+ */
+function typingBreakdown(logFile: string, rounds: RoundWall[]): Record<string, number> {
+  type Line = { at: number; kv: Record<string, number> };
+  const lines = (what: RegExp): Line[] =>
+    readFileSync(logFile, 'utf8')
+      .split('\n')
+      .filter((l) => what.test(l))
+      .map((l) => ({
+        at: Date.parse(l.split(/\s/, 1)[0] ?? ''),
+        kv: Object.fromEntries([...l.matchAll(/(\w+)=([\d.]+)/g)].map((m) => [m[1], Number(m[2])])),
+      }));
+  const hovers = lines(/ hover at \d+:\d+ since_edit_ms=/);
+  const work = lines(/ hover work /);
+  const phases: Record<string, number[]> = {};
+  const add = (k: string, v: number | undefined): void => {
+    if (v !== undefined && Number.isFinite(v)) (phases[k] ??= []).push(v);
+  };
+  for (const r of rounds) {
+    const h = hovers.filter((l) => l.at > r.keydown && l.at <= r.painted).pop();
+    const total = h?.kv.total_ms;
+    const sinceEdit = h?.kv.since_edit_ms;
+    if (h === undefined || total === undefined || sinceEdit === undefined) continue;
+    const arrived = h.at - total;
+    const edit = arrived - sinceEdit;
+    add('keyToEdit', edit - r.keydown);
+    add('editToRequest', arrived - edit);
+    add('keyupToMouse', r.mousemove - r.keyup);
+    add('mouseToRequest', arrived - r.mousemove);
+    add('requestToAnswer', total);
+    add('answerToPainted', r.painted - h.at);
+    const w = work.filter((l) => l.at > edit && l.at <= h.at + 1).pop();
+    add('daemonForward', w?.kv.forward_ms);
+    add('daemonLens', w?.kv.lens_ms);
+  }
+  const median = (xs: number[]): number => Math.round([...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? NaN);
+  return { rounds: phases.keyToEdit?.length ?? 0, ...Object.fromEntries(Object.entries(phases).map(([k, v]) => [k, median(v)])) };
 }
 
 /** Checks a hover against the CLI's report for the position under the mouse. */
@@ -457,6 +508,7 @@ async function main(): Promise<void> {
     const harnessLatencies: number[] = [];
     const keydownLatencies: number[] = [];
     const roundTimes: Record<string, string>[] = [];
+    const roundWalls: RoundWall[] = [];
     const mouseLatencies: number[] = [];
     let prev = h1;
     let text = docText;
@@ -485,6 +537,7 @@ async function main(): Promise<void> {
       // Wall-clock times of the round, to read beside the daemon's log (daemon.log).
       const wall = await page.evaluate(() => (window as unknown as { __lensWall?: Record<string, number> }).__lensWall ?? {});
       roundTimes.push(Object.fromEntries(Object.entries(wall).map(([k, v]) => [k, new Date(v).toISOString()])));
+      roundWalls.push({ keydown: wall.keydown ?? NaN, keyup: wall.keyup ?? NaN, mousemove: wall.mousemove ?? NaN, painted: wall.painted ?? NaN });
       harnessLatencies.push(tHarness - tTyped);
       mouseLatencies.push(seen.painted - seen.mousemove);
       checkHover(h, cliPosition(text, text.lastIndexOf(HOVER_WORD) + 2, 5), `hover after typing ${JSON.stringify(ins)}`);
@@ -525,6 +578,12 @@ async function main(): Promise<void> {
     const warmSorted = [...warm].sort((a, b) => a - b);
     result.cachedHoverMs = warm.map((x) => Math.round(x));
     result.cachedHoverMedianMs = Math.round(warmSorted[Math.floor(warmSorted.length / 2)] ?? NaN);
+    // Where the typing rounds' time went (the daemon's log is written as it goes).
+    const logFile = process.env.LOGIT_LENS_LOG_FILE;
+    if (logFile !== undefined && existsSync(logFile)) {
+      result.typingBreakdownMs = typingBreakdown(logFile, roundWalls);
+      log(`typing -> hover, where the time goes (medians, ms): ${JSON.stringify(result.typingBreakdownMs)}`);
+    }
     log(`typing -> hover: ${JSON.stringify(result.typingToHoverMs)} ms (median ${String(result.typingToHoverMedianMs)}; from the key press ${JSON.stringify(result.keydownToHoverMs)}, median ${String(result.keydownToHoverMedianMs)}; as the harness sees it ${JSON.stringify(result.harnessTypingToHoverMs)}, median ${String(result.harnessTypingToHoverMedianMs)}; mouse on the word -> hover ${JSON.stringify(result.mouseToHoverMs)}; the same hover from the daemon's cache ${JSON.stringify(result.cachedHoverMs)}, median ${String(result.cachedHoverMedianMs)}), ${String(result.documentTokens)} tokens; status ${String(result.statusAfterTyping)}`);
 
     // 3. Toggle the lens off for this document (no hover, the status says so), then on again.
