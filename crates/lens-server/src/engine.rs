@@ -849,12 +849,14 @@ impl Engine {
                 (view, logits, Some(prev))
             }
         };
+        let t_position = std::time::Instant::now();
         let written = prev.map(|prev| {
             let id = ids[pos];
             (0..layers.len())
                 .map(|i| prev.prob_and_rank(i, id))
                 .collect::<Vec<_>>()
         });
+        let t_written = std::time::Instant::now();
         let compared = match &before {
             Some(b) => Some(hover::Compared {
                 position: b.position,
@@ -877,6 +879,12 @@ impl Engine {
             tokenize_ms = ms(tokenized),
             forward_ms = ms(t1 - t0),
             lens_ms = ms(t2 - t1),
+            // Of which: the readout and reductions at the position (and the previous one
+            // when it was not cached); the written token's probability and rank at the
+            // previous position; the comparison with the text before the edit.
+            position_ms = ms(t_position - t1),
+            written_ms = ms(t_written - t_position),
+            compare_ms = ms(t2 - t_written),
             markdown_ms = ms(t2.elapsed()),
             positions_read = if cached_prev { 1 } else { 2 },
             "hover work"
