@@ -131,7 +131,8 @@ impl CandleBackend {
         stop: &Stop,
     ) -> Result<HiddenStates, lens_core::Error> {
         self.check_tokens(tokens)?;
-        let capture = on_pool(|| {
+        // On rayon's pool whoever the caller is (see `in_pool`).
+        let capture = lens_core::in_pool(|| {
             self.model
                 .forward(tokens, prefix.map(|(_, kv)| kv), options.mid_block, stop)
         })?;
@@ -258,16 +259,6 @@ impl Generator for CandleBackend {
     ) -> Result<Finish, lens_core::Error> {
         lens_core::host_generate(self, request, &self.tokenizer.eos, stop, on_step)
     }
-}
-
-/// `work` (a forward pass) run on a thread of rayon's pool. A forward pass opens a parallel
-/// section per projection (about 70 for a one-token edit of Gemma 3); from a thread outside
-/// the pool (the daemon's blocking threads, the CLI's main thread) each one is handed to the
-/// pool and waited for, with two thread switches. Measured on a one-token edit after 256
-/// tokens, alternating: Gemma 3 8.8-10.8 ms against 10.9-13.4 from outside, SmolLM2 11.4-13.9
-/// against 11.6-13.9 (medians of 200).
-pub(crate) fn on_pool<T: Send>(work: impl FnOnce() -> T + Send) -> T {
-    rayon::scope(|_| work())
 }
 
 /// The lens readout of `rows` (whole rows of the hidden size) on `model`: a whole model's or a

@@ -111,7 +111,7 @@ impl Stage {
             }
             StageInput::Rows(rows) => Input::Rows(rows),
         };
-        let capture = crate::on_pool(|| self.model.forward_from(input, past, false, stop))?;
+        let capture = lens_core::in_pool(|| self.model.forward_from(input, past, false, stop))?;
         Ok(StageRun {
             rows: capture.resid,
             kv: capture.kv,

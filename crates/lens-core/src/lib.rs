@@ -23,7 +23,8 @@ pub mod spec;
 mod tuned;
 
 pub use backend::{
-    Backend, CaptureOptions, Error, FinalNorm, LensKind, ModelInfo, ReadoutWeights, Stop, Token,
+    in_pool, Backend, CaptureOptions, Error, FinalNorm, LensKind, ModelInfo, ReadoutWeights, Stop,
+    Token,
 };
 pub use diff::{Alignment, Change, Diff, DiffCell, Pair, PairDiff, Part};
 pub use engine_check::{engine_check, EngineCheck, EngineLogits};

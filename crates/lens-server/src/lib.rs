@@ -171,7 +171,7 @@ impl Turns {
         let mut on_drop = StopOnDrop(Some(stop.clone()));
         let turn = self.take(client).await;
         let out = tokio::task::spawn_blocking(move || {
-            let out = in_pool(|| f(&stop));
+            let out = lens_core::in_pool(|| f(&stop));
             drop(turn);
             out
         })
@@ -182,10 +182,6 @@ impl Turns {
     }
 }
 
-/// Run `f` on a worker of rayon's global pool (see [`compute`]) and wait for it.
-pub fn in_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    rayon::scope(|_| f())
-}
 use lens_core::{Backend, Stop};
 
 /// Where the server listens.

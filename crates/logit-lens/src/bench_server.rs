@@ -74,7 +74,7 @@ fn hover_end(engine: &Engine, text: &str, opts: &HoverOptions) -> Result<Duratio
 fn hover_at(engine: &Engine, text: &str, byte: usize, opts: &HoverOptions) -> Result<Duration> {
     let t = Instant::now();
     // As the server does (`lens_server::Turns::compute`): the work runs on a rayon worker.
-    let out = lens_server::in_pool(|| engine.hover(text, byte, opts, None, &Stop::never()))
+    let out = lens_core::in_pool(|| engine.hover(text, byte, opts, None, &Stop::never()))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let took = t.elapsed();
     anyhow::ensure!(
@@ -175,7 +175,7 @@ pub fn run(a: BenchServerArgs) -> Result<()> {
     for i in 0..a.edits.min(20) {
         text2.push(char::from(b'A' + (i % 26) as u8));
         let ids: Vec<u32> = backend.tokenize(&text2)?.iter().map(|t| t.id).collect();
-        let (t0, t1, t2) = lens_server::in_pool(|| -> Result<_> {
+        let (t0, t1, t2) = lens_core::in_pool(|| -> Result<_> {
             let t0 = Instant::now();
             let states = engine
                 .states(&ids, &Stop::never())
