@@ -102,6 +102,13 @@ impl BlockKind {
         matches!(self, BlockKind::Q4_1 | BlockKind::Q4K)
     }
 
+    /// Whether `raw` holds an `[n, k]` matrix of these blocks: a whole number of blocks per
+    /// row, and nothing more or less.
+    fn fits(self, n: usize, k: usize, raw: &[u8]) -> bool {
+        let (elems, bytes) = self.size();
+        n > 0 && k > 0 && k.is_multiple_of(elems) && raw.len() == n * (k / elems) * bytes
+    }
+
     /// One raw block as integers and, per group, a scale and an offset, such that weight
     /// `i` is `q[i]·scale[i / group] + min[i / group]` with candle's values and rounding:
     /// `q·scale` is exact in f32 but for Q6_K, whose one rounding is candle's too (it
@@ -229,7 +236,7 @@ impl Matrix {
 
     /// [`Matrix::from_q4_1`] by rows, on any CPU.
     fn from_q4_1_rows(n: usize, k: usize, raw: &[u8]) -> Option<Matrix> {
-        let blocks = blocks(n, k, raw, 20)?;
+        let blocks = blocks(n, k, raw, BlockKind::Q4_1)?;
         let mut scale = Vec::with_capacity(blocks.len());
         let mut min = Vec::with_capacity(blocks.len());
         let mut qs = Vec::with_capacity(blocks.len());
@@ -257,7 +264,7 @@ impl Matrix {
 
     /// [`Matrix::from_q8_0`] by rows, on any CPU.
     fn from_q8_0_rows(n: usize, k: usize, raw: &[u8]) -> Option<Matrix> {
-        let blocks = blocks(n, k, raw, 34)?;
+        let blocks = blocks(n, k, raw, BlockKind::Q8_0)?;
         let mut scale = Vec::with_capacity(blocks.len());
         let mut qs = Vec::with_capacity(blocks.len());
         for b in blocks {
@@ -274,12 +281,8 @@ impl Matrix {
     /// Raw ggml blocks of `kind` for an `[n, k]` matrix: in panels where the CPU has AVX-512,
     /// else kept as stored.
     pub(crate) fn from_blocks(n: usize, k: usize, raw: &[u8], kind: BlockKind) -> Option<Matrix> {
-        let ok = n > 0
-            && k > 0
-            && k.is_multiple_of(kind.elems())
-            && raw.len() == n * (k / kind.elems()) * kind.bytes();
         #[cfg(target_arch = "x86_64")]
-        if ok && panels::supported() {
+        if panels::supported() {
             return panels::pack(n, k, raw, kind);
         }
         Matrix::from_blocks_as_stored(n, k, raw, kind)
@@ -287,11 +290,7 @@ impl Matrix {
 
     /// [`Matrix::from_blocks`] as stored, on any CPU.
     fn from_blocks_as_stored(n: usize, k: usize, raw: &[u8], kind: BlockKind) -> Option<Matrix> {
-        let ok = n > 0
-            && k > 0
-            && k.is_multiple_of(kind.elems())
-            && raw.len() == n * (k / kind.elems()) * kind.bytes();
-        ok.then(|| Matrix {
+        kind.fits(n, k, raw).then(|| Matrix {
             n,
             k,
             w: Weights::Blocks {
@@ -544,10 +543,14 @@ fn f16(lo: u8, hi: u8) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([lo, hi])).to_f32()
 }
 
-/// The `bytes`-sized blocks of an `[n, k]` matrix in blocks of 32, if `raw` holds exactly them.
-fn blocks(n: usize, k: usize, raw: &[u8], bytes: usize) -> Option<std::slice::ChunksExact<'_, u8>> {
-    let ok = n > 0 && k > 0 && k.is_multiple_of(QK) && raw.len() == n * (k / QK) * bytes;
-    ok.then(|| raw.chunks_exact(bytes))
+/// The blocks of an `[n, k]` matrix of `kind`, if `raw` holds exactly them.
+fn blocks(
+    n: usize,
+    k: usize,
+    raw: &[u8],
+    kind: BlockKind,
+) -> Option<std::slice::ChunksExact<'_, u8>> {
+    kind.fits(n, k, raw).then(|| raw.chunks_exact(kind.bytes()))
 }
 
 /// Weight rows dequantized (and multiplied) together.
@@ -777,8 +780,8 @@ mod panels {
         pub group: usize,
     }
 
-    /// An `[n, k]` matrix of raw `block`s (row-major, whole blocks per row, as checked by the
-    /// caller) repacked into [`super::Weights::Panels`].
+    /// An `[n, k]` matrix of raw `block`s (row-major, whole blocks per row) repacked into
+    /// [`super::Weights::Panels`]; `None` when `raw` is not such a matrix.
     pub(super) fn pack(
         n: usize,
         k: usize,
@@ -787,7 +790,7 @@ mod panels {
     ) -> Option<super::Matrix> {
         let (elems, bytes) = block.size();
         let group = block.group();
-        if n == 0 || !k.is_multiple_of(elems) || raw.len() != n * (k / elems) * bytes {
+        if !block.fits(n, k, raw) {
             return None;
         }
         let (row_bytes, ng) = (k / elems * bytes, k / group);
