@@ -725,12 +725,13 @@ mod x86 {
 ///
 /// Weight row `j` is column `j % WIDTH` of a panel, so one 512-bit vector holds one input's
 /// weights of sixteen rows (one byte each: the blocks' 4, 5 and 6-bit values are unpacked at
-/// load, [`Block::decode`]). The activation rows are packed by row blocks (`[k][rows]`,
+/// load, [`BlockKind::decode`]). The activation rows are packed by row blocks (`[k][rows]`,
 /// [`pack_rows`]), one broadcast per row and input. Up to [`MAX_ROWS`] rows accumulate against
 /// each vector as it is loaded and dequantized in registers (`q·scale`, or `q·scale + offset`
 /// in one rounding: the values candle's `dequantize` gives), so each weight is read once per
-/// [`MAX_ROWS`] rows and there is no horizontal sum. Every product is one FMA chain over the inputs in order, so a row gets the
-/// same sums alone (an edit's token) as in any batch (the prompt's forward pass).
+/// [`MAX_ROWS`] rows and there is no horizontal sum. Every product is one FMA chain over the
+/// inputs in order, so a row gets the same sums alone (an edit's token) as in any batch (the
+/// prompt's forward pass).
 ///
 /// Measured on SmolLM2's readout (49,152 × 576) on this 2-core AVX-512 machine, best of 9:
 /// 31 rows (one position, every layer) 10.1 ms = 173 GFLOP/s, against 17 ms for the
@@ -1008,7 +1009,7 @@ mod panels {
                 let q = _mm_loadu_si128(qs.add(i * WIDTH).cast::<__m128i>());
                 let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
                 // `q·d`, or `q·d + m` with one rounding: the values candle's `dequantize`
-                // gives (see `Block::decode`).
+                // gives (see `BlockKind::decode`).
                 let w = match dm {
                     Some(dm) => _mm512_fmadd_ps(q, d, dm),
                     None => _mm512_mul_ps(q, d),
