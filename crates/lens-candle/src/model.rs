@@ -213,7 +213,7 @@ impl Linear {
                     && x.dtype() == DType::F32
                     && x.device().is_cpu() =>
             {
-                m.matmul_nt(&x.flatten_all()?.to_vec1::<f32>()?)
+                self.apply_small(&x.flatten_all()?.to_vec1::<f32>()?)
                     .map(|y| (y, m.n))
             }
             _ => None,
@@ -223,11 +223,7 @@ impl Linear {
             if let Some(last) = dims.last_mut() {
                 *last = n;
             }
-            let y = Tensor::from_vec(y, dims, x.device())?;
-            return match &self.bias {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            };
+            return Tensor::from_vec(y, dims, x.device());
         }
         if self.small_only {
             return Err(candle_core::Error::Msg(format!(
