@@ -246,9 +246,9 @@ type RoundWall = { keydown: number; keyup: number; mousemove: number; painted: n
  */
 function typingBreakdown(logFile: string, rounds: RoundWall[]): Record<string, number> {
   type Line = { at: number; kv: Record<string, number> };
+  const logLines = readFileSync(logFile, 'utf8').split('\n');
   const lines = (what: RegExp): Line[] =>
-    readFileSync(logFile, 'utf8')
-      .split('\n')
+    logLines
       .filter((l) => what.test(l))
       .map((l) => ({
         at: Date.parse(l.split(/\s/, 1)[0] ?? ''),
